@@ -1,0 +1,86 @@
+"""Pickle-free save and reload of pruned models: `pruning.json` + `model.safetensors` (+ config and tokenizer).
+
+The config stays the *original* architecture's; `pruning.json` says which heads and channels every layer keeps.
+`load_pruned` builds the stock transformers class from the config, removes the same units, and loads the weights,
+so no modeling code is copied and nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_model
+from torch import nn
+
+from .adapters import get_adapter
+from .plan import PlanError, PruningPlan
+from .surgery import apply_keep
+
+PLAN_FILE = "pruning.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_pruned(model: nn.Module, plan: PruningPlan, directory: str | Path, tokenizer=None) -> Path:
+    """Write `directory` atomically (a crash leaves either the old directory or the complete new one)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        model.config.save_pretrained(tmp)
+        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "minillm": "pruned"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        plan.save(tmp / PLAN_FILE)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def load_pruned(directory: str | Path, dtype: torch.dtype | None = None,
+                device: str | torch.device | None = None) -> tuple[nn.Module, object]:
+    """Rebuild a model written by `save_pruned`: returns (stock HF model, tokenizer or None)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(directory)
+    plan = PruningPlan.load(directory / PLAN_FILE)
+    weights = directory / WEIGHTS_FILE
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights} is missing")
+    config = AutoConfig.from_pretrained(directory)
+    state = load_file(str(weights))
+    dtype = dtype or next(iter(state.values())).dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    adapter = get_adapter(model)
+    if plan.architecture.get("num_layers") not in (None, len(adapter.layers())):
+        raise PlanError(f"{directory / PLAN_FILE}: plan is for {plan.architecture['num_layers']} layers, the config "
+                        f"has {len(adapter.layers())}")
+    apply_keep(model, adapter, plan.layers)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied_spec = getattr(model, "_tied_weights_keys", None) or {}
+    # safetensors keeps one name of a tied pair; either side may be the missing one
+    tied = set(tied_spec) | (set(tied_spec.values()) if isinstance(tied_spec, dict) else set())
+    real_missing = [k for k in missing if k not in tied]
+    if real_missing or unexpected:
+        raise PlanError(f"{directory}: weights do not match the pruned architecture (missing {real_missing[:5]}, "
+                        f"unexpected {unexpected[:5]})")
+    model.tie_weights()
+    model.minillm_source = plan.base_model
+    model.minillm_revision = plan.base_revision
+    model.minillm_original_params = plan.prunable_params_original or None
+    model.minillm_plan = plan
+    if device is not None:
+        model.to(device)
+    model.eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError, TypeError):
+        tok = None
+    return model, tok

@@ -1,0 +1,106 @@
+"""The record of what a pruning run kept: per decoder layer, the surviving heads and channels in original indices.
+
+`pruning.json` is this record serialised; `load_pruned` rebuilds a model from it, so it is validated strictly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+
+
+class PlanError(ValueError):
+    """A pruning plan (or pruning.json) that is malformed or does not fit the model."""
+
+
+@dataclass
+class LayerKeep:
+    """Surviving units of one decoder layer, as ascending indices into the *original* (unpruned) layer."""
+
+    kept_query_heads: list[int]
+    kept_kv_heads: list[int]
+    kept_channels: list[int]
+
+    def to_json(self) -> dict:
+        return {
+            "attention": {"kept_query_heads": self.kept_query_heads, "kept_kv_heads": self.kept_kv_heads},
+            "mlp": {"kept_channels": self.kept_channels},
+        }
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> LayerKeep:
+        try:
+            att, mlp = d["attention"], d["mlp"]
+            keep = cls(list(att["kept_query_heads"]), list(att["kept_kv_heads"]), list(mlp["kept_channels"]))
+        except (KeyError, TypeError) as e:
+            raise PlanError(f"{where}: expected {{'attention': {{'kept_query_heads', 'kept_kv_heads'}}, "
+                            f"'mlp': {{'kept_channels'}}}}, missing {e}") from None
+        for name, idx in asdict(keep).items():
+            if not all(isinstance(i, int) and i >= 0 for i in idx) or idx != sorted(set(idx)):
+                raise PlanError(f"{where}: {name} must be ascending distinct non-negative integers")
+        return keep
+
+
+@dataclass
+class PruningPlan:
+    """What `minillm.prune` did. `sparsity` is the requested fraction of prunable parameters (decoder-layer linear
+    weights and biases) to remove; `achieved_sparsity` what was removed relative to the original model."""
+
+    base_model: str
+    architecture: dict
+    layers: list[LayerKeep]
+    method: str = "none"
+    sparsity: float = 0.0
+    achieved_sparsity: float = 0.0
+    prunable_params_original: int = 0
+    prunable_params_kept: int = 0
+    options: dict = field(default_factory=dict)
+    seed: int | None = None
+    calibration: dict | None = None
+    base_revision: str | None = None
+    history: list[dict] = field(default_factory=list)
+    recovery: list[dict] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["layers"] = [lk.to_json() for lk in self.layers]
+        return {"format_version": FORMAT_VERSION, **d}
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def from_json(cls, d: Any, where: str = "pruning.json") -> PruningPlan:
+        if not isinstance(d, dict):
+            raise PlanError(f"{where}: expected a JSON object")
+        if d.get("format_version") != FORMAT_VERSION:
+            raise PlanError(f"{where}: unsupported format_version {d.get('format_version')!r} (expected {FORMAT_VERSION})")
+        for key in ("base_model", "architecture", "layers"):
+            if key not in d:
+                raise PlanError(f"{where}: missing required field {key!r}")
+        if not isinstance(d["layers"], list):
+            raise PlanError(f"{where}: 'layers' must be a list")
+        layers = [LayerKeep.from_json(x, f"{where}: layers[{i}]") for i, x in enumerate(d["layers"])]
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "layers"}
+        return cls(layers=layers, **known)
+
+    @classmethod
+    def load(cls, path: Path) -> PruningPlan:
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PlanError(f"{path}: not found (is this a directory written by minillm.save_pruned?)") from None
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path}: corrupt JSON ({e})") from None
+        return cls.from_json(d, str(path))
+
+    def widths(self) -> list[dict]:
+        """Per layer: numbers of kept query heads, KV heads and channels."""
+        return [{"query_heads": len(k.kept_query_heads), "kv_heads": len(k.kept_kv_heads),
+                 "channels": len(k.kept_channels)} for k in self.layers]

@@ -1,0 +1,121 @@
+"""`minillm.prune`: score units with a method, allocate a parameter budget, remove units physically, return the plan."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .adapters import get_adapter
+from .allocate import AllocationConfig, allocate
+from .plan import PruningPlan
+from .results import provenance
+from .scores import check_options, get_method
+from .scores.common import ScoringContext
+from .surgery import kept_units, prunable_params, prune_layer
+
+log = logging.getLogger(__name__)
+
+
+def check_sparsity(sparsity: float) -> float:
+    try:
+        s = float(sparsity)
+    except (TypeError, ValueError):
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}") from None
+    if not 0.0 <= s < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1) (a fraction of prunable parameters), got {sparsity!r}")
+    return s
+
+
+def original_prunable_params(model: nn.Module) -> int:
+    """Prunable parameters of the model before any pruning (remembered on the first call)."""
+    if getattr(model, "minillm_original_params", None) is None:
+        model.minillm_original_params = prunable_params(get_adapter(model))
+    return model.minillm_original_params
+
+
+def check_calibration(calib: torch.Tensor | None, method: str, needed: bool, vocab_size: int) -> None:
+    if not needed:
+        return
+    if calib is None:
+        raise ValueError(f"method {method!r} needs calibration data: a LongTensor of token ids [n_samples, seqlen]")
+    if not isinstance(calib, torch.Tensor) or calib.dtype != torch.long or calib.dim() != 2 or calib.numel() == 0:
+        raise ValueError(f"calibration data must be a non-empty LongTensor of shape [n_samples, seqlen], got "
+                         f"{getattr(calib, 'dtype', type(calib))} {tuple(getattr(calib, 'shape', ()))}")
+    if int(calib.max()) >= vocab_size or int(calib.min()) < 0:
+        raise ValueError(f"calibration token ids must lie in [0, {vocab_size})")
+
+
+def apply_selections(model: nn.Module, selections) -> None:
+    adapter = get_adapter(model)
+    for i, sel in enumerate(selections):
+        prune_layer(model, adapter, i, sel.kept_q, sel.kept_kv, sel.kept_channels)
+
+
+def make_plan(model: nn.Module, method: str, sparsity: float, options: dict, seed: int | None,
+              calibration: dict | None, history: list | None = None) -> PruningPlan:
+    adapter = get_adapter(model)
+    original = original_prunable_params(model)
+    kept = prunable_params(adapter)
+    return PruningPlan(
+        base_model=getattr(model, "minillm_source", None) or getattr(model.config, "_name_or_path", "") or "unknown",
+        base_revision=getattr(model, "minillm_revision", None),
+        architecture=adapter.describe(), layers=copy.deepcopy(kept_units(model, adapter)), method=method,
+        sparsity=sparsity, achieved_sparsity=1.0 - kept / original if original else 0.0,
+        prunable_params_original=original, prunable_params_kept=kept, options=options, seed=seed,
+        calibration=calibration, history=list(history or []),
+        provenance=provenance(next(model.parameters()).device),
+    )
+
+
+def prune(model: nn.Module, method: str, sparsity: float, calib: torch.Tensor | None = None, *,
+          allocation: str | None = None, attention_units: str = "auto", targets: str = "both",
+          skip_layers: Sequence[int] = (), round_to: int = 1, seed: int = 0, calibration: dict | None = None,
+          progress: bool = True, **method_options) -> PruningPlan:
+    """Score the units of `model` with `method`, then physically remove them, in place, until the model keeps
+    (1 - sparsity) of its original prunable parameters (decoder-layer linear weights and biases; embeddings, norms
+    and the LM head excluded).
+
+    calib: LongTensor [n_samples, seqlen] of token ids (None for methods that need no data).
+    calibration: a description of `calib` recorded in the plan (source, windows, seed).
+    Returns the PruningPlan (kept heads/channels per layer in original indices, options, seed, timing).
+    """
+    sparsity = check_sparsity(sparsity)
+    adapter = get_adapter(model)
+    mod = get_method(method)
+    check_options(mod, method, method_options)
+    check_calibration(calib, method, mod.NEEDS_CALIBRATION, int(model.config.vocab_size))
+    alloc = AllocationConfig(allocation or getattr(mod, "DEFAULT_ALLOCATION", "uniform"), attention_units, targets,
+                             tuple(skip_layers), round_to)
+    alloc.validate(len(adapter.layers()))
+    original = original_prunable_params(model)
+    kept_units(model, adapter)
+    options = {"allocation": alloc.allocation, "attention_units": attention_units, "targets": targets,
+               "skip_layers": list(skip_layers), "round_to": round_to, **method_options}
+    ctx = ScoringContext(model, adapter, calib, attention_units, seed, progress)
+    t0 = time.perf_counter()
+    if hasattr(mod, "run"):  # methods that interleave scoring and removal (Bonsai's rounds)
+        history = mod.run(ctx, sparsity, original, alloc, **method_options)
+    else:
+        to_remove = prunable_params(adapter) - (1.0 - sparsity) * original
+        if to_remove < 0:
+            raise ValueError(f"the model already has sparsity {1 - prunable_params(adapter) / original:.4f} "
+                             f">= the requested {sparsity}")
+        was_training = model.training
+        model.eval()
+        scores = mod.score(ctx, **method_options)
+        t_score = time.perf_counter() - t0
+        selections = allocate(adapter, scores, to_remove, alloc)
+        if hasattr(mod, "before_prune"):  # e.g. FLAP folds the removed channels' mean output into a bias
+            mod.before_prune(ctx, selections)
+        apply_selections(model, selections)
+        model.train(was_training)
+        history = [{"scoring_time_s": t_score}]
+    history[-1]["total_time_s"] = time.perf_counter() - t0
+    plan = make_plan(model, method, sparsity, options, seed, calibration, history)
+    log.info("pruned with %s: achieved sparsity %.4f (requested %.4f)", method, plan.achieved_sparsity, sparsity)
+    return plan

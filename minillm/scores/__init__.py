@@ -1,0 +1,45 @@
+"""Scoring methods. Each module computes unit scores and nothing else; `minillm.prune` does the rest.
+
+A method module defines ``NEEDS_CALIBRATION: bool`` and ``score(ctx, **options) -> list[LayerScores]`` (higher =
+more important). It may define ``before_prune(ctx, selections)`` for work that needs the weights about to be removed (FLAP's
+bias compensation) and ``DEFAULT_ALLOCATION``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from types import ModuleType
+
+METHODS = {
+    "random": "random_scores",
+    "magnitude": "magnitude",
+    "taylor": "taylor",
+    "wanda_sp": "wanda_sp",
+    "flap": "flap",
+    "fms": "fms",
+    "bonsai": "bonsai",
+}
+
+
+def available_methods() -> list[str]:
+    out = []
+    for name, mod in METHODS.items():
+        if importlib.util.find_spec(f"{__name__}.{mod}") is not None:
+            out.append(name)
+    return out
+
+
+def get_method(name: str) -> ModuleType:
+    if name not in METHODS or importlib.util.find_spec(f"{__name__}.{METHODS[name]}") is None:
+        raise ValueError(f"unknown pruning method {name!r}; available: {', '.join(available_methods())}")
+    return importlib.import_module(f"{__name__}.{METHODS[name]}")
+
+
+def check_options(method: ModuleType, name: str, options: dict) -> None:
+    """Reject options the method does not take, naming the ones it does."""
+    params = inspect.signature(method.score).parameters
+    accepted = [p for p in params if p != "ctx"]
+    unknown = [k for k in options if k not in accepted]
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {name!r}; accepted: {accepted or 'none'}")
