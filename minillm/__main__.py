@@ -1,0 +1,189 @@
+"""Command line: python -m minillm {prune,eval,info} ... (see --help of each)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_layers(text: str | None) -> list[int]:
+    """'0-3,28,29' -> [0, 1, 2, 3, 28, 29]."""
+    if not text:
+        return []
+    out: list[int] = []
+    for part in text.split(","):
+        a, _, b = part.strip().partition("-")
+        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    return out
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--option expects KEY=VALUE, got {text!r}")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.replace("-", "_"), value
+
+
+def _dtype(name: str | None):
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise SystemExit(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def cmd_prune(args) -> int:
+    import minillm
+    from minillm.data import calibration_windows, describe_calibration
+    from minillm.measure import peak_memory
+    from minillm.scores import get_method
+
+    options = dict(args.option or [])
+    for flag in ("queries", "eps", "space", "sign", "combination", "variant", "norm"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            options[flag] = value
+    method = get_method(args.method)
+    model, tok = minillm.load_model(args.model, dtype=_dtype(args.dtype), device=args.device)
+    calib, calib_info = None, None
+    if method.NEEDS_CALIBRATION:
+        if tok is None:
+            vocab = int(model.config.vocab_size)
+            calib = torch.randint(0, vocab, (args.calib_samples, args.calib_seqlen),
+                                  generator=torch.Generator().manual_seed(args.seed))
+            calib_info = {"source": "random token ids (model has no tokenizer)", "n_samples": args.calib_samples,
+                          "seqlen": args.calib_seqlen, "seed": args.seed}
+        else:
+            calib = calibration_windows(tok, args.calib_samples, args.calib_seqlen, seed=args.seed)
+            calib_info = describe_calibration(args.calib_samples, args.calib_seqlen, args.seed)
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    with peak_memory(device) as mem:
+        plan = minillm.prune(model, args.method, args.sparsity, calib, allocation=args.allocation,
+                             attention_units=args.attention_units, targets=args.targets,
+                             skip_layers=parse_layers(args.skip_layers), round_to=args.round_to, seed=args.seed,
+                             calibration=calib_info, progress=not args.quiet, **options)
+    elapsed = time.perf_counter() - t0
+    plan.history[-1]["peak_memory"] = mem.to_json()
+    minillm.save_pruned(model, plan, args.out, tokenizer=tok)
+    summary = {"out": str(args.out), "method": args.method, "requested_sparsity": args.sparsity,
+               "achieved_sparsity": round(plan.achieved_sparsity, 6), "prune_time_s": round(elapsed, 3),
+               "peak_memory_gib": round(mem.peak_gib, 3), "memory_device": mem.device}
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import minillm
+    from minillm.data import perplexity_windows
+    from minillm.evaluate import perplexity, zeroshot
+    from minillm.results import provenance, write_json_atomic
+
+    if not (args.ppl or args.zeroshot):
+        raise SystemExit("nothing to do: give --ppl and/or --zeroshot")
+    model, tok = minillm.load_model(args.model, dtype=_dtype(args.dtype), device=args.device)
+    if tok is None:
+        raise SystemExit(f"{args.model} has no tokenizer; evaluation needs real text")
+    out: dict = {"model": args.model}
+    if args.ppl:
+        windows = perplexity_windows(tok, args.ppl_seqlen, args.ppl_windows)
+        out["perplexity"] = perplexity(model, windows, batch_size=args.batch_size, progress=not args.quiet)
+        out["perplexity"]["text"] = "austen/prideprejudice"
+    if args.zeroshot:
+        out["zeroshot"] = zeroshot(model, tok, tasks=args.tasks, limit=args.limit, batch_size=args.batch_size)
+    out["provenance"] = provenance(next(model.parameters()).device)
+    print(json.dumps({k: v for k, v in out.items() if k != "provenance"}, indent=1))
+    if args.json:
+        write_json_atomic(Path(args.json), out)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from minillm.adapters import supported_model_types
+    from minillm.data import verify_checksums
+    from minillm.models import registry_names
+    from minillm.scores import available_methods
+
+    info = {"models": registry_names(), "model_types": supported_model_types(), "methods": available_methods(),
+            "data_checksums_ok": all(verify_checksums().values())}
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m minillm", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("prune", help="score, remove units physically, write a reloadable directory")
+    pr.add_argument("--model", default="smollm2-135m", help="registry name, local directory or Hub id")
+    pr.add_argument("--method", required=True, help="fms, bonsai, taylor, wanda_sp, flap, magnitude, random")
+    pr.add_argument("--sparsity", type=float, required=True, help="fraction of prunable parameters to remove")
+    pr.add_argument("--out", required=True, type=Path, help="output directory (pruning.json + model.safetensors)")
+    pr.add_argument("--calib-samples", type=int, default=10)
+    pr.add_argument("--calib-seqlen", type=int, default=64)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--allocation", choices=("uniform", "global"), default=None,
+                    help="per-layer uniform or global ranking (default: the method's own)")
+    pr.add_argument("--attention-units", choices=("auto", "kv_group", "query_head"), default="auto")
+    pr.add_argument("--targets", choices=("both", "attention", "mlp"), default="both")
+    pr.add_argument("--skip-layers", help="layers left intact, e.g. '0-3,28,29'")
+    pr.add_argument("--round-to", type=int, default=1, help="round kept MLP widths to a multiple of this")
+    pr.add_argument("--queries", type=int, help="fms: number of SPSA queries")
+    pr.add_argument("--eps", type=float, help="fms: SPSA perturbation scale")
+    pr.add_argument("--space", help="fms: perturbation space (weights | gates)")
+    pr.add_argument("--sign", help="fms: sign handling")
+    pr.add_argument("--combination", help="fms: per-weight combination (product | additive | taylor)")
+    pr.add_argument("--variant", help="taylor: element1 | element2 | vector")
+    pr.add_argument("--norm", help="magnitude: l1 | l2")
+    pr.add_argument("--option", action="append", type=parse_option, metavar="KEY=VALUE",
+                    help="any other method option (value parsed as JSON when possible)")
+    pr.add_argument("--dtype", help="float32 | bfloat16 | float16")
+    pr.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    pr.set_defaults(func=cmd_prune)
+
+    ev = sub.add_parser("eval", help="perplexity on Pride and Prejudice and/or zero-shot accuracy")
+    ev.add_argument("model", help="a pruned directory, registry name, local directory or Hub id")
+    ev.add_argument("--ppl", action="store_true")
+    ev.add_argument("--ppl-seqlen", type=int, default=512)
+    ev.add_argument("--ppl-windows", type=int, default=8)
+    ev.add_argument("--zeroshot", action="store_true")
+    ev.add_argument("--tasks", nargs="*", help="bundled task names (default: all)")
+    ev.add_argument("--limit", type=int, help="examples per task")
+    ev.add_argument("--batch-size", type=int, default=4)
+    ev.add_argument("--json", help="also write the result (with provenance) to this file")
+    ev.add_argument("--dtype")
+    ev.add_argument("--device")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+
+    info = sub.add_parser("info", help="registry names, supported architectures, methods, data checksums")
+    info.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

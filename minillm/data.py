@@ -1,0 +1,117 @@
+"""Corpora, calibration windows and perplexity windows.
+
+Text is Jane Austen (public domain, bundled gzipped in data/austen). Perplexity is measured on *Pride and
+Prejudice*; calibration windows come only from the other five novels, so the two never overlap.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+DATA_DIR = Path(os.environ.get("MINILLM_DATA", Path(__file__).resolve().parent.parent / "data"))
+NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
+PPL_NOVEL = "prideprejudice"
+CALIBRATION_NOVELS = tuple(n for n in NOVELS if n != PPL_NOVEL)
+
+
+def data_file(relative: str) -> Path:
+    path = DATA_DIR / relative
+    if not path.exists():
+        raise FileNotFoundError(f"data file {path} is missing (data/ ships with the repository; regenerate it with "
+                                f"the scripts in data/, see data/README.md)")
+    return path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def verify_checksums() -> dict[str, bool]:
+    """Check every file listed in data/SHA256SUMS; returns {relative path: ok}."""
+    sums = data_file("SHA256SUMS").read_text().split("\n")
+    out = {}
+    for line in filter(None, sums):
+        digest, name = line.split(maxsplit=1)
+        name = name.lstrip("*")
+        out[name] = (DATA_DIR / name).exists() and sha256(DATA_DIR / name) == digest
+    return out
+
+
+@lru_cache(maxsize=8)
+def read_novel(name: str) -> str:
+    if name not in NOVELS:
+        raise ValueError(f"unknown novel {name!r}; bundled: {', '.join(NOVELS)}")
+    with gzip.open(data_file(f"austen/{name}.txt.gz"), "rt", encoding="utf-8") as f:
+        return f.read()
+
+
+_TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def tokenize_novels(tokenizer, novels: tuple[str, ...]) -> torch.Tensor:
+    """Token ids of the novels joined by blank lines, without special tokens (cached per tokenizer)."""
+    key = (getattr(tokenizer, "name_or_path", type(tokenizer).__name__), len(tokenizer), novels)
+    if key not in _TOKEN_CACHE:
+        text = "\n\n".join(read_novel(n) for n in novels)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        _TOKEN_CACHE[key] = torch.tensor(ids, dtype=torch.long)
+    return _TOKEN_CACHE[key]
+
+
+def _bos(tokenizer, add_bos: bool | None) -> int | None:
+    """BOS id to prepend: only for tokenizers that add one themselves (e.g. Gemma), unless told otherwise."""
+    if add_bos is None:
+        probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+        add_bos = bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
+    return tokenizer.bos_token_id if add_bos else None
+
+
+def calibration_windows(tokenizer, n_samples: int, seqlen: int, seed: int = 0,
+                        novels: tuple[str, ...] = CALIBRATION_NOVELS, add_bos: bool | None = None) -> torch.Tensor:
+    """`n_samples` random windows of `seqlen` tokens from the calibration novels: LongTensor [n_samples, seqlen].
+    Start offsets come from a generator seeded with `seed` (the global RNG is untouched)."""
+    if n_samples < 1 or seqlen < 2:
+        raise ValueError(f"need n_samples >= 1 and seqlen >= 2, got {n_samples} x {seqlen}")
+    if PPL_NOVEL in novels:
+        raise ValueError(f"{PPL_NOVEL} is the perplexity text and cannot be used for calibration")
+    ids = tokenize_novels(tokenizer, tuple(novels))
+    bos = _bos(tokenizer, add_bos)
+    body = seqlen - (bos is not None)
+    if ids.numel() <= body:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - body, (n_samples,), generator=gen)
+    windows = torch.stack([ids[s:s + body] for s in starts.tolist()])
+    if bos is not None:
+        windows = torch.cat([torch.full((n_samples, 1), bos, dtype=torch.long), windows], dim=1)
+    return windows
+
+
+def perplexity_windows(tokenizer, seqlen: int, n_windows: int | None = None, novel: str = PPL_NOVEL,
+                       add_bos: bool | None = None) -> torch.Tensor:
+    """Consecutive non-overlapping windows of `seqlen` tokens from the start of `novel`: LongTensor [n, seqlen]
+    (all complete windows when `n_windows` is None)."""
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be >= 2, got {seqlen}")
+    ids = tokenize_novels(tokenizer, (novel,))
+    bos = _bos(tokenizer, add_bos)
+    body = seqlen - (bos is not None)
+    available = ids.numel() // body
+    n = available if n_windows is None else n_windows
+    if n < 1 or n > available:
+        raise ValueError(f"{novel} has {available} windows of {seqlen} tokens, asked for {n_windows}")
+    windows = ids[: n * body].view(n, body)
+    if bos is not None:
+        windows = torch.cat([torch.full((n, 1), bos, dtype=torch.long), windows], dim=1)
+    return windows
+
+
+def describe_calibration(n_samples: int, seqlen: int, seed: int, novels=CALIBRATION_NOVELS) -> dict:
+    return {"source": "austen", "novels": list(novels), "n_samples": n_samples, "seqlen": seqlen, "seed": seed,
+            "sampling": "uniform random start offsets over the concatenated novels"}

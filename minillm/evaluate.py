@@ -1,0 +1,97 @@
+"""Evaluation: perplexity over fixed windows, and zero-shot accuracy through lm-eval on an in-memory model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import DATA_DIR, data_file
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> dict:
+    """exp of the token-weighted mean next-token NLL over `windows` (LongTensor [n, seqlen]); every window predicts
+    seqlen - 1 tokens. The loss is computed in fp32 whatever the model's dtype."""
+    if windows.dim() != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be [n, seqlen >= 2], got {tuple(windows.shape)}")
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for start in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress, leave=False):
+        batch = windows[start:start + batch_size].to(device)
+        logits = model(input_ids=batch).logits
+        for i in range(batch.shape[0]):  # one window at a time keeps the fp32 copy of the logits small
+            nll = F.cross_entropy(logits[i, :-1].float(), batch[i, 1:], reduction="sum")
+            total_nll += float(nll)
+            total_tokens += batch.shape[1] - 1
+    model.train(was_training)
+    mean = total_nll / total_tokens
+    return {"ppl": math.exp(mean) if mean < 700 else float("inf"), "nll": mean, "tokens": total_tokens,
+            "n_windows": int(windows.shape[0]), "seqlen": int(windows.shape[1])}
+
+
+def load_task_specs() -> list[dict]:
+    """The bundled BIG-bench cloze tasks (data/bigbench/tasks.json): name, file, metric, chance level."""
+    return json.loads(data_file("bigbench/tasks.json").read_text())
+
+
+def task_yaml(spec: dict, jsonl: Path) -> str:
+    metrics = "\n".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true" for m in ("acc", "acc_norm"))
+    return (f"task: {spec['task']}\ntag: bb_cloze\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    test: {json.dumps(str(jsonl))}\noutput_type: multiple_choice\ntest_split: test\n"
+            f"doc_to_text: query\ndoc_to_choice: choices\ndoc_to_target: label\nmetric_list:\n{metrics}\n"
+            f"metadata:\n  version: 1.0\n")
+
+
+def write_task_dir(directory: Path, specs: list[dict]) -> Path:
+    """lm-eval task YAMLs with absolute paths to the bundled JSONL files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for spec in specs:
+        (directory / f"{spec['task']}.yaml").write_text(task_yaml(spec, data_file(f"bigbench/{spec['file']}").resolve()))
+    return directory
+
+
+def zeroshot(model: nn.Module, tokenizer, tasks: list[str] | None = None, limit: int | None = None,
+             batch_size: int = 8, seed: int = 0) -> dict:
+    """Zero-shot accuracy on the bundled cloze tasks, fully offline. Returns {task: {"metric", "value",
+    "stderr", "chance", "n"}} plus "average" of the declared metrics. `tasks` are names from tasks.json (all when
+    None); `limit` caps examples per task."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    specs = load_task_specs()
+    by_name = {s["task"]: s for s in specs}
+    names = list(by_name) if tasks is None else list(tasks)
+    unknown = [t for t in names if t not in by_name]
+    if unknown:
+        raise ValueError(f"unknown zero-shot task(s) {unknown}; bundled: {', '.join(by_name)}")
+    device = str(next(model.parameters()).device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    with tempfile.TemporaryDirectory(prefix="minillm-tasks-") as tmp:
+        manager = TaskManager(include_path=str(write_task_dir(Path(tmp), [by_name[t] for t in names])))
+        res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=0,
+                                      bootstrap_iters=0, log_samples=False, random_seed=seed, numpy_random_seed=seed,
+                                      torch_random_seed=seed, fewshot_random_seed=seed)
+    out = {}
+    for t in names:
+        r, metric = res["results"][t], by_name[t]["metric"]
+        out[t] = {"metric": metric, "value": float(r[f"{metric},none"]), "stderr": r.get(f"{metric}_stderr,none"),
+                  "chance": by_name[t].get("chance"), "n": int(res["n-samples"][t]["effective"])}
+    out["average"] = sum(v["value"] for v in out.values()) / len(names)
+    out["lm_eval_version"] = lm_eval.__version__ if hasattr(lm_eval, "__version__") else None
+    return out
+
+
+__all__ = ["perplexity", "zeroshot", "load_task_specs", "DATA_DIR"]
