@@ -43,6 +43,16 @@ def save_pruned(model: nn.Module, plan: PruningPlan, directory: str | Path, toke
     return directory
 
 
+def _add_compensation_biases(model: nn.Module, state: dict) -> None:
+    """Create output-projection biases that pruning added (FLAP's bias compensation) but the config lacks."""
+    modules = dict(model.named_modules())
+    for key in state:
+        if key.endswith(".bias") and key not in model.state_dict():
+            lin = modules.get(key[: -len(".bias")])
+            if isinstance(lin, nn.Linear) and lin.bias is None:
+                lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype))
+
+
 def load_pruned(directory: str | Path, dtype: torch.dtype | None = None,
                 device: str | torch.device | None = None) -> tuple[nn.Module, object]:
     """Rebuild a model written by `save_pruned`: returns (stock HF model, tokenizer or None)."""
@@ -62,6 +72,7 @@ def load_pruned(directory: str | Path, dtype: torch.dtype | None = None,
         raise PlanError(f"{directory / PLAN_FILE}: plan is for {plan.architecture['num_layers']} layers, the config "
                         f"has {len(adapter.layers())}")
     apply_keep(model, adapter, plan.layers)
+    _add_compensation_biases(model, state)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied_spec = getattr(model, "_tied_weights_keys", None) or {}

@@ -1,0 +1,105 @@
+"""`fms`: MINI-LLM's Feature Map Sensitivity score with a forward-only (SPSA) gradient.
+
+Per weight (variant P, our reconstruction of the paper's Eq. 9, see ../shared/reference/papers.md A.2):
+    S_ij = |W_ij| * |g_ij| * ||X_j||_2
+with g the SPSA estimate of dL/dW and ||X_j|| the norm of the weight's input column over the calibration tokens,
+summed over every weight of a unit's group (head / KV group: q, k, v rows + o columns; channel: gate, up rows +
+down column; OPT and BLOOM equivalents). Options:
+
+* queries (n), eps, seed: the SPSA estimator (see spsa.py).
+* space: 'weights' perturbs all decoder-layer linear weights at once (as the paper's Algorithm 1);
+  'gates' perturbs one scalar gate per head output and MLP channel, a far lower-dimensional estimate whose
+  gradient is directly the first-order loss change of scaling that feature map.
+* sign: 'abs_mean' takes |g| of the averaged estimate per weight; 'group' keeps signs and takes the absolute value
+  of the whole unit's sum (with one query, abs_mean reduces the gradient to |pi| * |z|, i.e. Wanda times noise).
+* combination: 'product' (above), 'additive' |W| ||X|| + alpha |W g|, or 'taylor' |W g| (LLM-Pruner's Element1 with
+  a zeroth-order gradient). In gate space, 'taylor' scores a unit by |dL/dgate| and 'product' multiplies that by
+  the unit's activation-weighted magnitude sum |W| ||X||.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..allocate import LayerScores
+from .common import (ScoringContext, all_members, calibration_loss, collect_input_stats, member_key, pool_attention,
+                     pool_layer)
+from .spsa import GateSpace, WeightSpace, estimate
+
+NEEDS_CALIBRATION = True
+SPACES = ("weights", "gates")
+SIGNS = ("abs_mean", "group")
+COMBINATIONS = ("product", "additive", "taylor")
+
+
+def score(ctx: ScoringContext, queries: int = 32, eps: float = 1e-3, space: str = "weights", sign: str = "abs_mean",
+          combination: str = "product", alpha: float = 1.0) -> list[LayerScores]:
+    for name, value, allowed in (("space", space, SPACES), ("sign", sign, SIGNS),
+                                 ("combination", combination, COMBINATIONS)):
+        if value not in allowed:
+            raise ValueError(f"fms {name} must be one of {allowed}, got {value!r}")
+    members = all_members(ctx.adapter)
+    stats = collect_input_stats(ctx, {k: m.linear for k, (_, m) in members.items()})
+    loss = lambda: calibration_loss(ctx)  # noqa: E731
+    if space == "gates":
+        gates = GateSpace(ctx.adapter)
+        est = estimate(gates, loss, queries, eps, ctx.seed, ctx.progress)
+        ctx.state["spsa"] = est
+        return [_gate_scores(ctx, gates, est, stats, i, layer, sign, combination)
+                for i, layer in enumerate(ctx.adapter.layers())]
+    linears = [m.linear for _, m in members.values()]
+    weights = WeightSpace(linears)
+    block_of = {id(lin): b for b, lin in enumerate(weights.linears)}
+    est = estimate(weights, loss, queries, eps, ctx.seed, ctx.progress)
+    ctx.state["spsa"] = est
+    out = []
+    for i, layer in enumerate(ctx.adapter.layers()):
+        grads: dict[int, torch.Tensor] = {}
+
+        def parts(m, i=i):
+            w = m.linear.weight.detach().float()
+            key = id(m.linear)
+            if key not in grads:
+                grads[key] = est.gradient(weights, block_of[key])
+            xn = stats[member_key(i, m)].norm.to(w.device)[None, :]
+            return w, grads[key], xn
+
+        def line(m):
+            w, g, xn = parts(m)
+            if combination == "product":
+                s = w * g * xn if sign == "group" else (w * g * xn).abs()
+            elif combination == "taylor":
+                s = w * g if sign == "group" else (w * g).abs()
+            else:
+                s = (w * g if sign == "group" else (w * g).abs()) * alpha
+            return s.sum(dim=1 - m.dim)
+
+        scores = pool_layer(ctx.adapter, layer, ctx.unit(layer), line, abs_of_sum=sign == "group")
+        if combination == "additive":
+            base = pool_layer(ctx.adapter, layer, ctx.unit(layer),
+                              lambda m: (parts(m)[0].abs() * parts(m)[2]).sum(dim=1 - m.dim))
+            scores = LayerScores(scores.attention + base.attention, scores.channels + base.channels)
+        out.append(scores)
+    return out
+
+
+def _gate_scores(ctx, gates: GateSpace, est, stats, i, layer, sign, combination) -> LayerScores:
+    adapter = ctx.adapter
+    shape = adapter.attention_shape(layer)
+    unit = ctx.unit(layer)
+    hb, cb = gates.block_index(i, "heads"), gates.block_index(i, "channels")
+    g_heads = est.gradient(gates, hb).double().cpu() if hb is not None else torch.zeros(0, dtype=torch.float64)
+    g_ch = est.gradient(gates, cb).double().cpu() if cb is not None else torch.zeros(0, dtype=torch.float64)
+    kv0 = torch.zeros(shape.n_kv_heads, dtype=torch.float64)
+    if sign == "group":  # a KV group's removal zeroes all its heads: first-order change is the signed sum
+        heads = pool_attention(adapter, layer, unit, g_heads, kv0).abs()
+    else:
+        heads = pool_attention(adapter, layer, unit, g_heads.abs(), kv0)
+    channels = g_ch.abs()
+    if combination != "taylor":
+        magnitude = pool_layer(adapter, layer, unit, lambda m: (
+            m.linear.weight.detach().float().abs() * stats[member_key(i, m)].norm.to(m.linear.weight.device)[None, :]
+        ).sum(dim=1 - m.dim))
+        heads = heads * magnitude.attention if combination == "product" else heads + magnitude.attention
+        channels = channels * magnitude.channels if combination == "product" else channels + magnitude.channels
+    return LayerScores(heads, channels)
