@@ -73,7 +73,7 @@ class WeightSpace(PerturbationSpace):
                 original = module.weight.data
                 module._minillm_original = original
                 z = noise(seed, b, original.shape, original.device)
-                module.weight.data = original.float().add_(z, alpha=scale).to(original.dtype)
+                module.weight.data = z.mul_(scale).add_(original).to(original.dtype)  # never in place on `original`
 
             def post(module, args, output):
                 module.weight.data = module._minillm_original
