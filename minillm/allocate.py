@@ -79,7 +79,7 @@ def n_attention_units(unit: str, shape: AttentionShape) -> int:
     return shape.n_query_heads if unit == "query_head" else shape.n_kv_heads
 
 
-def _is_balanced_gqa(unit: str, shape: AttentionShape) -> bool:
+def is_balanced_gqa(unit: str, shape: AttentionShape) -> bool:
     return unit == "query_head" and 1 < shape.n_kv_heads < shape.n_query_heads
 
 
@@ -174,7 +174,7 @@ def _uniform(adapter, layers, scores, params_to_remove, cfg, active) -> dict[int
         n_units = n_attention_units(unit, shape)
         if cfg.targets != "mlp" and n_units and s.attention is not None:
             cost = attention_unit_cost(adapter, layer, unit)
-            if _is_balanced_gqa(unit, shape):
+            if is_balanced_gqa(unit, shape):
                 per_group = round(ratio * shape.group_size) if cfg.targets == "both" else round(
                     target / (cost * shape.n_kv_heads))
                 att_removed = _balanced_lowest(s.attention, shape, min(per_group, shape.group_size))
@@ -198,7 +198,7 @@ def _global(adapter, layers, scores, params_to_remove, cfg, active) -> dict[int,
         shape = adapter.attention_shape(layer)
         unit = resolve_attention_unit(cfg.attention_units, shape)
         if cfg.targets != "mlp" and s.attention is not None and n_attention_units(unit, shape):
-            if _is_balanced_gqa(unit, shape):
+            if is_balanced_gqa(unit, shape):
                 raise GQAConstraintError("global allocation cannot keep query heads balanced across KV groups; "
                                          "use attention_units='kv_group' or allocation='uniform'")
             cost = attention_unit_cost(adapter, layer, unit)

@@ -1,7 +1,8 @@
 """Scoring methods. Each module computes unit scores and nothing else; `minillm.prune` does the rest.
 
 A method module defines ``NEEDS_CALIBRATION: bool`` and ``score(ctx, **options) -> list[LayerScores]`` (higher =
-more important). It may define ``before_prune(ctx, selections)`` for work that needs the weights about to be removed (FLAP's
+more important), or, when scoring and removal interleave (Bonsai's rounds), ``run(ctx, sparsity, original_params,
+alloc, **options) -> history``. It may define ``before_prune(ctx, selections)`` for work that needs the weights about to be removed (FLAP's
 bias compensation) and ``DEFAULT_ALLOCATION``.
 """
 
@@ -38,8 +39,9 @@ def get_method(name: str) -> ModuleType:
 
 def check_options(method: ModuleType, name: str, options: dict) -> None:
     """Reject options the method does not take, naming the ones it does."""
-    params = inspect.signature(method.score).parameters
-    accepted = [p for p in params if p != "ctx"]
+    fn = getattr(method, "run", None) or method.score
+    internal = {"ctx", "sparsity", "original_params", "alloc"}
+    accepted = [p for p in inspect.signature(fn).parameters if p not in internal]
     unknown = [k for k in options if k not in accepted]
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {name!r}; accepted: {accepted or 'none'}")
