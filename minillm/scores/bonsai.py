@@ -158,7 +158,8 @@ def kendall_tau(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (dp * dy).sum((-1, -2)) / max(m * (m - 1), 1)
 
 
-def _fista(x: torch.Tensor, y: torch.Tensor, n_rows: torch.Tensor, lambdas: torch.Tensor, iters: int) -> torch.Tensor:
+def _fista(x: torch.Tensor, y: torch.Tensor, n_rows: torch.Tensor, lambdas: torch.Tensor, iters: int,
+          tol: float = 1e-5) -> torch.Tensor:
     """Batched lasso: for every problem f (x [F, K, C], y [F, K], zero rows as padding, n_rows [F] real rows) and
     every penalty, min_b (1/2n) ||x_f b - y_f||^2 + lam ||b||_1 by FISTA. Returns [F, n_lambda, C]."""
     lipschitz = (torch.linalg.matrix_norm(x, ord=2) ** 2 / n_rows).clamp_min(1e-12)  # [F]
@@ -166,14 +167,18 @@ def _fista(x: torch.Tensor, y: torch.Tensor, n_rows: torch.Tensor, lambdas: torc
     b = x.new_zeros(x.shape[0], lambdas.numel(), x.shape[2])
     z, t = b.clone(), 1.0
     shrink = step * lambdas[None, :, None]
-    for _ in range(iters):
-        resid = torch.einsum("flc,fkc->flk", z, x) - y[:, None, :]
-        grad = torch.einsum("flk,fkc->flc", resid, x) / n_rows[:, None, None]
+    xt = x.transpose(1, 2).contiguous()
+    for it in range(iters):
+        resid = torch.bmm(z, xt) - y[:, None, :]
+        grad = torch.bmm(resid, x) / n_rows[:, None, None]
         nb = z - step * grad
         nb = torch.sign(nb) * (nb.abs() - shrink).clamp_min(0)
         t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
         z = nb + ((t - 1) / t_next) * (nb - b)
+        converged = it % 20 == 19 and float((nb - b).abs().max()) <= tol * float(nb.abs().max().clamp_min(1e-12))
         b, t = nb, t_next
+        if converged:
+            break
     return b
 
 
