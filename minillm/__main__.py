@@ -122,6 +122,41 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _shape(text: str) -> tuple[int, int]:
+    b, _, t = text.lower().partition("x")
+    return int(b), int(t)
+
+
+def cmd_bench(args) -> int:
+    from minillm import measure
+    from minillm.results import provenance, write_json_atomic
+
+    if args.what == "memory-step":
+        print(json.dumps(measure.memory_step(args.model, args.method, args.batch, args.seqlen, args.dtype,
+                                             args.device, args.sparsity, json.loads(args.options))))
+        return 0
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.what == "memory":
+        methods = [{"label": m, "method": m, "options": {"queries": 2} if m == "fms" else {}}
+                   for m in (args.methods or ["wanda_sp", "flap", "taylor", "fms"])]
+        result = measure.bench_memory(args.model, methods, args.batch, args.seqlen, args.dtype, device)
+        for r in result["methods"]:
+            print(f"{r['label']:>12}: peak {r.get('peak_gib', float('nan')):.3f} GiB, "
+                  f"x{r.get('ratio_to_dense_forward', float('nan')):.2f} dense forward {r.get('error', '')}")
+        print(f"{'dense':>12}: peak {result['dense_forward'].get('peak_gib', float('nan')):.3f} GiB")
+    else:
+        prefill = [_shape(s) for s in args.prefill]
+        result = measure.bench_latency(args.model, args.sparsities, prefill, args.decode_batch, args.prompt,
+                                       args.new_tokens, args.repeats, args.dtype, device, args.round_to)
+        for r in result["rows"][1:]:
+            print(f"sparsity {r['sparsity']:.2f}: prefill speed-up {[round(x, 2) for x in r['prefill_speedup']]}, "
+                  f"decode speed-up {[round(x, 2) for x in r['decode_speedup']]}")
+    result["provenance"] = provenance(device)
+    if args.json:
+        write_json_atomic(Path(args.json), result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minillm", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -169,6 +204,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    be = sub.add_parser("bench", help="peak memory of pruning steps, latency of pruned models")
+    be.add_argument("what", choices=("memory", "latency", "memory-step"))
+    be.add_argument("--model", default="smollm2-135m")
+    be.add_argument("--methods", nargs="*", help="memory: methods to compare with the dense forward pass")
+    be.add_argument("--method", default="dense", help="memory-step: one method (internal)")
+    be.add_argument("--batch", type=int, default=10)
+    be.add_argument("--seqlen", type=int, default=128)
+    be.add_argument("--sparsity", type=float, default=0.2)
+    be.add_argument("--options", default="{}", help="memory-step: method options as JSON (internal)")
+    be.add_argument("--sparsities", type=float, nargs="*", default=[0.2, 0.5])
+    be.add_argument("--prefill", nargs="*", default=["1x128", "16x128"], help="BATCHxLENGTH")
+    be.add_argument("--decode-batch", type=int, nargs="*", default=[1])
+    be.add_argument("--prompt", type=int, default=128)
+    be.add_argument("--new-tokens", type=int, default=64)
+    be.add_argument("--repeats", type=int, default=20)
+    be.add_argument("--round-to", type=int, default=1)
+    be.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    be.add_argument("--device")
+    be.add_argument("--json", help="write the result record here")
+    be.set_defaults(func=cmd_bench)
 
     info = sub.add_parser("info", help="registry names, supported architectures, methods, data checksums")
     info.set_defaults(func=cmd_info)

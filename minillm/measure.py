@@ -81,3 +81,152 @@ def peak_memory(device: str | torch.device = "cpu", interval_s: float = 0.002):
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --- memory of one pruning step, each in a fresh process ------------------------------------------------------------
+
+def memory_step(model_name: str, method: str, batch: int, seqlen: int, dtype: str = "float32",
+                device: str = "cpu", sparsity: float = 0.2, options: dict | None = None, seed: int = 0) -> dict:
+    """In *this* process: load the model, then measure the peak memory of either the dense forward pass
+    (method='dense', no grad) or the method's full scoring-and-pruning step on a batch of random token ids
+    (memory depends on shapes, not on values). Meant to run in a fresh process (see `memory_in_subprocess`)."""
+    import time
+
+    from .models import load_model
+    from .prune import prune
+
+    torch_dtype = getattr(torch, dtype)
+    model, _ = load_model(model_name, dtype=torch_dtype, device=device)
+    dev = next(model.parameters()).device
+    tokens = torch.randint(0, int(model.config.vocab_size), (batch, seqlen),
+                           generator=torch.Generator().manual_seed(seed)).to(dev)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    t0 = time.perf_counter()
+    with peak_memory(dev) as mem:
+        if method == "dense":
+            with torch.no_grad():
+                model(input_ids=tokens)
+        else:
+            prune(model, method, sparsity, tokens, progress=False, **(options or {}))
+    return {"method": method, "wall_time_s": time.perf_counter() - t0, "weights_bytes": weights, **mem.to_json()}
+
+
+def memory_in_subprocess(model_name: str, method: str, batch: int, seqlen: int, dtype: str = "float32",
+                         device: str = "cpu", sparsity: float = 0.2, options: dict | None = None,
+                         timeout_s: float = 3600) -> dict:
+    """Run `memory_step` in a fresh Python process and return its result (or the error it died with)."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "minillm", "bench", "memory-step", "--model", model_name, "--method", method,
+           "--batch", str(batch), "--seqlen", str(seqlen), "--dtype", dtype, "--device", device,
+           "--sparsity", str(sparsity), "--options", json.dumps(options or {})]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        return {"method": method, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"],
+                "returncode": proc.returncode}
+    return json.loads(lines[-1])
+
+
+def bench_memory(model_name: str, methods: list[dict], batch: int, seqlen: int, dtype: str = "float32",
+                 device: str = "cpu") -> dict:
+    """The dense forward pass and every method's pruning step on the same batch, each in a fresh process; peaks as
+    absolute bytes and as ratios to the dense forward pass."""
+    dense = memory_in_subprocess(model_name, "dense", batch, seqlen, dtype, device)
+    rows = []
+    for m in methods:
+        r = memory_in_subprocess(model_name, m["method"], batch, seqlen, dtype, device, m.get("sparsity", 0.2),
+                                 m.get("options"))
+        r["label"] = m.get("label", m["method"])
+        if "peak_bytes" in r and "peak_bytes" in dense:
+            r["ratio_to_dense_forward"] = r["peak_bytes"] / dense["peak_bytes"]
+            extra_dense = dense["peak_bytes"] - dense["baseline_bytes"]
+            r["increase_ratio_to_dense_forward"] = (r["peak_bytes"] - r["baseline_bytes"]) / max(extra_dense, 1)
+        rows.append(r)
+    return {"model": model_name, "batch": batch, "seqlen": seqlen, "dtype": dtype, "device": device,
+            "dense_forward": dense, "methods": rows}
+
+
+# --- latency of dense and pruned models -----------------------------------------------------------------------------
+
+def _timed(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
+    import time
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _summary(times: list[float]) -> dict:
+    t = torch.tensor(times, dtype=torch.float64)
+    q1, med, q3 = (float(torch.quantile(t, q)) for q in (0.25, 0.5, 0.75))
+    return {"median_s": med, "iqr_s": q3 - q1, "q1_s": q1, "q3_s": q3, "repeats": len(times)}
+
+
+@torch.no_grad()
+def latency(model: torch.nn.Module, prefill: list[tuple[int, int]], decode_batches: list[int], prompt: int,
+            new_tokens: int, repeats: int = 20, warmup: int = 3, static_cache: bool = True) -> dict:
+    """Prefill time per (batch, length) and decode tokens/s (greedy, fixed number of new tokens) per batch size."""
+    dev = next(model.parameters()).device
+    vocab = int(model.config.vocab_size)
+    gen = torch.Generator().manual_seed(0)
+    out = {"prefill": [], "decode": []}
+    for b, t in prefill:
+        ids = torch.randint(0, vocab, (b, t), generator=gen).to(dev)
+        s = _summary(_timed(lambda ids=ids: model(input_ids=ids, use_cache=False), dev, warmup, repeats))
+        out["prefill"].append({"batch": b, "seqlen": t, **s, "tokens_per_s": b * t / s["median_s"]})
+    for b in decode_batches:
+        ids = torch.randint(0, vocab, (b, prompt), generator=gen).to(dev)
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                      pad_token_id=0)
+        if static_cache:
+            kwargs["cache_implementation"] = "static"
+        s = _summary(_timed(lambda ids=ids: model.generate(ids, **kwargs), dev, 1, max(3, repeats // 4)))
+        out["decode"].append({"batch": b, "prompt": prompt, "new_tokens": new_tokens, **s,
+                              "tokens_per_s": b * new_tokens / s["median_s"],
+                              "cache": "static" if static_cache else "dynamic"})
+    return out
+
+
+def bench_latency(model_name: str, sparsities: list[float], prefill: list[tuple[int, int]], decode_batches: list[int],
+                  prompt: int, new_tokens: int, repeats: int = 20, dtype: str = "float32", device: str = "cpu",
+                  round_to: int = 1, method: str = "random") -> dict:
+    """Dense and uniformly pruned copies of one model, timed in the same process. Latency depends on the kept
+    shapes only, so the pruned copies use `method` (default random scores) with per-layer uniform allocation."""
+    from .models import load_model
+    from .prune import prune
+
+    torch_dtype = getattr(torch, dtype)
+    rows = []
+    attn_impl = None
+    for s in [0.0, *sparsities]:
+        model, _ = load_model(model_name, dtype=torch_dtype, device=device)
+        attn_impl = getattr(model.config, "_attn_implementation", None)
+        achieved = 0.0
+        if s > 0:
+            plan = prune(model, method, s, None, round_to=round_to, progress=False)
+            achieved = plan.achieved_sparsity
+        res = latency(model, prefill, decode_batches, prompt, new_tokens, repeats)
+        rows.append({"sparsity": s, "achieved_sparsity": achieved, "params": count_parameters(model), **res})
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    dense = rows[0]
+    for r in rows[1:]:
+        r["prefill_speedup"] = [d["median_s"] / p["median_s"] for d, p in zip(dense["prefill"], r["prefill"])]
+        r["decode_speedup"] = [p["tokens_per_s"] / d["tokens_per_s"] for d, p in zip(dense["decode"], r["decode"])]
+    return {"model": model_name, "dtype": dtype, "device": device, "round_to": round_to, "method": method,
+            "attn_implementation": attn_impl, "rows": rows}

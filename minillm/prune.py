@@ -75,13 +75,15 @@ def make_plan(model: nn.Module, method: str, sparsity: float, options: dict, see
 def prune(model: nn.Module, method: str, sparsity: float, calib: torch.Tensor | None = None, *,
           allocation: str | None = None, attention_units: str = "auto", targets: str = "both",
           skip_layers: Sequence[int] = (), round_to: int = 1, seed: int = 0, calibration: dict | None = None,
-          progress: bool = True, **method_options) -> PruningPlan:
+          progress: bool = True, scores: list | None = None, **method_options) -> PruningPlan:
     """Score the units of `model` with `method`, then physically remove them, in place, until the model keeps
     (1 - sparsity) of its original prunable parameters (decoder-layer linear weights and biases; embeddings, norms
     and the LM head excluded).
 
     calib: LongTensor [n_samples, seqlen] of token ids (None for methods that need no data).
     calibration: a description of `calib` recorded in the plan (source, windows, seed).
+    scores: unit scores from `minillm.score` on an identical unpruned model, to prune the same scores at several
+    sparsities without scoring again (methods that score and remove in one go, Bonsai and FLAP, refuse this).
     Returns the PruningPlan (kept heads/channels per layer in original indices, options, seed, timing).
     """
     sparsity = check_sparsity(sparsity)
@@ -99,6 +101,8 @@ def prune(model: nn.Module, method: str, sparsity: float, calib: torch.Tensor | 
     ctx = ScoringContext(model, adapter, calib, attention_units, seed, progress)
     t0 = time.perf_counter()
     if hasattr(mod, "run"):  # methods that interleave scoring and removal (Bonsai's rounds)
+        if scores is not None:
+            raise ValueError(f"method {method!r} scores and removes in rounds; precomputed scores do not apply")
         history = mod.run(ctx, sparsity, original, alloc, **method_options)
     else:
         to_remove = prunable_params(adapter) - (1.0 - sparsity) * original
@@ -107,7 +111,10 @@ def prune(model: nn.Module, method: str, sparsity: float, calib: torch.Tensor | 
                              f">= the requested {sparsity}")
         was_training = model.training
         model.eval()
-        scores = mod.score(ctx, **method_options)
+        if scores is None:
+            scores = mod.score(ctx, **method_options)
+        elif hasattr(mod, "before_prune"):
+            raise ValueError(f"method {method!r} needs its own scoring pass before removal; do not pass scores")
         t_score = time.perf_counter() - t0
         selections = allocate(adapter, scores, to_remove, alloc)
         if hasattr(mod, "before_prune"):  # e.g. FLAP folds the removed channels' mean output into a bias
@@ -119,3 +126,20 @@ def prune(model: nn.Module, method: str, sparsity: float, calib: torch.Tensor | 
     plan = make_plan(model, method, sparsity, options, seed, calibration, history)
     log.info("pruned with %s: achieved sparsity %.4f (requested %.4f)", method, plan.achieved_sparsity, sparsity)
     return plan
+
+
+def score(model: nn.Module, method: str, calib: torch.Tensor | None = None, *, attention_units: str = "auto",
+          seed: int = 0, progress: bool = True, **method_options) -> list:
+    """Unit scores of an (unpruned or pruned) model without removing anything: list of LayerScores per layer."""
+    adapter = get_adapter(model)
+    mod = get_method(method)
+    if not hasattr(mod, "score"):
+        raise ValueError(f"method {method!r} has no separate scoring step")
+    check_options(mod, method, method_options)
+    check_calibration(calib, method, mod.NEEDS_CALIBRATION, int(model.config.vocab_size))
+    was_training = model.training
+    model.eval()
+    try:
+        return mod.score(ScoringContext(model, adapter, calib, attention_units, seed, progress), **method_options)
+    finally:
+        model.train(was_training)

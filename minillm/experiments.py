@@ -1,0 +1,141 @@
+"""Experiment drivers used by the notebooks: compute what is missing, write one record per configuration, reuse the
+records that exist. Profiles (configs/*.yaml) say which model, data sizes, sparsities and methods.
+
+Records live in results/<profile>/<experiment>/; each is written atomically, so an interrupted run resumes where
+it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+
+import yaml
+
+from .data import calibration_windows, describe_calibration, perplexity_windows
+from .evaluate import perplexity, zeroshot
+from .measure import peak_memory
+from .models import load_model
+from .prune import prune, score
+from .results import REPO_ROOT, load_record, save_record
+from .scores import get_method
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = REPO_ROOT / "configs"
+RESULTS_DIR = REPO_ROOT / "results"
+
+
+def load_profile(name: str) -> dict:
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"no profile {name!r} ({path}); known profiles: {', '.join(known)}")
+    cfg = yaml.safe_load(path.read_text())
+    cfg["profile"] = name
+    return cfg
+
+
+def results_dir(profile: str, experiment: str) -> Path:
+    return RESULTS_DIR / profile / experiment
+
+
+def _record_file(profile: str, experiment: str, label: str, sparsity: float) -> Path:
+    return results_dir(profile, experiment) / f"{label}_s{int(round(sparsity * 100)):02d}.json"
+
+
+def _plan_summary(plan) -> dict:
+    return {"achieved_sparsity": plan.achieved_sparsity, "prunable_params_original": plan.prunable_params_original,
+            "prunable_params_kept": plan.prunable_params_kept, "widths": plan.widths(), "history": plan.history,
+            "layers": [k.to_json() for k in plan.layers]}
+
+
+def _evaluate(model, tok, cfg: dict, sparsity: float) -> dict:
+    ppl_cfg = cfg["perplexity"]
+    windows = perplexity_windows(tok, ppl_cfg["seqlen"], ppl_cfg["windows"])
+    metrics = {"perplexity": perplexity(model, windows, batch_size=ppl_cfg.get("batch_size", 4), progress=False)}
+    zs = cfg.get("zeroshot")
+    if zs and any(abs(sparsity - s) < 1e-9 for s in zs.get("sparsities", [sparsity])):
+        metrics["zeroshot"] = zeroshot(model, tok, tasks=zs.get("tasks"), limit=zs.get("limit"),
+                                       batch_size=zs.get("batch_size", 8))
+    return metrics
+
+
+def method_entries(cfg: dict, experiment: str = "accuracy") -> list[dict]:
+    return cfg[experiment]["methods"]
+
+
+def run_accuracy(cfg: dict, force: bool = False, experiment: str = "accuracy", progress: bool = False) -> list[dict]:
+    """Prune the profile's model with every configured method at every sparsity, evaluate, write records.
+    Scores that do not depend on the sparsity are computed once per method and reused for each sparsity."""
+    profile = cfg["profile"]
+    exp = cfg[experiment]
+    records = []
+    dense_file = _record_file(profile, experiment, "dense", 0.0)
+    if force or load_record(dense_file) is None:
+        model, tok = load_model(cfg["model"])
+        t0 = time.perf_counter()
+        metrics = _evaluate(model, tok, exp, 0.0)
+        save_record(dense_file, experiment, {"model": cfg["model"], "method": "dense", "sparsity": 0.0,
+                                             "label": "dense", "eval": _eval_cfg(exp)}, metrics,
+                    time.perf_counter() - t0)
+    records.append(load_record(dense_file))
+    for entry in exp["methods"]:
+        records += _run_method(cfg, exp, entry, force, experiment, progress)
+    return records
+
+
+def _eval_cfg(exp: dict) -> dict:
+    return {"perplexity": exp["perplexity"], "zeroshot": exp.get("zeroshot")}
+
+
+def _run_method(cfg, exp, entry, force, experiment, progress) -> list[dict]:
+    profile, label, method = cfg["profile"], entry["label"], entry["method"]
+    options = dict(entry.get("options", {}))
+    prune_options = {**exp.get("prune_options", {}), **entry.get("prune_options", {})}
+    sparsities = entry.get("sparsities", exp["sparsities"])
+    files = {s: _record_file(profile, experiment, label, s) for s in sparsities}
+    todo = [s for s in sparsities if force or load_record(files[s]) is None]
+    if todo:
+        calib_cfg = {**exp["calibration"], **entry.get("calibration", {})}
+        base, tok = load_model(cfg["model"])
+        calib = calibration_windows(tok, calib_cfg["n_samples"], calib_cfg["seqlen"], seed=calib_cfg.get("seed", 0))
+        calib_info = describe_calibration(calib_cfg["n_samples"], calib_cfg["seqlen"], calib_cfg.get("seed", 0))
+        mod = get_method(method)
+        shared_scores, score_time, score_mem = None, None, None
+        reusable = hasattr(mod, "score") and not hasattr(mod, "before_prune") and not hasattr(mod, "run")
+        if reusable and len(todo) > 1:
+            t0 = time.perf_counter()
+            with peak_memory("cpu") as mem:
+                shared_scores = score(base, method, calib, seed=entry.get("seed", 0), progress=progress,
+                                      attention_units=prune_options.get("attention_units", "auto"), **options)
+            score_time, score_mem = time.perf_counter() - t0, mem.to_json()
+        for s in todo:
+            model, _ = load_model(cfg["model"])
+            t0 = time.perf_counter()
+            with peak_memory("cpu") as mem:
+                plan = prune(model, method, s, calib, seed=entry.get("seed", 0), calibration=calib_info,
+                             progress=progress, scores=copy.deepcopy(shared_scores), **prune_options, **options)
+            prune_time = time.perf_counter() - t0
+            metrics = _evaluate(model, tok, exp, s)
+            config = {"model": cfg["model"], "method": method, "label": label, "sparsity": s, "options": options,
+                      "prune_options": prune_options, "calibration": calib_info, "seed": entry.get("seed", 0),
+                      "eval": _eval_cfg(exp)}
+            timing = {"prune_time_s": prune_time, "prune_peak_memory_in_process": mem.to_json()}
+            if shared_scores is not None:
+                timing.update({"scoring_time_s": score_time, "scoring_peak_memory_in_process": score_mem,
+                               "note": "scores computed once and shared across sparsities"})
+            else:
+                timing["scoring_time_s"] = plan.history[0].get("scoring_time_s", prune_time) if plan.history else None
+            save_record(files[s], experiment, config, metrics, prune_time,
+                        extra={"timing": timing, "plan": _plan_summary(plan)})
+            log.info("%s %s s=%.2f ppl=%.2f", profile, label, s, metrics["perplexity"]["ppl"])
+            del model
+    return [load_record(files[s]) for s in sparsities]
+
+
+def collect(profile: str, experiment: str) -> list[dict]:
+    """Every record of one experiment of a profile, sorted by file name."""
+    folder = results_dir(profile, experiment)
+    return [load_record(p) for p in sorted(folder.glob("*.json"))] if folder.exists() else []

@@ -1,0 +1,37 @@
+"""Measurement: the memory probe sees allocations; the latency bench produces complete records."""
+
+import torch
+
+from minillm.measure import bench_latency, memory_in_subprocess, peak_memory
+
+
+def test_peak_memory_sees_a_larger_allocation():
+    with peak_memory("cpu") as small:
+        a = torch.ones(1_000_000)  # 4 MB
+        a.sum()
+    with peak_memory("cpu") as large:
+        b = torch.ones(100_000_000)  # 400 MB, touched so it is resident
+        b.sum()
+    del a, b
+    assert large.increase_bytes > small.increase_bytes + 300 * 2 ** 20
+    assert large.peak_bytes >= large.baseline_bytes > 0
+
+
+def test_memory_step_in_fresh_process_dense_and_method():
+    dense = memory_in_subprocess("tiny-llama", "dense", 2, 16)
+    taylor = memory_in_subprocess("tiny-llama", "taylor", 2, 16)
+    assert "error" not in dense and "error" not in taylor, (dense, taylor)
+    assert dense["peak_bytes"] > 0 and taylor["weights_bytes"] == dense["weights_bytes"]
+
+
+def test_latency_bench_record_has_every_field():
+    res = bench_latency("tiny-llama-gqa", [0.5], [(1, 8)], [1], prompt=4, new_tokens=3, repeats=3)
+    assert res["attn_implementation"] and res["dtype"] == "float32"
+    dense, pruned = res["rows"]
+    assert pruned["achieved_sparsity"] > 0.4 and pruned["params"] < dense["params"]
+    for row in res["rows"]:
+        p, d = row["prefill"][0], row["decode"][0]
+        for key in ("median_s", "iqr_s", "repeats", "tokens_per_s"):
+            assert key in p and key in d
+        assert d["cache"] == "static" and d["new_tokens"] == 3
+    assert len(pruned["prefill_speedup"]) == 1 and len(pruned["decode_speedup"]) == 1
