@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast reproduce figures lab clean-venv
+.PHONY: setup test test-fast notebooks-smoke reproduce figures lab clean-venv
 
 $(VENV)/.installed: requirements.txt requirements-lock.txt
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -25,12 +25,21 @@ setup: $(VENV)/.installed
 
 test: $(SETUP)
 	$(PYTHON) -m pytest -q -ra --durations=10 tests
+	$(MAKE) --no-print-directory notebooks-smoke
+
+# every notebook end to end under the smoke profile (fresh records), then check every figure/table exists
+notebooks-smoke: $(SETUP)
+	rm -rf results/smoke figures/smoke notebooks/executed/smoke
+	PROFILE=smoke PYTHON=$(PYTHON) bash scripts/run_notebooks.sh $(NOTEBOOKS)
+	$(PYTHON) scripts/check_outputs.py smoke
 
 test-fast: $(SETUP)
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
 reproduce: $(SETUP)
+	$(PYTHON) -c "from minillm.experiments import check_profile; check_profile('$(PROFILE)')"
 	PROFILE=$(PROFILE) PYTHON=$(PYTHON) bash scripts/run_notebooks.sh $(NOTEBOOKS)
+	$(PYTHON) scripts/check_outputs.py $(PROFILE)
 
 figures: $(SETUP)
 	PROFILE=$(PROFILE) PYTHON=$(PYTHON) MINILLM_NO_COMPUTE=1 bash scripts/run_notebooks.sh $(NOTEBOOKS)

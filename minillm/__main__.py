@@ -157,6 +157,19 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from minillm import experiments
+
+    cfg = experiments.load_profile(args.profile)
+    runners = {"accuracy": lambda: experiments.run_accuracy(cfg, args.force, "accuracy", not args.quiet),
+               "ablations": lambda: experiments.run_accuracy(cfg, args.force, "ablations", not args.quiet),
+               "memory": lambda: experiments.run_memory(cfg, args.force),
+               "latency": lambda: experiments.run_latency(cfg, args.force)}
+    records = runners[args.name]()
+    print(f"{len(records)} records in {experiments.results_dir(args.profile, args.name)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minillm", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -225,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--device")
     be.add_argument("--json", help="write the result record here")
     be.set_defaults(func=cmd_bench)
+
+    ex = sub.add_parser("experiment", help="compute the missing records of one experiment of a profile")
+    ex.add_argument("name", choices=("accuracy", "ablations", "memory", "latency"))
+    ex.add_argument("--profile", default="cpu")
+    ex.add_argument("--force", action="store_true", help="recompute records that exist")
+    ex.add_argument("--quiet", action="store_true")
+    ex.set_defaults(func=cmd_experiment)
 
     info = sub.add_parser("info", help="registry names, supported architectures, methods, data checksums")
     info.set_defaults(func=cmd_info)

@@ -37,6 +37,28 @@ def load_profile(name: str) -> dict:
     return cfg
 
 
+def check_profile(name: str) -> dict:
+    """Fail early with a clear message when a profile cannot run here (Hub unreachable, no CUDA)."""
+    cfg = load_profile(name)
+    if cfg.get("requires_hub"):
+        import os
+        import urllib.request
+
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise SystemExit(f"profile {name!r} downloads checkpoints from the Hugging Face Hub, but HF_HUB_OFFLINE=1; "
+                             "run with HF_HUB_OFFLINE=0 on a machine with network access")
+        try:
+            urllib.request.urlopen("https://huggingface.co", timeout=10)
+        except OSError as e:
+            raise SystemExit(f"profile {name!r} needs the Hugging Face Hub, which is unreachable here ({e})") from None
+    if cfg.get("device") == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(f"profile {name!r} expects a CUDA GPU; none is available (use PROFILE=cpu)")
+    return cfg
+
+
 def results_dir(profile: str, experiment: str) -> Path:
     return RESULTS_DIR / profile / experiment
 
@@ -46,7 +68,7 @@ def _record_file(profile: str, experiment: str, label: str, sparsity: float) -> 
 
 
 def _plan_summary(plan) -> dict:
-    return {"achieved_sparsity": plan.achieved_sparsity, "prunable_params_original": plan.prunable_params_original,
+    return {"achieved_sparsity": plan.achieved_sparsity, "architecture": plan.architecture, "prunable_params_original": plan.prunable_params_original,
             "prunable_params_kept": plan.prunable_params_kept, "widths": plan.widths(), "history": plan.history,
             "layers": [k.to_json() for k in plan.layers]}
 
@@ -139,3 +161,46 @@ def collect(profile: str, experiment: str) -> list[dict]:
     """Every record of one experiment of a profile, sorted by file name."""
     folder = results_dir(profile, experiment)
     return [load_record(p) for p in sorted(folder.glob("*.json"))] if folder.exists() else []
+
+
+def run_memory(cfg: dict, force: bool = False) -> list[dict]:
+    """Peak memory of every configured method's pruning step vs the dense forward pass, per model and shape."""
+    from .measure import bench_memory
+
+    exp, profile = cfg["memory"], cfg["profile"]
+    device = cfg.get("device", "cpu")
+    out = []
+    for model in exp["models"]:
+        for batch, seqlen in exp["shapes"]:
+            path = results_dir(profile, "memory") / f"{model}_{batch}x{seqlen}_{exp['dtype']}.json"
+            if force or load_record(path) is None:
+                t0 = time.perf_counter()
+                res = bench_memory(model, exp["methods"], batch, seqlen, exp["dtype"], device)
+                save_record(path, "memory", {"model": model, "batch": batch, "seqlen": seqlen, "dtype": exp["dtype"],
+                                             "device": device, "methods": exp["methods"]}, res,
+                            time.perf_counter() - t0, device=device)
+            out.append(load_record(path))
+    return out
+
+
+def run_latency(cfg: dict, force: bool = False) -> list[dict]:
+    """Prefill and decode latency of dense and uniformly pruned copies of each configured model."""
+    from .measure import bench_latency
+
+    exp, profile = cfg["latency"], cfg["profile"]
+    device = cfg.get("device", "cpu")
+    out = []
+    for model in exp["models"]:
+        for round_to in exp.get("round_to", [1]):
+            path = results_dir(profile, "latency") / f"{model}_{exp['dtype']}_round{round_to}.json"
+            if force or load_record(path) is None:
+                t0 = time.perf_counter()
+                res = bench_latency(model, exp["sparsities"], [tuple(x) for x in exp["prefill"]],
+                                    exp["decode"]["batch"], exp["decode"]["prompt"], exp["decode"]["new_tokens"],
+                                    exp.get("repeats", 20), exp["dtype"], device, round_to)
+                save_record(path, "latency", {"model": model, "dtype": exp["dtype"], "device": device,
+                                              "round_to": round_to, **{k: exp[k] for k in ("sparsities", "prefill",
+                                                                                           "decode")}},
+                            res, time.perf_counter() - t0, device=device)
+            out.append(load_record(path))
+    return out

