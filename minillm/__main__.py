@@ -170,6 +170,31 @@ def cmd_experiment(args) -> int:
     return 0
 
 
+def cmd_recover(args) -> int:
+    import minillm
+    from minillm.data import calibration_windows
+    from minillm.recover import recover
+
+    model, tok = minillm.load_pruned(args.directory, device=args.device)
+    plan = model.minillm_plan
+    if tok is None:
+        raise SystemExit(f"{args.directory} has no tokenizer; recovery needs real text")
+    windows = calibration_windows(tok, args.windows, args.seqlen, seed=args.seed + 1)
+    teacher = None
+    if args.kl_weight > 0:
+        teacher, _ = minillm.load_model(plan.base_model, device=args.device)
+    merged, record = recover(model, windows, rank=args.rank, alpha=args.alpha, dropout=args.dropout, lr=args.lr,
+                             steps=args.steps, batch_size=args.batch_size, teacher=teacher,
+                             kl_weight=args.kl_weight, gradient_checkpointing=args.gradient_checkpointing,
+                             seed=args.seed, progress=not args.quiet)
+    record["data"] = {"source": "austen (calibration novels, not the perplexity text)", "windows": args.windows,
+                      "seqlen": args.seqlen, "seed": args.seed + 1}
+    plan.recovery.append(record)
+    minillm.save_pruned(merged, plan, args.out, tokenizer=tok)
+    print(json.dumps({k: record[k] for k in ("method", "steps", "first_loss", "last_loss", "time_s")}, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minillm", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -245,6 +270,24 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--force", action="store_true", help="recompute records that exist")
     ex.add_argument("--quiet", action="store_true")
     ex.set_defaults(func=cmd_experiment)
+
+    rc = sub.add_parser("recover", help="LoRA fine-tuning of a pruned directory (optionally KL to the parent)")
+    rc.add_argument("directory", type=Path, help="a directory written by prune (left untouched)")
+    rc.add_argument("--out", type=Path, required=True)
+    rc.add_argument("--rank", type=int, default=8)
+    rc.add_argument("--alpha", type=float, default=16.0)
+    rc.add_argument("--dropout", type=float, default=0.05)
+    rc.add_argument("--lr", type=float, default=1e-4)
+    rc.add_argument("--steps", type=int, default=100)
+    rc.add_argument("--batch-size", type=int, default=4)
+    rc.add_argument("--windows", type=int, default=256, help="training windows drawn from the calibration novels")
+    rc.add_argument("--seqlen", type=int, default=256)
+    rc.add_argument("--kl-weight", type=float, default=0.0, help="weight of KL(parent || pruned); 0 = LoRA alone")
+    rc.add_argument("--gradient-checkpointing", action="store_true")
+    rc.add_argument("--seed", type=int, default=0)
+    rc.add_argument("--device")
+    rc.add_argument("--quiet", action="store_true")
+    rc.set_defaults(func=cmd_recover)
 
     info = sub.add_parser("info", help="registry names, supported architectures, methods, data checksums")
     info.set_defaults(func=cmd_info)

@@ -1,0 +1,125 @@
+"""Recovery after pruning: LoRA fine-tuning (peft) with an optional KL term towards the unpruned parent.
+
+Loss = next-token cross-entropy + kl_weight * KL(teacher || student), the KL per predicted token averaged over
+tokens (Bonsai's post-pruning adaptation uses the parent as teacher with weight 0.01; MINI-LLM and LLM-Pruner use
+LoRA alone). Teacher logits are computed without gradient. The adapter is merged at the end, so the result is a
+plain model of the pruned shapes that `save_pruned` writes like any other.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import get_adapter
+
+
+def lora_targets(model: nn.Module) -> list[str]:
+    """Full names of every non-empty attention and MLP linear (LoRA cannot wrap a 0-width matrix)."""
+    adapter = get_adapter(model)
+    wanted = {id(lin) for layer in adapter.layers() for lin in adapter.linears(layer) if lin.weight.numel()}
+    return [name for name, mod in model.named_modules() if id(mod) in wanted]
+
+
+def _check(rank: int, alpha: float, dropout: float, lr: float, steps: int, batch_size: int, kl_weight: float,
+           teacher) -> None:
+    problems = []
+    if rank < 1:
+        problems.append(f"rank must be >= 1 (got {rank})")
+    if alpha <= 0:
+        problems.append(f"alpha must be > 0 (got {alpha})")
+    if not 0 <= dropout < 1:
+        problems.append(f"dropout must be in [0, 1) (got {dropout})")
+    if lr <= 0:
+        problems.append(f"lr must be > 0 (got {lr})")
+    if steps < 1:
+        problems.append(f"steps must be >= 1 (got {steps})")
+    if batch_size < 1:
+        problems.append(f"batch_size must be >= 1 (got {batch_size})")
+    if kl_weight < 0:
+        problems.append(f"kl_weight must be >= 0 (got {kl_weight})")
+    if kl_weight > 0 and teacher is None:
+        problems.append("kl_weight > 0 needs a teacher model (the unpruned parent)")
+    if problems:
+        raise ValueError("invalid recovery options: " + "; ".join(problems))
+
+
+def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per token, averaged over tokens, in fp32."""
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def recover(model: nn.Module, train_windows: torch.Tensor, *, rank: int = 8, alpha: float = 16.0,
+            dropout: float = 0.05, target_modules: list[str] | None = None, lr: float = 1e-4, steps: int = 100,
+            batch_size: int = 4, teacher: nn.Module | None = None, kl_weight: float = 0.0,
+            gradient_checkpointing: bool = False, bf16: bool | None = None, seed: int = 0,
+            progress: bool = True) -> tuple[nn.Module, dict]:
+    """Fine-tune `model` with LoRA on `train_windows` (LongTensor [n, seqlen]) for `steps` optimiser steps (cycling
+    through the windows in a seeded order), merge the adapter and return (merged model, record of settings and
+    losses). The teacher, if given, is only read."""
+    from peft import LoraConfig, get_peft_model
+
+    _check(rank, alpha, dropout, lr, steps, batch_size, kl_weight, teacher)
+    if train_windows.dim() != 2 or train_windows.dtype != torch.long:
+        raise ValueError("train_windows must be a LongTensor [n_windows, seqlen]")
+    device = next(model.parameters()).device
+    if bf16 is None:
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    targets = target_modules or lora_targets(model)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    peft_model = get_peft_model(model, config)
+    if gradient_checkpointing:
+        peft_model.gradient_checkpointing_enable()
+        peft_model.enable_input_require_grads()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    order = torch.randperm(train_windows.shape[0], generator=torch.Generator().manual_seed(seed))
+    if teacher is not None:
+        teacher.eval()
+    losses, t0 = [], time.perf_counter()
+    peft_model.train()
+    bar = tqdm(range(steps), desc="LoRA recovery", disable=not progress)
+    for step in bar:
+        idx = order[torch.arange(step * batch_size, (step + 1) * batch_size) % order.numel()]
+        batch = train_windows[idx].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = peft_model(input_ids=batch).logits[:, :-1]
+            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+            loss = ce
+            kl = None
+            if kl_weight > 0:
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=batch).logits[:, :-1]
+                kl = _kl(logits, teacher_logits)
+                loss = ce + kl_weight * kl
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        value = float(loss.detach())
+        losses.append({"step": step, "loss": value, "ce": float(ce.detach()),
+                       "kl": None if kl is None else float(kl.detach())})
+        if progress:
+            bar.set_postfix(loss=f"{value:.3f}")
+        if not math.isfinite(value):
+            raise FloatingPointError(f"recovery diverged at step {step} (loss {value}); lower the learning rate")
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    for p in merged.parameters():
+        p.requires_grad_(True)
+    record = {"method": "lora" + ("+kl" if kl_weight > 0 else ""), "rank": rank, "alpha": alpha, "dropout": dropout,
+              "target_modules": targets, "lr": lr, "steps": steps, "batch_size": batch_size,
+              "seqlen": int(train_windows.shape[1]), "train_windows": int(train_windows.shape[0]),
+              "kl_weight": kl_weight, "gradient_checkpointing": gradient_checkpointing, "bf16": bf16, "seed": seed,
+              "first_loss": losses[0]["loss"], "last_loss": losses[-1]["loss"],
+              "mean_loss_first_10pct": sum(x["loss"] for x in losses[: max(1, steps // 10)]) / max(1, steps // 10),
+              "mean_loss_last_10pct": sum(x["loss"] for x in losses[-max(1, steps // 10):]) / max(1, steps // 10),
+              "time_s": time.perf_counter() - t0}
+    return merged, record
