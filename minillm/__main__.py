@@ -147,9 +147,10 @@ def cmd_bench(args) -> int:
     else:
         prefill = [_shape(s) for s in args.prefill]
         result = measure.bench_latency(args.model, args.sparsities, prefill, args.decode_batch, args.prompt,
-                                       args.new_tokens, args.repeats, args.dtype, device, args.round_to)
+                                       args.new_tokens, args.repeats, args.dtype, device, args.round_to,
+                                       include_24=args.include_24)
         for r in result["rows"][1:]:
-            print(f"sparsity {r['sparsity']:.2f}: prefill speed-up {[round(x, 2) for x in r['prefill_speedup']]}, "
+            print(f"{r['variant']} {r['sparsity']:.2f}: prefill speed-up {[round(x, 2) for x in r['prefill_speedup']]}, "
                   f"decode speed-up {[round(x, 2) for x in r['decode_speedup']]}")
     result["provenance"] = provenance(device)
     if args.json:
@@ -259,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--new-tokens", type=int, default=64)
     be.add_argument("--repeats", type=int, default=20)
     be.add_argument("--round-to", type=int, default=1)
+    be.add_argument("--include-24", action="store_true", help="latency: add a semi-structured 2:4 copy")
     be.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     be.add_argument("--device")
     be.add_argument("--json", help="write the result record here")

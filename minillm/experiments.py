@@ -197,7 +197,8 @@ def run_latency(cfg: dict, force: bool = False) -> list[dict]:
                 t0 = time.perf_counter()
                 res = bench_latency(model, exp["sparsities"], [tuple(x) for x in exp["prefill"]],
                                     exp["decode"]["batch"], exp["decode"]["prompt"], exp["decode"]["new_tokens"],
-                                    exp.get("repeats", 20), exp["dtype"], device, round_to)
+                                    exp.get("repeats", 20), exp["dtype"], device, round_to,
+                                    include_24=exp.get("include_24", False))
                 save_record(path, "latency", {"model": model, "dtype": exp["dtype"], "device": device,
                                               "round_to": round_to, **{k: exp[k] for k in ("sparsities", "prefill",
                                                                                            "decode")}},

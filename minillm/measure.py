@@ -203,24 +203,31 @@ def latency(model: torch.nn.Module, prefill: list[tuple[int, int]], decode_batch
 
 def bench_latency(model_name: str, sparsities: list[float], prefill: list[tuple[int, int]], decode_batches: list[int],
                   prompt: int, new_tokens: int, repeats: int = 20, dtype: str = "float32", device: str = "cpu",
-                  round_to: int = 1, method: str = "random") -> dict:
+                  round_to: int = 1, method: str = "random", include_24: bool = False) -> dict:
     """Dense and uniformly pruned copies of one model, timed in the same process. Latency depends on the kept
-    shapes only, so the pruned copies use `method` (default random scores) with per-layer uniform allocation."""
+    shapes only, so the pruned copies use `method` (default random scores) with per-layer uniform allocation.
+    `include_24` adds a semi-structured 2:4 copy (magnitude), on sparse kernels where the GPU has them."""
     from .models import load_model
     from .prune import prune
+    from .scores.nm_sparsity import to_semi_structured
 
     torch_dtype = getattr(torch, dtype)
+    variants = [("dense", 0.0)] + [("structured", s) for s in sparsities] + ([("2:4", 0.5)] if include_24 else [])
     rows = []
     attn_impl = None
-    for s in [0.0, *sparsities]:
+    for kind, s in variants:
         model, _ = load_model(model_name, dtype=torch_dtype, device=device)
         attn_impl = getattr(model.config, "_attn_implementation", None)
-        achieved = 0.0
-        if s > 0:
-            plan = prune(model, method, s, None, round_to=round_to, progress=False)
-            achieved = plan.achieved_sparsity
-        res = latency(model, prefill, decode_batches, prompt, new_tokens, repeats)
-        rows.append({"sparsity": s, "achieved_sparsity": achieved, "params": count_parameters(model), **res})
+        row = {"variant": kind, "sparsity": s, "achieved_sparsity": 0.0}
+        if kind == "structured":
+            row["achieved_sparsity"] = prune(model, method, s, None, round_to=round_to, progress=False).achieved_sparsity
+        elif kind == "2:4":
+            plan = prune(model, "magnitude_24", 0.5, None, progress=False)
+            row["achieved_sparsity"] = plan.history[0]["weight_sparsity"]
+            row["semi_structured"] = to_semi_structured(model)
+        row["params"] = count_parameters(model)
+        row.update(latency(model, prefill, decode_batches, prompt, new_tokens, repeats))
+        rows.append(row)
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

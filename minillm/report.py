@@ -143,6 +143,7 @@ def latency_frame(records: list[dict]) -> pd.DataFrame:
                     speed = 1.0 if row["sparsity"] == 0 else row[f"{kind}_speedup"][i]
                     shape = f"{x['batch']}x{x['seqlen']}" if kind == "prefill" else f"b{x['batch']}"
                     rows.append({"model": m["model"], "dtype": m["dtype"], "round_to": m.get("round_to", 1),
+                                 "variant": row.get("variant", "structured" if row["sparsity"] else "dense"),
                                  "sparsity": row["sparsity"], "kind": kind, "shape": shape,
                                  "median_ms": 1000 * x["median_s"], "iqr_ms": 1000 * x["iqr_s"],
                                  "tokens_per_s": x["tokens_per_s"], "speedup": speed,
@@ -156,8 +157,9 @@ def plot_latency(df: pd.DataFrame, title: str = ""):
 
     d = df.copy()
     d["setting"] = d["kind"] + " " + d["shape"]
+    d["model variant"] = d["variant"] + " " + (d["sparsity"] * 100).round().astype(int).astype(str) + "%"
     fig, ax = plt.subplots(figsize=(7, 4))
-    sns.barplot(data=d, x="setting", y="speedup", hue="sparsity", ax=ax)
+    sns.barplot(data=d, x="setting", y="speedup", hue="model variant", ax=ax)
     ax.axhline(1.0, color="k", lw=1, ls="--")
     ax.set_ylabel("speed-up over dense")
     ax.tick_params(axis="x", rotation=30)

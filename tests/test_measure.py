@@ -25,9 +25,10 @@ def test_memory_step_in_fresh_process_dense_and_method():
 
 
 def test_latency_bench_record_has_every_field():
-    res = bench_latency("tiny-llama-gqa", [0.5], [(1, 8)], [1], prompt=4, new_tokens=3, repeats=3)
+    res = bench_latency("tiny-llama-gqa", [0.5], [(1, 8)], [1], prompt=4, new_tokens=3, repeats=3, include_24=True)
     assert res["attn_implementation"] and res["dtype"] == "float32"
-    dense, pruned = res["rows"]
+    dense, pruned, semi = res["rows"]
+    assert semi["variant"] == "2:4" and "CUDA" in semi["semi_structured"]["reason"]
     assert pruned["achieved_sparsity"] > 0.4 and pruned["params"] < dense["params"]
     for row in res["rows"]:
         p, d = row["prefill"][0], row["decode"][0]

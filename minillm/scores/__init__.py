@@ -20,6 +20,8 @@ METHODS = {
     "flap": "flap",
     "fms": "fms",
     "bonsai": "bonsai",
+    "wanda_24": "wanda_24",
+    "magnitude_24": "magnitude_24",
 }
 
 

@@ -1,0 +1,13 @@
+"""`wanda_24`: semi-structured 2:4 Wanda (|W| * ||X||, compared within each output row); see nm_sparsity.py."""
+
+from __future__ import annotations
+
+from .common import ScoringContext
+from .nm_sparsity import apply_nm, check
+
+NEEDS_CALIBRATION = True
+
+
+def run(ctx: ScoringContext, sparsity: float, original_params: int, alloc, n: int = 2, m: int = 4) -> list[dict]:
+    check(sparsity, n, m)
+    return [apply_nm(ctx, True, n, m)]
