@@ -69,12 +69,13 @@ def cmd_prune(args) -> int:
             calib = calibration_windows(tok, args.calib_samples, args.calib_seqlen, seed=args.seed)
             calib_info = describe_calibration(args.calib_samples, args.calib_seqlen, args.seed)
     t0 = time.perf_counter()
-    device = next(model.parameters()).device
+    device = torch.device(args.stream_device) if args.stream_device else next(model.parameters()).device
     with peak_memory(device) as mem:
         plan = minillm.prune(model, args.method, args.sparsity, calib, allocation=args.allocation,
                              attention_units=args.attention_units, targets=args.targets,
                              skip_layers=parse_layers(args.skip_layers), round_to=args.round_to, seed=args.seed,
-                             calibration=calib_info, progress=not args.quiet, **options)
+                             calibration=calib_info, progress=not args.quiet, stream_device=args.stream_device,
+                             **options)
     elapsed = time.perf_counter() - t0
     plan.history[-1]["peak_memory"] = mem.to_json()
     minillm.save_pruned(model, plan, args.out, tokenizer=tok)
@@ -225,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--option", action="append", type=parse_option, metavar="KEY=VALUE",
                     help="any other method option (value parsed as JSON when possible)")
     pr.add_argument("--dtype", help="float32 | bfloat16 | float16")
-    pr.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    pr.add_argument("--device", help="where the model is loaded: cpu, cuda, cuda:1, ...")
+    pr.add_argument("--stream-device", help="keep weights on --device (e.g. cpu) and stream one decoder layer at a "
+                                            "time to this device (e.g. cuda) for scoring: models larger than the GPU")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.set_defaults(func=cmd_prune)
 

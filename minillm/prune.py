@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -16,6 +17,7 @@ from .plan import PruningPlan
 from .results import provenance
 from .scores import check_options, get_method
 from .scores.common import ScoringContext
+from .streaming import stream_layers
 from .surgery import kept_units, prunable_params, prune_layer
 
 log = logging.getLogger(__name__)
@@ -75,13 +77,16 @@ def make_plan(model: nn.Module, method: str, sparsity: float, options: dict, see
 def prune(model: nn.Module, method: str, sparsity: float, calib: torch.Tensor | None = None, *,
           allocation: str | None = None, attention_units: str = "auto", targets: str = "both",
           skip_layers: Sequence[int] = (), round_to: int = 1, seed: int = 0, calibration: dict | None = None,
-          progress: bool = True, scores: list | None = None, **method_options) -> PruningPlan:
+          progress: bool = True, scores: list | None = None, stream_device: str | None = None,
+          **method_options) -> PruningPlan:
     """Score the units of `model` with `method`, then physically remove them, in place, until the model keeps
     (1 - sparsity) of its original prunable parameters (decoder-layer linear weights and biases; embeddings, norms
     and the LM head excluded).
 
     calib: LongTensor [n_samples, seqlen] of token ids (None for methods that need no data).
     calibration: a description of `calib` recorded in the plan (source, windows, seed).
+    stream_device: score with the decoder layers streamed one at a time to this device (weights stay where they
+    are, normally CPU), for models larger than the accelerator; forward-only methods only.
     scores: unit scores from `minillm.score` on an identical unpruned model, to prune the same scores at several
     sparsities without scoring again (methods that score and remove in one go, Bonsai and FLAP, refuse this).
     Returns the PruningPlan (kept heads/channels per layer in original indices, options, seed, timing).
@@ -98,8 +103,24 @@ def prune(model: nn.Module, method: str, sparsity: float, calib: torch.Tensor | 
     kept_units(model, adapter)
     options = {"allocation": alloc.allocation, "attention_units": attention_units, "targets": targets,
                "skip_layers": list(skip_layers), "round_to": round_to, **method_options}
+    if stream_device is not None and method == "taylor":
+        raise ValueError("layer streaming supports forward-only methods; 'taylor' needs a backward pass")
+    if stream_device is not None:
+        options["stream_device"] = str(stream_device)
     ctx = ScoringContext(model, adapter, calib, attention_units, seed, progress)
     t0 = time.perf_counter()
+    streaming = stream_layers(model, stream_device) if stream_device is not None else contextlib.nullcontext()
+    with streaming:
+        history = _score_and_remove(model, adapter, mod, method, ctx, sparsity, original, alloc, scores,
+                                    method_options, t0)
+    history[-1]["total_time_s"] = time.perf_counter() - t0
+    plan = make_plan(model, method, sparsity, options, seed, calibration, history)
+    log.info("pruned with %s: achieved sparsity %.4f (requested %.4f)", method, plan.achieved_sparsity, sparsity)
+    return plan
+
+
+def _score_and_remove(model, adapter, mod, method, ctx, sparsity, original, alloc, scores, method_options,
+                      t0) -> list[dict]:
     if hasattr(mod, "run"):  # methods that interleave scoring and removal (Bonsai's rounds)
         if scores is not None:
             raise ValueError(f"method {method!r} scores and removes in rounds; precomputed scores do not apply")
@@ -122,10 +143,7 @@ def prune(model: nn.Module, method: str, sparsity: float, calib: torch.Tensor | 
         apply_selections(model, selections)
         model.train(was_training)
         history = [{"scoring_time_s": t_score}]
-    history[-1]["total_time_s"] = time.perf_counter() - t0
-    plan = make_plan(model, method, sparsity, options, seed, calibration, history)
-    log.info("pruned with %s: achieved sparsity %.4f (requested %.4f)", method, plan.achieved_sparsity, sparsity)
-    return plan
+    return history
 
 
 def score(model: nn.Module, method: str, calib: torch.Tensor | None = None, *, attention_units: str = "auto",

@@ -48,8 +48,13 @@ def accuracy_frame(records: list[dict]) -> pd.DataFrame:
         if r is None:
             continue
         cfg, m = r["config"], r["metrics"]
-        row = {"method": cfg.get("label", cfg["method"]), "sparsity": cfg["sparsity"],
-               "achieved": r.get("plan", {}).get("achieved_sparsity", 0.0), "ppl": m["perplexity"]["ppl"]}
+        history = r.get("plan", {}).get("history") or [{}]
+        pattern = history[0].get("pattern", "structured" if cfg["sparsity"] else "-")
+        achieved = r.get("plan", {}).get("achieved_sparsity", 0.0)
+        if pattern != "structured" and pattern != "-":  # N:M: zeros inside dense matrices, nothing removed
+            achieved = history[0]["weight_sparsity"]
+        row = {"method": cfg.get("label", cfg["method"]), "pattern": pattern, "sparsity": cfg["sparsity"],
+               "achieved": achieved, "ppl": m["perplexity"]["ppl"]}
         zs = m.get("zeroshot")
         if zs:
             for task, v in zs.items():

@@ -48,7 +48,7 @@ def score(ctx: ScoringContext, queries: int = 32, eps: float = 1e-3, space: str 
         return [_gate_scores(ctx, gates, est, stats, i, layer, sign, combination)
                 for i, layer in enumerate(ctx.adapter.layers())]
     linears = [m.linear for _, m in members.values()]
-    weights = WeightSpace(linears)
+    weights = WeightSpace(linears, noise_device=ctx.device)
     block_of = {id(lin): b for b, lin in enumerate(weights.linears)}
     est = estimate(weights, loss, queries, eps, ctx.seed, ctx.progress)
     ctx.state["spsa"] = est

@@ -59,11 +59,17 @@ class PerturbationSpace(ABC):
 class WeightSpace(PerturbationSpace):
     """All weights of the given linear layers (the paper's perturbation of the whole weight vector)."""
 
-    def __init__(self, linears: list[nn.Linear]):
+    def __init__(self, linears: list[nn.Linear], noise_device: torch.device | str | None = None):
         self.linears = [lin for lin in linears if lin.weight.numel()]
+        # noise is always drawn on one device, so it regenerates identically wherever the weights live (layer
+        # streaming and multi-device models move them between perturbation and scoring)
+        self.noise_device = torch.device(noise_device) if noise_device is not None else None
+
+    def _device(self, lin: nn.Linear) -> torch.device:
+        return self.noise_device or lin.weight.device
 
     def shapes(self):
-        return [(lin.weight.shape, lin.weight.device) for lin in self.linears]
+        return [(lin.weight.shape, self._device(lin)) for lin in self.linears]
 
     @contextmanager
     def perturbed(self, seed: int, scale: float):
@@ -72,7 +78,7 @@ class WeightSpace(PerturbationSpace):
             def pre(module, args, b=b):
                 original = module.weight.data
                 module._minillm_original = original
-                z = noise(seed, b, original.shape, original.device)
+                z = noise(seed, b, original.shape, self._device(module)).to(original.device)
                 module.weight.data = z.mul_(scale).add_(original).to(original.dtype)  # never in place on `original`
 
             def post(module, args, output):
