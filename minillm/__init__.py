@@ -11,6 +11,17 @@ from .surgery import GQAConstraintError, VirtualMasks
 __version__ = "0.1.0"
 
 __all__ = [
-    "GQAConstraintError", "LayerKeep", "PlanError", "PruningPlan", "UnsupportedArchitectureError", "VirtualMasks",
-    "get_adapter", "load_model", "load_pruned", "prune", "save_pruned", "score", "__version__",
+    "GQAConstraintError",
+    "LayerKeep",
+    "PlanError",
+    "PruningPlan",
+    "UnsupportedArchitectureError",
+    "VirtualMasks",
+    "get_adapter",
+    "load_model",
+    "load_pruned",
+    "prune",
+    "save_pruned",
+    "score",
+    "__version__",
 ]

@@ -11,8 +11,14 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_layers(text: str | None) -> list[int]:
@@ -61,27 +67,49 @@ def cmd_prune(args) -> int:
     if method.NEEDS_CALIBRATION:
         if tok is None:
             vocab = int(model.config.vocab_size)
-            calib = torch.randint(0, vocab, (args.calib_samples, args.calib_seqlen),
-                                  generator=torch.Generator().manual_seed(args.seed))
-            calib_info = {"source": "random token ids (model has no tokenizer)", "n_samples": args.calib_samples,
-                          "seqlen": args.calib_seqlen, "seed": args.seed}
+            calib = torch.randint(
+                0, vocab, (args.calib_samples, args.calib_seqlen), generator=torch.Generator().manual_seed(args.seed)
+            )
+            calib_info = {
+                "source": "random token ids (model has no tokenizer)",
+                "n_samples": args.calib_samples,
+                "seqlen": args.calib_seqlen,
+                "seed": args.seed,
+            }
         else:
             calib = calibration_windows(tok, args.calib_samples, args.calib_seqlen, seed=args.seed)
             calib_info = describe_calibration(args.calib_samples, args.calib_seqlen, args.seed)
     t0 = time.perf_counter()
     device = torch.device(args.stream_device) if args.stream_device else next(model.parameters()).device
     with peak_memory(device) as mem:
-        plan = minillm.prune(model, args.method, args.sparsity, calib, allocation=args.allocation,
-                             attention_units=args.attention_units, targets=args.targets,
-                             skip_layers=parse_layers(args.skip_layers), round_to=args.round_to, seed=args.seed,
-                             calibration=calib_info, progress=not args.quiet, stream_device=args.stream_device,
-                             **options)
+        plan = minillm.prune(
+            model,
+            args.method,
+            args.sparsity,
+            calib,
+            allocation=args.allocation,
+            attention_units=args.attention_units,
+            targets=args.targets,
+            skip_layers=parse_layers(args.skip_layers),
+            round_to=args.round_to,
+            seed=args.seed,
+            calibration=calib_info,
+            progress=not args.quiet,
+            stream_device=args.stream_device,
+            **options,
+        )
     elapsed = time.perf_counter() - t0
     plan.history[-1]["peak_memory"] = mem.to_json()
     minillm.save_pruned(model, plan, args.out, tokenizer=tok)
-    summary = {"out": str(args.out), "method": args.method, "requested_sparsity": args.sparsity,
-               "achieved_sparsity": round(plan.achieved_sparsity, 6), "prune_time_s": round(elapsed, 3),
-               "peak_memory_gib": round(mem.peak_gib, 3), "memory_device": mem.device}
+    summary = {
+        "out": str(args.out),
+        "method": args.method,
+        "requested_sparsity": args.sparsity,
+        "achieved_sparsity": round(plan.achieved_sparsity, 6),
+        "prune_time_s": round(elapsed, 3),
+        "peak_memory_gib": round(mem.peak_gib, 3),
+        "memory_device": mem.device,
+    }
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -117,8 +145,12 @@ def cmd_info(args) -> int:
     from minillm.models import registry_names
     from minillm.scores import available_methods
 
-    info = {"models": registry_names(), "model_types": supported_model_types(), "methods": available_methods(),
-            "data_checksums_ok": all(verify_checksums().values())}
+    info = {
+        "models": registry_names(),
+        "model_types": supported_model_types(),
+        "methods": available_methods(),
+        "data_checksums_ok": all(verify_checksums().values()),
+    }
     print(json.dumps(info, indent=1))
     return 0
 
@@ -133,26 +165,54 @@ def cmd_bench(args) -> int:
     from minillm.results import provenance, write_json_atomic
 
     if args.what == "memory-step":
-        print(json.dumps(measure.memory_step(args.model, args.method, args.batch, args.seqlen, args.dtype,
-                                             args.device, args.sparsity, json.loads(args.options))))
+        print(
+            json.dumps(
+                measure.memory_step(
+                    args.model,
+                    args.method,
+                    args.batch,
+                    args.seqlen,
+                    args.dtype,
+                    args.device,
+                    args.sparsity,
+                    json.loads(args.options),
+                )
+            )
+        )
         return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.what == "memory":
-        methods = [{"label": m, "method": m, "options": {"queries": 2} if m == "fms" else {}}
-                   for m in (args.methods or ["wanda_sp", "flap", "taylor", "fms"])]
+        methods = [
+            {"label": m, "method": m, "options": {"queries": 2} if m == "fms" else {}}
+            for m in (args.methods or ["wanda_sp", "flap", "taylor", "fms"])
+        ]
         result = measure.bench_memory(args.model, methods, args.batch, args.seqlen, args.dtype, device)
         for r in result["methods"]:
-            print(f"{r['label']:>12}: peak {r.get('peak_gib', float('nan')):.3f} GiB, "
-                  f"x{r.get('ratio_to_dense_forward', float('nan')):.2f} dense forward {r.get('error', '')}")
+            print(
+                f"{r['label']:>12}: peak {r.get('peak_gib', float('nan')):.3f} GiB, "
+                f"x{r.get('ratio_to_dense_forward', float('nan')):.2f} dense forward {r.get('error', '')}"
+            )
         print(f"{'dense':>12}: peak {result['dense_forward'].get('peak_gib', float('nan')):.3f} GiB")
     else:
         prefill = [_shape(s) for s in args.prefill]
-        result = measure.bench_latency(args.model, args.sparsities, prefill, args.decode_batch, args.prompt,
-                                       args.new_tokens, args.repeats, args.dtype, device, args.round_to,
-                                       include_24=args.include_24)
+        result = measure.bench_latency(
+            args.model,
+            args.sparsities,
+            prefill,
+            args.decode_batch,
+            args.prompt,
+            args.new_tokens,
+            args.repeats,
+            args.dtype,
+            device,
+            args.round_to,
+            include_24=args.include_24,
+        )
         for r in result["rows"][1:]:
-            print(f"{r['variant']} {r['sparsity']:.2f}: prefill speed-up {[round(x, 2) for x in r['prefill_speedup']]}, "
-                  f"decode speed-up {[round(x, 2) for x in r['decode_speedup']]}")
+            print(
+                f"{r['variant']} {r['sparsity']:.2f}: prefill speed-up {[round(x, 2) for x in r['prefill_speedup']]}, "
+                f"decode speed-up {[round(x, 2) for x in r['decode_speedup']]}"
+            )
     result["provenance"] = provenance(device)
     if args.json:
         write_json_atomic(Path(args.json), result)
@@ -163,10 +223,12 @@ def cmd_experiment(args) -> int:
     from minillm import experiments
 
     cfg = experiments.load_profile(args.profile)
-    runners = {"accuracy": lambda: experiments.run_accuracy(cfg, args.force, "accuracy", not args.quiet),
-               "ablations": lambda: experiments.run_accuracy(cfg, args.force, "ablations", not args.quiet),
-               "memory": lambda: experiments.run_memory(cfg, args.force),
-               "latency": lambda: experiments.run_latency(cfg, args.force)}
+    runners = {
+        "accuracy": lambda: experiments.run_accuracy(cfg, args.force, "accuracy", not args.quiet),
+        "ablations": lambda: experiments.run_accuracy(cfg, args.force, "ablations", not args.quiet),
+        "memory": lambda: experiments.run_memory(cfg, args.force),
+        "latency": lambda: experiments.run_latency(cfg, args.force),
+    }
     records = runners[args.name]()
     print(f"{len(records)} records in {experiments.results_dir(args.profile, args.name)}")
     return 0
@@ -185,12 +247,27 @@ def cmd_recover(args) -> int:
     teacher = None
     if args.kl_weight > 0:
         teacher, _ = minillm.load_model(plan.base_model, device=args.device)
-    merged, record = recover(model, windows, rank=args.rank, alpha=args.alpha, dropout=args.dropout, lr=args.lr,
-                             steps=args.steps, batch_size=args.batch_size, teacher=teacher,
-                             kl_weight=args.kl_weight, gradient_checkpointing=args.gradient_checkpointing,
-                             seed=args.seed, progress=not args.quiet)
-    record["data"] = {"source": "austen (calibration novels, not the perplexity text)", "windows": args.windows,
-                      "seqlen": args.seqlen, "seed": args.seed + 1}
+    merged, record = recover(
+        model,
+        windows,
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        lr=args.lr,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        teacher=teacher,
+        kl_weight=args.kl_weight,
+        gradient_checkpointing=args.gradient_checkpointing,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    record["data"] = {
+        "source": "austen (calibration novels, not the perplexity text)",
+        "windows": args.windows,
+        "seqlen": args.seqlen,
+        "seed": args.seed + 1,
+    }
     plan.recovery.append(record)
     minillm.save_pruned(merged, plan, args.out, tokenizer=tok)
     print(json.dumps({k: record[k] for k in ("method", "steps", "first_loss", "last_loss", "time_s")}, indent=1))
@@ -210,8 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--calib-samples", type=int, default=10)
     pr.add_argument("--calib-seqlen", type=int, default=64)
     pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--allocation", choices=("uniform", "global"), default=None,
-                    help="per-layer uniform or global ranking (default: the method's own)")
+    pr.add_argument(
+        "--allocation",
+        choices=("uniform", "global"),
+        default=None,
+        help="per-layer uniform or global ranking (default: the method's own)",
+    )
     pr.add_argument("--attention-units", choices=("auto", "kv_group", "query_head"), default="auto")
     pr.add_argument("--targets", choices=("both", "attention", "mlp"), default="both")
     pr.add_argument("--skip-layers", help="layers left intact, e.g. '0-3,28,29'")
@@ -223,12 +304,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--combination", help="fms: per-weight combination (product | additive | taylor)")
     pr.add_argument("--variant", help="taylor: element1 | element2 | vector")
     pr.add_argument("--norm", help="magnitude: l1 | l2")
-    pr.add_argument("--option", action="append", type=parse_option, metavar="KEY=VALUE",
-                    help="any other method option (value parsed as JSON when possible)")
+    pr.add_argument(
+        "--option",
+        action="append",
+        type=parse_option,
+        metavar="KEY=VALUE",
+        help="any other method option (value parsed as JSON when possible)",
+    )
     pr.add_argument("--dtype", help="float32 | bfloat16 | float16")
     pr.add_argument("--device", help="where the model is loaded: cpu, cuda, cuda:1, ...")
-    pr.add_argument("--stream-device", help="keep weights on --device (e.g. cpu) and stream one decoder layer at a "
-                                            "time to this device (e.g. cuda) for scoring: models larger than the GPU")
+    pr.add_argument(
+        "--stream-device",
+        help="keep weights on --device (e.g. cpu) and stream one decoder layer at a "
+        "time to this device (e.g. cuda) for scoring: models larger than the GPU",
+    )
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.set_defaults(func=cmd_prune)
 

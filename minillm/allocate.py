@@ -56,9 +56,11 @@ class AllocationConfig:
     round_to: int = 1
 
     def validate(self, n_layers: int) -> None:
-        for name, value, allowed in (("allocation", self.allocation, ALLOCATIONS),
-                                     ("attention_units", self.attention_units, ATTENTION_UNITS),
-                                     ("targets", self.targets, TARGETS)):
+        for name, value, allowed in (
+            ("allocation", self.allocation, ALLOCATIONS),
+            ("attention_units", self.attention_units, ATTENTION_UNITS),
+            ("targets", self.targets, TARGETS),
+        ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         bad = [i for i in self.skip_layers if not 0 <= i < n_layers]
@@ -118,7 +120,7 @@ def _balanced_lowest(scores: torch.Tensor, shape: AttentionShape, per_group: int
     g = shape.group_size
     removed = []
     for k in range(shape.n_kv_heads):
-        removed += [k * g + i for i in _lowest(scores[k * g:(k + 1) * g], per_group)]
+        removed += [k * g + i for i in _lowest(scores[k * g : (k + 1) * g], per_group)]
     return sorted(removed)
 
 
@@ -130,16 +132,18 @@ def _round_channels(n_current: int, n_remove: int, multiple: int) -> int:
     return n_current - min(max(kept, 0), n_current)
 
 
-def allocate(adapter: Adapter, scores: Sequence[LayerScores], params_to_remove: float,
-             cfg: AllocationConfig) -> list[LayerSelection]:
+def allocate(
+    adapter: Adapter, scores: Sequence[LayerScores], params_to_remove: float, cfg: AllocationConfig
+) -> list[LayerSelection]:
     """Choose the units to keep in every layer so that about `params_to_remove` parameters go."""
     layers = list(adapter.layers())
     cfg.validate(len(layers))
     if len(scores) != len(layers):
         raise ValueError(f"got scores for {len(scores)} layers, the model has {len(layers)}")
     active = [i for i in range(len(layers)) if i not in set(cfg.skip_layers)]
-    removals = (_uniform if cfg.allocation == "uniform" else _global)(adapter, layers, scores, params_to_remove,
-                                                                       cfg, active)
+    removals = (_uniform if cfg.allocation == "uniform" else _global)(
+        adapter, layers, scores, params_to_remove, cfg, active
+    )
     selections = []
     for i, layer in enumerate(layers):
         shape = adapter.attention_shape(layer)
@@ -151,8 +155,9 @@ def allocate(adapter: Adapter, scores: Sequence[LayerScores], params_to_remove: 
             ch_removed = _lowest(scores[i].channels, want) if scores[i].channels is not None else ch_removed
         kept_q, kept_kv = attention_keep(unit, shape, att_removed)
         removed_ch = set(ch_removed)
-        selections.append(LayerSelection(kept_q, kept_kv,
-                                         [c for c in range(adapter.n_channels(layer)) if c not in removed_ch]))
+        selections.append(
+            LayerSelection(kept_q, kept_kv, [c for c in range(adapter.n_channels(layer)) if c not in removed_ch])
+        )
     return selections
 
 
@@ -161,8 +166,10 @@ def _uniform(adapter, layers, scores, params_to_remove, cfg, active) -> dict[int
     if params_to_remove <= 0:
         return {}
     if active_params <= 0 or params_to_remove >= active_params:
-        raise ValueError(f"cannot remove {params_to_remove:.0f} parameters from {active_params} prunable parameters "
-                         f"in the {len(active)} layers not skipped; lower the sparsity or skip fewer layers")
+        raise ValueError(
+            f"cannot remove {params_to_remove:.0f} parameters from {active_params} prunable parameters "
+            f"in the {len(active)} layers not skipped; lower the sparsity or skip fewer layers"
+        )
     ratio = params_to_remove / active_params
     out = {}
     for i in active:
@@ -175,8 +182,11 @@ def _uniform(adapter, layers, scores, params_to_remove, cfg, active) -> dict[int
         if cfg.targets != "mlp" and n_units and s.attention is not None:
             cost = attention_unit_cost(adapter, layer, unit)
             if is_balanced_gqa(unit, shape):
-                per_group = round(ratio * shape.group_size) if cfg.targets == "both" else round(
-                    target / (cost * shape.n_kv_heads))
+                per_group = (
+                    round(ratio * shape.group_size)
+                    if cfg.targets == "both"
+                    else round(target / (cost * shape.n_kv_heads))
+                )
                 att_removed = _balanced_lowest(s.attention, shape, min(per_group, shape.group_size))
             else:
                 k = round(ratio * n_units) if cfg.targets == "both" else round(target / cost)
@@ -199,8 +209,10 @@ def _global(adapter, layers, scores, params_to_remove, cfg, active) -> dict[int,
         unit = resolve_attention_unit(cfg.attention_units, shape)
         if cfg.targets != "mlp" and s.attention is not None and n_attention_units(unit, shape):
             if is_balanced_gqa(unit, shape):
-                raise GQAConstraintError("global allocation cannot keep query heads balanced across KV groups; "
-                                         "use attention_units='kv_group' or allocation='uniform'")
+                raise GQAConstraintError(
+                    "global allocation cannot keep query heads balanced across KV groups; "
+                    "use attention_units='kv_group' or allocation='uniform'"
+                )
             cost = attention_unit_cost(adapter, layer, unit)
             candidates += [(float(v), i, "attention", j, cost) for j, v in enumerate(s.attention.float().tolist())]
         if cfg.targets != "attention" and s.channels is not None and adapter.n_channels(layer):

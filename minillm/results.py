@@ -29,8 +29,13 @@ def package_versions() -> dict[str, str | None]:
 def git_commit() -> str | None:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if sha.returncode:
@@ -44,8 +49,10 @@ def device_name(device: Any = None) -> str:
     dev = torch.device(device) if device is not None else None
     if (dev is None or dev.type == "cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(dev if dev is not None and dev.index is not None else 0)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads " \
-           f"{torch.get_num_threads()})"
+    return (
+        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+        f"{torch.get_num_threads()})"
+    )
 
 
 def provenance(device: Any = None) -> dict:
@@ -87,9 +94,22 @@ def load_record(path: Path) -> dict | None:
     return json.loads(path.read_text())
 
 
-def save_record(path: Path, experiment: str, config: dict, metrics: dict, wall_time_s: float | None = None,
-                device: Any = None, extra: dict | None = None) -> dict:
-    record = {"experiment": experiment, "config": config, "metrics": metrics, "wall_time_s": wall_time_s,
-              "provenance": provenance(device), **(extra or {})}
+def save_record(
+    path: Path,
+    experiment: str,
+    config: dict,
+    metrics: dict,
+    wall_time_s: float | None = None,
+    device: Any = None,
+    extra: dict | None = None,
+) -> dict:
+    record = {
+        "experiment": experiment,
+        "config": config,
+        "metrics": metrics,
+        "wall_time_s": wall_time_s,
+        "provenance": provenance(device),
+        **(extra or {}),
+    }
     write_json_atomic(path, record)
     return record

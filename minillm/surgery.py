@@ -22,13 +22,18 @@ class GQAConstraintError(ValueError):
 
 # --- bookkeeping of original indices ---------------------------------------------------------------------------
 
+
 def kept_units(model: nn.Module, adapter: Adapter) -> list[LayerKeep]:
     """Surviving original units per layer (full ranges for a model that was never pruned)."""
     keep = getattr(model, "minillm_keep", None)
     if keep is None:
         att = adapter.original_attention
-        keep = [LayerKeep(list(range(att.n_query_heads)), list(range(att.n_kv_heads)),
-                          list(range(adapter.original_channels))) for _ in adapter.layers()]
+        keep = [
+            LayerKeep(
+                list(range(att.n_query_heads)), list(range(att.n_kv_heads)), list(range(adapter.original_channels))
+            )
+            for _ in adapter.layers()
+        ]
         model.minillm_keep = keep
     return keep
 
@@ -38,6 +43,7 @@ def prunable_params(adapter: Adapter) -> int:
 
 
 # --- physical removal -----------------------------------------------------------------------------------------
+
 
 def _block_index(n_units: int, size: int, kept: Sequence[int], device: torch.device) -> torch.Tensor:
     block = size // n_units
@@ -52,8 +58,9 @@ def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
     linear.weight = nn.Parameter(weight.data.index_select(dim, index).contiguous(), requires_grad=weight.requires_grad)
     if dim == 0:
         if linear.bias is not None:
-            linear.bias = nn.Parameter(linear.bias.data.index_select(0, index).contiguous(),
-                                       requires_grad=linear.bias.requires_grad)
+            linear.bias = nn.Parameter(
+                linear.bias.data.index_select(0, index).contiguous(), requires_grad=linear.bias.requires_grad
+            )
         linear.out_features = index.numel()
     else:
         linear.in_features = index.numel()
@@ -67,8 +74,9 @@ class EmptyAttention(nn.Module):
 
     minillm_empty = True
 
-    def __init__(self, out_name: str, out_proj: nn.Linear, layer_idx: int, head_dim: int, cache_kwarg: str,
-                 adds_residual: bool):
+    def __init__(
+        self, out_name: str, out_proj: nn.Linear, layer_idx: int, head_dim: int, cache_kwarg: str, adds_residual: bool
+    ):
         super().__init__()
         self.out_name = out_name
         self.add_module(out_name, out_proj)
@@ -110,11 +118,18 @@ def check_gqa(shape: AttentionShape, kept_q: Sequence[int], kept_kv: Sequence[in
     if len(counts) != 1 or 0 in counts:
         raise GQAConstraintError(
             f"grouped-query attention needs the same number of kept query heads in every kept KV group; got "
-            f"{dict(per_group)} (use KV-group units, or balanced query-head pruning)")
+            f"{dict(per_group)} (use KV-group units, or balanced query-head pruning)"
+        )
 
 
-def prune_layer(model: nn.Module, adapter: Adapter, layer_idx: int, kept_q: Sequence[int] | None = None,
-                kept_kv: Sequence[int] | None = None, kept_channels: Sequence[int] | None = None) -> None:
+def prune_layer(
+    model: nn.Module,
+    adapter: Adapter,
+    layer_idx: int,
+    kept_q: Sequence[int] | None = None,
+    kept_kv: Sequence[int] | None = None,
+    kept_channels: Sequence[int] | None = None,
+) -> None:
     """Physically remove units of one layer. Arguments are ascending *current* indices of the units to keep; None
     keeps that kind untouched. For MHA families `kept_kv` defaults to `kept_q`."""
     layer = adapter.layers()[layer_idx]
@@ -139,7 +154,9 @@ def prune_layer(model: nn.Module, adapter: Adapter, layer_idx: int, kept_q: Sequ
         n = adapter.n_channels(layer)
         _check_range(kept_channels, n, "channel", layer_idx)
         for m in adapter.mlp_members(layer):
-            slice_linear(m.linear, _block_index(n, m.linear.weight.shape[m.dim], kept_channels, m.linear.weight.device), m.dim)
+            slice_linear(
+                m.linear, _block_index(n, m.linear.weight.shape[m.dim], kept_channels, m.linear.weight.device), m.dim
+            )
         keep.kept_channels = [keep.kept_channels[i] for i in kept_channels]
 
 
@@ -148,8 +165,9 @@ def _check_range(kept: Sequence[int], n: int, what: str, layer_idx: int) -> None
         raise PlanError(f"layer {layer_idx}: kept {what} indices must be distinct and in [0, {n}), got {list(kept)}")
 
 
-def _prune_attention(adapter: Adapter, layer: nn.Module, layer_idx: int, shape: AttentionShape,
-                     kept_q: list[int], kept_kv: list[int]) -> None:
+def _prune_attention(
+    adapter: Adapter, layer: nn.Module, layer_idx: int, shape: AttentionShape, kept_q: list[int], kept_kv: list[int]
+) -> None:
     if len(kept_q) == shape.n_query_heads and len(kept_kv) == shape.n_kv_heads:
         return
     members = adapter.attention_members(layer)
@@ -160,8 +178,13 @@ def _prune_attention(adapter: Adapter, layer: nn.Module, layer_idx: int, shape: 
         slice_linear(m.linear, _block_index(n_units, size, kept, m.linear.weight.device), m.dim)
     if not kept_q:
         out = members[-1]
-        _set_attention_module(adapter, layer, EmptyAttention(out.name, out.linear, layer_idx, shape.head_dim,
-                                                             adapter.cache_kwarg, adapter.attention_adds_residual))
+        _set_attention_module(
+            adapter,
+            layer,
+            EmptyAttention(
+                out.name, out.linear, layer_idx, shape.head_dim, adapter.cache_kwarg, adapter.attention_adds_residual
+            ),
+        )
         return
     adapter.set_attention_shape(layer, AttentionShape(len(kept_q), len(kept_kv), shape.head_dim))
 
@@ -173,13 +196,17 @@ def apply_keep(model: nn.Module, adapter: Adapter, keeps: Sequence[LayerKeep]) -
         raise PlanError(f"plan has {len(keeps)} layers, the model has {len(layers)}")
     att, n_ch = adapter.original_attention, adapter.original_channels
     for i, k in enumerate(keeps):
-        for idx, n, what in ((k.kept_query_heads, att.n_query_heads, "query head"),
-                             (k.kept_kv_heads, att.n_kv_heads, "KV head"), (k.kept_channels, n_ch, "channel")):
+        for idx, n, what in (
+            (k.kept_query_heads, att.n_query_heads, "query head"),
+            (k.kept_kv_heads, att.n_kv_heads, "KV head"),
+            (k.kept_channels, n_ch, "channel"),
+        ):
             _check_range(idx, n, what, i)
         prune_layer(model, adapter, i, k.kept_query_heads, k.kept_kv_heads, k.kept_channels)
 
 
 # --- virtual removal ------------------------------------------------------------------------------------------
+
 
 class VirtualMasks:
     """Multiplies head outputs (the input of o_proj / out_proj / dense, per query head) and MLP channel activations
@@ -188,8 +215,12 @@ class VirtualMasks:
     Use as a context manager. `heads[i]` ([n_query_heads] of layer i) and `channels[i]` ([n_channels]) may be set
     or changed in place while active; a missing entry means "keep all"."""
 
-    def __init__(self, adapter: Adapter, heads: dict[int, torch.Tensor] | None = None,
-                 channels: dict[int, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        adapter: Adapter,
+        heads: dict[int, torch.Tensor] | None = None,
+        channels: dict[int, torch.Tensor] | None = None,
+    ):
         self.adapter = adapter
         self.heads = dict(heads or {})
         self.channels = dict(channels or {})
@@ -205,6 +236,7 @@ class VirtualMasks:
             if block > 1:
                 m = m.repeat_interleave(block)
             return (x * m,) + tuple(args[1:])
+
         return hook
 
     def __enter__(self) -> VirtualMasks:

@@ -4,15 +4,29 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPECTED = ["accuracy.csv", "accuracy.md", "accuracy_vs_sparsity.png", "accuracy_vs_sparsity.pdf",
-            "ablations.csv", "ablation_fms_queries.png", "widths.csv", "pruned_architecture.png",
-            "memory_{p}.csv", "memory_{p}.png", "latency_{p}.csv", "latency_{p}.png"]
+EXPECTED = [
+    "accuracy.csv",
+    "accuracy.md",
+    "accuracy_vs_sparsity.png",
+    "accuracy_vs_sparsity.pdf",
+    "ablations.csv",
+    "ablation_fms_queries.png",
+    "widths.csv",
+    "pruned_architecture.png",
+    "memory_{p}.csv",
+    "memory_{p}.png",
+    "latency_{p}.csv",
+    "latency_{p}.png",
+]
 
 
 def main(profile: str) -> int:
     folder = ROOT / "figures" / profile
-    missing = [name.format(p=profile) for name in EXPECTED
-               if not (folder / name.format(p=profile)).exists() or (folder / name.format(p=profile)).stat().st_size == 0]
+    missing = [
+        name.format(p=profile)
+        for name in EXPECTED
+        if not (folder / name.format(p=profile)).exists() or (folder / name.format(p=profile)).stat().st_size == 0
+    ]
     executed = sorted((ROOT / "notebooks" / "executed" / profile).glob("*.ipynb"))
     if missing:
         print(f"missing outputs in {folder}: {', '.join(missing)}")

@@ -13,7 +13,11 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 ROOT = Path(__file__).resolve().parent.parent
-PARAMS = 'profile = "cpu"  # smoke | cpu | gpu | paper\nno_compute = 0  # 1: only render committed records\nforce = 0  # 1: recompute records that exist'
+PARAMS = (
+    'profile = "cpu"  # smoke | cpu | gpu | paper\n'
+    "no_compute = 0  # 1: only render committed records\n"
+    "force = 0  # 1: recompute records that exist"
+)
 SETUP = """import sys
 from pathlib import Path
 
@@ -39,7 +43,8 @@ print(cfg["description"])"""
 def nb(cells):
     notebook = new_notebook(cells=cells)
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    for cell in notebook.cells:
+    for i, cell in enumerate(notebook.cells):
+        cell["id"] = f"cell-{i:02d}"  # stable ids: regenerating gives identical files
         if cell.cell_type == "code" and cell.source.startswith("profile = "):
             cell.metadata["tags"] = ["parameters"]
     return notebook
@@ -190,7 +195,8 @@ the estimate stays close to noise at any affordable n."""),
         code("""import pandas as pd
 abl = report.accuracy_frame(experiments.collect(profile, "ablations"))
 main = report.accuracy_frame(experiments.collect(profile, "accuracy"))
-main = main[main.method.str.startswith(("fms", "wanda_sp", "taylor", "bonsai")) & main.sparsity.isin(abl.sparsity.unique())]
+keep = main.method.str.startswith(("fms", "wanda_sp", "taylor", "bonsai")) & main.sparsity.isin(abl.sparsity.unique())
+main = main[keep]
 both = pd.concat([abl, main[abl.columns.intersection(main.columns)]]).sort_values(["sparsity", "ppl"])
 report.save_table(both, out / "ablations")
 display(Markdown(both.to_markdown(index=False, floatfmt=".3f")))"""),

@@ -15,10 +15,15 @@ TINY = ["tiny-llama", "tiny-llama-gqa", "tiny-llama-mqa", "tiny-opt", "tiny-bloo
 @pytest.fixture
 def tiny():
     """Factory: a fresh seeded tiny random model of the given registry name."""
+
     def make(name: str, seed: int = 0, dtype=torch.float32):
-        model, _ = minillm.load_model(name, dtype=dtype) if seed == 0 else (
-            minillm.models.build_random(name, dtype=dtype, seed=seed), None)
+        model, _ = (
+            minillm.load_model(name, dtype=dtype)
+            if seed == 0
+            else (minillm.models.build_random(name, dtype=dtype, seed=seed), None)
+        )
         return model
+
     return make
 
 

@@ -4,15 +4,16 @@ import pytest
 import torch
 
 import minillm
-from minillm.scores.bonsai import (expand_masks, fit_regression, kendall_tau, make_module, sample_masks,
-                                   select_removals)
+from minillm.scores.bonsai import expand_masks, fit_regression, kendall_tau, make_module, sample_masks, select_removals
 
 
 def _modules(p=0.2):
     gen = torch.Generator().manual_seed(0)
-    return [make_module(0, "attention", torch.rand(6, generator=gen, dtype=torch.float64), 100, p),
-            make_module(0, "mlp", torch.rand(40, generator=gen, dtype=torch.float64), 3, p),
-            make_module(1, "mlp", torch.rand(40, generator=gen, dtype=torch.float64), 3, p)]
+    return [
+        make_module(0, "attention", torch.rand(6, generator=gen, dtype=torch.float64), 100, p),
+        make_module(0, "mlp", torch.rand(40, generator=gen, dtype=torch.float64), 3, p),
+        make_module(1, "mlp", torch.rand(40, generator=gen, dtype=torch.float64), 3, p),
+    ]
 
 
 def test_frozen_units_are_the_top_prior_and_never_candidates():
@@ -42,7 +43,7 @@ def test_antithetic_complement_flips_exactly_the_candidates():
     offset = 0
     for m in mods:
         n = m.candidates.numel()
-        assert int((x[0, offset:offset + n] == 0).sum()) == int(0.2 * m.n_units) + 1
+        assert int((x[0, offset : offset + n] == 0).sum()) == int(0.2 * m.n_units) + 1
         offset += n
 
 
@@ -50,8 +51,11 @@ def test_regression_ranks_planted_units_on_top():
     """Synthetic objective evaluated on the *expanded* per-unit masks (what the model would see): only planted
     units matter. If features and masks were misaligned, the planted units would not come out on top."""
     mods = _modules(0.25)
-    planted = {(0, "mlp", int(mods[1].candidates[3])): 5.0, (1, "mlp", int(mods[2].candidates[0])): 4.0,
-               (0, "attention", int(mods[0].candidates[1])): 3.0}
+    planted = {
+        (0, "mlp", int(mods[1].candidates[3])): 5.0,
+        (1, "mlp", int(mods[2].candidates[0])): 4.0,
+        (0, "attention", int(mods[0].candidates[1])): 3.0,
+    }
     gen = torch.Generator().manual_seed(2)
     x = sample_masks(mods, 120, 0.25, gen)
     ys = []
@@ -105,10 +109,12 @@ def test_bonsai_end_to_end_on_families(tiny, tokens, tmp_path, name):
 
 
 def test_bonsai_is_deterministic_and_non_uniform(tiny):
-    a = minillm.prune(tiny("tiny-opt"), "bonsai", 0.5, _calib(), masks_per_round=8, prune_frac=0.1, seed=3,
-                      progress=False)
-    b = minillm.prune(tiny("tiny-opt"), "bonsai", 0.5, _calib(), masks_per_round=8, prune_frac=0.1, seed=3,
-                      progress=False)
+    a = minillm.prune(
+        tiny("tiny-opt"), "bonsai", 0.5, _calib(), masks_per_round=8, prune_frac=0.1, seed=3, progress=False
+    )
+    b = minillm.prune(
+        tiny("tiny-opt"), "bonsai", 0.5, _calib(), masks_per_round=8, prune_frac=0.1, seed=3, progress=False
+    )
     assert a.layers == b.layers
     widths = [w["channels"] for w in a.widths()]
     assert len(set(widths)) > 1, "global removal should give non-uniform per-layer widths"

@@ -15,8 +15,26 @@ def test_parse_layers():
 
 def test_prune_cli_on_tiny_model(tmp_path, capsys):
     out = tmp_path / "p"
-    rc = main(["prune", "--model", "tiny-llama-gqa", "--method", "fms", "--sparsity", "0.3", "--out", str(out),
-               "--queries", "2", "--calib-samples", "2", "--calib-seqlen", "8", "--quiet"])
+    rc = main(
+        [
+            "prune",
+            "--model",
+            "tiny-llama-gqa",
+            "--method",
+            "fms",
+            "--sparsity",
+            "0.3",
+            "--out",
+            str(out),
+            "--queries",
+            "2",
+            "--calib-samples",
+            "2",
+            "--calib-seqlen",
+            "8",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert 0.2 < summary["achieved_sparsity"] < 0.4 and summary["peak_memory_gib"] > 0
@@ -28,7 +46,9 @@ def test_prune_cli_on_tiny_model(tmp_path, capsys):
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
-    rc = main(["prune", "--model", "tiny-llama", "--method", "random", "--sparsity", "1.2", "--out", str(tmp_path / "x")])
+    rc = main(
+        ["prune", "--model", "tiny-llama", "--method", "random", "--sparsity", "1.2", "--out", str(tmp_path / "x")]
+    )
     assert rc == 2 and "sparsity must be in [0, 1)" in capsys.readouterr().err
     rc = main(["prune", "--model", "nope", "--method", "random", "--sparsity", "0.2", "--out", str(tmp_path / "x")])
     assert rc == 2 and "unknown model 'nope'" in capsys.readouterr().err

@@ -60,7 +60,7 @@ def test_perplexity_windows_are_consecutive_from_the_start():
     text = data.read_novel("prideprejudice")
     assert "".join(map(chr, w.reshape(-1).tolist())) == text[:300]
     with pytest.raises(ValueError, match="asked for"):
-        data.perplexity_windows(tok, 100, 10 ** 6)
+        data.perplexity_windows(tok, 100, 10**6)
 
 
 def test_perplexity_is_token_weighted_exp_nll(tiny):

@@ -13,7 +13,7 @@ def test_peak_memory_sees_a_larger_allocation():
         b = torch.ones(100_000_000)  # 400 MB, touched so it is resident
         b.sum()
     del a, b
-    assert large.increase_bytes > small.increase_bytes + 300 * 2 ** 20
+    assert large.increase_bytes > small.increase_bytes + 300 * 2**20
     assert large.peak_bytes >= large.baseline_bytes > 0
 
 

@@ -8,11 +8,12 @@ from minillm.scores.nm_sparsity import nm_mask, to_semi_structured
 
 
 def test_nm_mask_keeps_the_two_largest_of_every_four():
-    scores = torch.tensor([[1.0, 5.0, 3.0, 2.0, 0.1, 0.4, 0.3, 0.2],
-                           [9.0, 8.0, 7.0, 6.0, 1.0, 1.0, 2.0, 3.0]])
+    scores = torch.tensor([[1.0, 5.0, 3.0, 2.0, 0.1, 0.4, 0.3, 0.2], [9.0, 8.0, 7.0, 6.0, 1.0, 1.0, 2.0, 3.0]])
     keep = nm_mask(scores)
-    assert keep.tolist() == [[False, True, True, False, False, True, True, False],
-                             [True, True, False, False, False, False, True, True]]
+    assert keep.tolist() == [
+        [False, True, True, False, False, True, True, False],
+        [True, True, False, False, False, False, True, True],
+    ]
     with pytest.raises(ValueError, match="multiple of 4"):
         nm_mask(torch.ones(2, 6))
 

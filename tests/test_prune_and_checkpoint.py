@@ -107,8 +107,9 @@ def test_corrupt_or_missing_plan(tiny, tmp_path):
     (tmp_path / "p" / "pruning.json").write_text("{not json")
     with pytest.raises(PlanError, match="corrupt JSON"):
         minillm.load_pruned(tmp_path / "p")
-    (tmp_path / "p" / "pruning.json").write_text(json.dumps({"format_version": 1, "base_model": "x",
-                                                             "architecture": {}, "layers": [{"attention": {}}]}))
+    (tmp_path / "p" / "pruning.json").write_text(
+        json.dumps({"format_version": 1, "base_model": "x", "architecture": {}, "layers": [{"attention": {}}]})
+    )
     with pytest.raises(PlanError, match=r"layers\[0\]"):
         minillm.load_pruned(tmp_path / "p")
     (tmp_path / "p" / "pruning.json").unlink()

@@ -10,8 +10,9 @@ from minillm.recover import lora_targets, recover
 def _windows(seed=0):
     # a repetitive pattern the model can learn quickly
     base = torch.arange(16).repeat(4)[:48] % 128
-    return torch.stack([torch.roll(base, int(s)) for s in torch.randint(0, 16, (8,),
-                                                                       generator=torch.Generator().manual_seed(seed))])
+    return torch.stack(
+        [torch.roll(base, int(s)) for s in torch.randint(0, 16, (8,), generator=torch.Generator().manual_seed(seed))]
+    )
 
 
 def test_lora_lowers_loss_and_reloads_identically(tiny, tokens, tmp_path):
@@ -42,14 +43,22 @@ def test_kl_run_leaves_parent_unchanged(tiny):
 def test_targets_skip_emptied_matrices(tiny):
     model = tiny("tiny-bloom")
     from minillm.surgery import prune_layer
+
     prune_layer(model, minillm.get_adapter(model), 0, [], [], None)
     targets = lora_targets(model)
     assert "transformer.h.0.self_attention.query_key_value" not in targets
     assert "transformer.h.1.self_attention.query_key_value" in targets
 
 
-@pytest.mark.parametrize("kw,msg", [({"rank": 0}, "rank must be >= 1"), ({"lr": -1}, "lr must be > 0"),
-                                    ({"kl_weight": 0.1}, "needs a teacher"), ({"steps": 0}, "steps must be >= 1")])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"rank": 0}, "rank must be >= 1"),
+        ({"lr": -1}, "lr must be > 0"),
+        ({"kl_weight": 0.1}, "needs a teacher"),
+        ({"steps": 0}, "steps must be >= 1"),
+    ],
+)
 def test_bad_options(tiny, kw, msg):
     with pytest.raises(ValueError, match=msg):
         recover(tiny("tiny-llama"), _windows(), progress=False, **kw)

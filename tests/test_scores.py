@@ -12,10 +12,20 @@ from minillm.scores.common import ScoringContext, calibration_loss, lm_loss
 from minillm.scores.spsa import GateSpace, WeightSpace, estimate
 from minillm.surgery import VirtualMasks
 
-METHODS = [("random", {}), ("magnitude", {}), ("taylor", {}), ("taylor", {"variant": "element2"}),
-           ("taylor", {"variant": "vector"}), ("wanda_sp", {}), ("flap", {}), ("fms", {"queries": 3}),
-           ("fms", {"queries": 3, "space": "gates"}), ("fms", {"queries": 3, "sign": "group"}),
-           ("fms", {"queries": 3, "combination": "additive"}), ("fms", {"queries": 3, "combination": "taylor"})]
+METHODS = [
+    ("random", {}),
+    ("magnitude", {}),
+    ("taylor", {}),
+    ("taylor", {"variant": "element2"}),
+    ("taylor", {"variant": "vector"}),
+    ("wanda_sp", {}),
+    ("flap", {}),
+    ("fms", {"queries": 3}),
+    ("fms", {"queries": 3, "space": "gates"}),
+    ("fms", {"queries": 3, "sign": "group"}),
+    ("fms", {"queries": 3, "combination": "additive"}),
+    ("fms", {"queries": 3, "combination": "taylor"}),
+]
 
 
 def _calib(n=4, t=16, seed=0):
@@ -31,6 +41,7 @@ def _snapshot(model):
 
 
 # --- SPSA ------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("space", ["weights", "gates"])
@@ -134,6 +145,7 @@ def test_spsa_rejects_bad_options(tiny):
 
 # --- baselines against independent computations -----------------------------------------------------------------
 
+
 def test_taylor_equals_independent_autograd(tiny):
     model = tiny("tiny-llama-gqa")
     calib = _calib()
@@ -147,13 +159,16 @@ def test_taylor_equals_independent_autograd(tiny):
     d = 8
     expect = []
     for g in range(2):  # KV group g: query heads 3g..3g+2, KV head g
-        q = s["q_proj"][3 * g * d:3 * (g + 1) * d].sum() + s["o_proj"][:, 3 * g * d:3 * (g + 1) * d].sum()
-        kv = s["k_proj"][g * d:(g + 1) * d].sum() + s["v_proj"][g * d:(g + 1) * d].sum()
+        q = s["q_proj"][3 * g * d : 3 * (g + 1) * d].sum() + s["o_proj"][:, 3 * g * d : 3 * (g + 1) * d].sum()
+        kv = s["k_proj"][g * d : (g + 1) * d].sum() + s["v_proj"][g * d : (g + 1) * d].sum()
         expect.append(float((q + kv).detach()))
     assert torch.allclose(scores[1].attention, torch.tensor(expect, dtype=torch.float64), rtol=1e-4)
     m = layer.mlp
-    ch = ((m.gate_proj.weight * m.gate_proj.weight.grad).abs().sum(1) + (m.up_proj.weight * m.up_proj.weight.grad)
-          .abs().sum(1) + (m.down_proj.weight * m.down_proj.weight.grad).abs().sum(0))
+    ch = (
+        (m.gate_proj.weight * m.gate_proj.weight.grad).abs().sum(1)
+        + (m.up_proj.weight * m.up_proj.weight.grad).abs().sum(1)
+        + (m.down_proj.weight * m.down_proj.weight.grad).abs().sum(0)
+    )
     assert torch.allclose(scores[1].channels, ch.double(), rtol=1e-4)
     assert all(p.grad is None for p in model.parameters()), "taylor must not leave gradients behind"
 
@@ -187,8 +202,12 @@ def test_wanda_sp_and_flap_hand_computed():
     o = model.model.layers[0].self_attn.o_proj
     # record the inputs of down_proj / o_proj independently
     seen = {}
-    hooks = [lin.register_forward_pre_hook(lambda mod, a, k=k: seen.setdefault(k, []).append(a[0].reshape(-1, a[0].shape[-1])))
-             for k, lin in (("down", down), ("o", o))]
+    hooks = [
+        lin.register_forward_pre_hook(
+            lambda mod, a, k=k: seen.setdefault(k, []).append(a[0].reshape(-1, a[0].shape[-1]))
+        )
+        for k, lin in (("down", down), ("o", o))
+    ]
     with torch.no_grad():
         for b in ctx.batches():
             model(b)
@@ -216,6 +235,7 @@ def test_flap_bias_compensation_keeps_mean_output(tiny):
     def grab(mod, args, out):
         inputs.append(args[0].detach())
         outputs.append(out.detach())
+
     h = down.register_forward_hook(grab)
     with torch.no_grad():
         model(calib)
@@ -241,6 +261,7 @@ def test_flap_compensation_direct():
 
 
 # --- every method: determinism, families, reload ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method,opts", METHODS, ids=[f"{m}-{'-'.join(map(str, o.values()))}" for m, o in METHODS])
 def test_same_seed_same_kept_indices(tiny, method, opts):

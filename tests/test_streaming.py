@@ -6,8 +6,13 @@ import torch
 import minillm
 from minillm.streaming import stream_layers
 
-FORWARD_ONLY = [("wanda_sp", {}), ("flap", {}), ("fms", {"queries": 3}), ("fms", {"queries": 3, "space": "gates"}),
-                ("bonsai", {"masks_per_round": 4, "prune_frac": 0.15})]
+FORWARD_ONLY = [
+    ("wanda_sp", {}),
+    ("flap", {}),
+    ("fms", {"queries": 3}),
+    ("fms", {"queries": 3, "space": "gates"}),
+    ("bonsai", {"masks_per_round": 4, "prune_frac": 0.15}),
+]
 
 
 @pytest.mark.parametrize("method,opts", FORWARD_ONLY, ids=[m + str(len(o)) for m, o in FORWARD_ONLY])

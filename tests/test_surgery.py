@@ -44,8 +44,14 @@ def test_masked_equals_physically_pruned(tiny, tokens, name):
     assert (masked - dense).abs().max() > 1e-4, "the masks changed nothing: the test would not detect a bug"
     for i, (unit, shape, att, ch) in enumerate(removal):
         kept_q, kept_kv = attention_keep(unit, shape, att)
-        prune_layer(model, adapter, i, kept_q, kept_kv, [c for c in range(adapter.n_channels(adapter.layers()[i]))
-                                                         if c not in set(ch)])
+        prune_layer(
+            model,
+            adapter,
+            i,
+            kept_q,
+            kept_kv,
+            [c for c in range(adapter.n_channels(adapter.layers()[i])) if c not in set(ch)],
+        )
     with torch.no_grad():
         pruned = model(tokens).logits
     assert (pruned - masked).abs().max().item() <= 1e-5

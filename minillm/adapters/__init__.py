@@ -28,4 +28,11 @@ def get_adapter(model: nn.Module) -> Adapter:
     )
 
 
-__all__ = ["Adapter", "AttentionShape", "Member", "UnsupportedArchitectureError", "get_adapter", "supported_model_types"]
+__all__ = [
+    "Adapter",
+    "AttentionShape",
+    "Member",
+    "UnsupportedArchitectureError",
+    "get_adapter",
+    "supported_model_types",
+]

@@ -46,7 +46,10 @@ class BloomAdapter(Adapter):
 
     def mlp_members(self, layer: nn.Module) -> list[Member]:
         m = layer.mlp
-        return [Member("dense_h_to_4h", m.dense_h_to_4h, 0, "channel"), Member("dense_4h_to_h", m.dense_4h_to_h, 1, "channel")]
+        return [
+            Member("dense_h_to_4h", m.dense_h_to_4h, 0, "channel"),
+            Member("dense_4h_to_h", m.dense_4h_to_h, 1, "channel"),
+        ]
 
     def set_attention_shape(self, layer: nn.Module, shape: AttentionShape) -> None:
         a = layer.self_attention

@@ -39,8 +39,13 @@ NEEDS_CALIBRATION = True
 DEFAULT_ALLOCATION = "global"
 PRIORS = ("wanda", "magnitude", "random")
 #: official defaults (README command for Llama-2-7B) beside the smaller defaults used here on CPU
-OFFICIAL_DEFAULTS = {"masks_per_round": 200, "prune_frac": 0.05, "windows_per_round": 32, "seqlen": 4096,
-                     "prior": "wanda"}
+OFFICIAL_DEFAULTS = {
+    "masks_per_round": 200,
+    "prune_frac": 0.05,
+    "windows_per_round": 32,
+    "seqlen": 4096,
+    "prior": "wanda",
+}
 CPU_DEFAULTS = {"masks_per_round": 40, "prune_frac": 0.05, "windows_per_round": 8, "seqlen": 128, "prior": "wanda"}
 
 
@@ -49,7 +54,7 @@ class Module:
     """One prunable module of the current model: a layer's attention (units = attention units) or MLP."""
 
     layer: int
-    kind: str            # "attention" | "mlp"
+    kind: str  # "attention" | "mlp"
     n_units: int
     unit_cost: int
     prior: torch.Tensor  # [n_units]
@@ -62,6 +67,7 @@ class Module:
 
 
 # --- step 1-2: priors and candidates ----------------------------------------------------------------------------
+
 
 def priors(ctx: ScoringContext, calib: torch.Tensor, kind: str, gen: torch.Generator) -> list[tuple]:
     """Per layer (attention unit prior or None, channel prior or None) on the current model."""
@@ -86,12 +92,15 @@ def priors(ctx: ScoringContext, calib: torch.Tensor, kind: str, gen: torch.Gener
                 member = (adapter.attention_members(layer) if which == "attention" else adapter.mlp_members(layer))[-1]
                 st = stats[member_key(i, member)]
                 rms = (st.sumsq / max(st.n, 1)).sqrt()
-                col = (member.linear.weight.detach().float().abs().mean(0) * rms.to(member.linear.weight.device)
-                       if kind == "wanda" else rms)  # 'magnitude': activation size alone
+                col = (
+                    member.linear.weight.detach().float().abs().mean(0) * rms.to(member.linear.weight.device)
+                    if kind == "wanda"
+                    else rms
+                )  # 'magnitude': activation size alone
                 col = col.double().cpu()
                 if which == "attention":
                     per_head = col.reshape(shape.n_query_heads, -1).mean(1)
-                    value = (per_head.reshape(shape.n_kv_heads, -1).mean(1) if unit == "kv_group" else per_head)
+                    value = per_head.reshape(shape.n_kv_heads, -1).mean(1) if unit == "kv_group" else per_head
                 else:
                     value = col
             if which == "attention":
@@ -114,6 +123,7 @@ def make_module(layer: int, kind: str, prior: torch.Tensor, unit_cost: int, p: f
 
 
 # --- step 3: masks --------------------------------------------------------------------------------------------
+
 
 def sample_masks(modules: list[Module], n_masks: int, p: float, gen: torch.Generator) -> torch.Tensor:
     """Binary keep-masks over all candidates, [n_masks, n_candidates], as antithetic pairs: row 2k is a random
@@ -142,13 +152,14 @@ def expand_masks(modules: list[Module], row: torch.Tensor) -> tuple[dict[int, to
     for m in modules:
         full = torch.ones(m.n_units)
         cand = m.candidates
-        full[cand] = row[offset:offset + cand.numel()]
+        full[cand] = row[offset : offset + cand.numel()]
         offset += cand.numel()
         (att if m.kind == "attention" else mlp)[m.layer] = full
     return att, mlp
 
 
 # --- step 4: regression ---------------------------------------------------------------------------------------
+
 
 def kendall_tau(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Kendall tau-a between each row of pred [..., m] and y [m]."""
@@ -158,8 +169,9 @@ def kendall_tau(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (dp * dy).sum((-1, -2)) / max(m * (m - 1), 1)
 
 
-def _fista(x: torch.Tensor, y: torch.Tensor, n_rows: torch.Tensor, lambdas: torch.Tensor, iters: int,
-          tol: float = 1e-5) -> torch.Tensor:
+def _fista(
+    x: torch.Tensor, y: torch.Tensor, n_rows: torch.Tensor, lambdas: torch.Tensor, iters: int, tol: float = 1e-5
+) -> torch.Tensor:
     """Batched lasso: for every problem f (x [F, K, C], y [F, K], zero rows as padding, n_rows [F] real rows) and
     every penalty, min_b (1/2n) ||x_f b - y_f||^2 + lam ||b||_1 by FISTA. Returns [F, n_lambda, C]."""
     lipschitz = (torch.linalg.matrix_norm(x, ord=2) ** 2 / n_rows).clamp_min(1e-12)  # [F]
@@ -182,8 +194,9 @@ def _fista(x: torch.Tensor, y: torch.Tensor, n_rows: torch.Tensor, lambdas: torc
     return b
 
 
-def fit_regression(x: torch.Tensor, y: torch.Tensor, folds: int = 5, factors=(0.0, 1e-3, 1e-2, 3e-2, 0.1, 0.3),
-                   iters: int = 300) -> tuple[torch.Tensor, dict]:
+def fit_regression(
+    x: torch.Tensor, y: torch.Tensor, folds: int = 5, factors=(0.0, 1e-3, 1e-2, 3e-2, 0.1, 0.3), iters: int = 300
+) -> tuple[torch.Tensor, dict]:
     """L1 linear regression of y [K] on x [K, C]; the penalty (lambda_max times a factor) is chosen by mean held-out
     Kendall tau over `folds` contiguous folds, then refitted on all samples. All folds and penalties are solved
     together in one batched FISTA run. Returns (beta [C], fit info)."""
@@ -193,8 +206,13 @@ def fit_regression(x: torch.Tensor, y: torch.Tensor, folds: int = 5, factors=(0.
     ys = y / y_scale
     folds = max(1, min(folds, k // 2))  # every held-out fold needs two samples for a rank correlation
     bounds = torch.linspace(0, k, folds + 1).round().long().tolist()
-    splits = [(torch.arange(bounds[f], bounds[f + 1]),
-               torch.cat([torch.arange(0, bounds[f]), torch.arange(bounds[f + 1], k)])) for f in range(folds)]
+    splits = [
+        (
+            torch.arange(bounds[f], bounds[f + 1]),
+            torch.cat([torch.arange(0, bounds[f]), torch.arange(bounds[f + 1], k)]),
+        )
+        for f in range(folds)
+    ]
     splits = [(h, t) for h, t in splits if h.numel() >= 2]
     splits.append((torch.arange(0), torch.arange(k)))  # the final refit on everything, solved in the same batch
     xs = x.new_zeros(len(splits), k, x.shape[1])
@@ -217,12 +235,18 @@ def fit_regression(x: torch.Tensor, y: torch.Tensor, folds: int = 5, factors=(0.
         mean_tau = torch.stack(taus).mean(0)
         best = int(torch.argmax(mean_tau))
     beta = b[-1, best] * y_scale
-    info = {"lambda_factor": factors[best], "lambda": float(lambdas[best]), "cv_kendall_tau": float(mean_tau[best]),
-            "cv_kendall_tau_all": [round(float(t), 4) for t in mean_tau], "nonzero": int((beta != 0).sum())}
+    info = {
+        "lambda_factor": factors[best],
+        "lambda": float(lambdas[best]),
+        "cv_kendall_tau": float(mean_tau[best]),
+        "cv_kendall_tau_all": [round(float(t), 4) for t in mean_tau],
+        "nonzero": int((beta != 0).sum()),
+    }
     return beta, info
 
 
 # --- step 5-6: selection and rounds -----------------------------------------------------------------------------
+
 
 def select_removals(modules: list[Module], beta: torch.Tensor, budget: float) -> list[tuple[int, str, int]]:
     """(layer, kind, unit) of the lowest-beta candidates whose cumulative parameter cost stays within budget."""
@@ -245,7 +269,7 @@ def select_removals(modules: list[Module], beta: torch.Tensor, budget: float) ->
 def _neg_ppl_evaluator(ctx: ScoringContext, windows: torch.Tensor) -> Callable:
     adapter = ctx.adapter
     units = {i: ctx.unit(layer) for i, layer in enumerate(adapter.layers())}
-    batches = [windows[i:i + ctx.batch_size].to(ctx.device) for i in range(0, windows.shape[0], ctx.batch_size)]
+    batches = [windows[i : i + ctx.batch_size].to(ctx.device) for i in range(0, windows.shape[0], ctx.batch_size)]
     tokens = sum(b[:, 1:].numel() for b in batches)
 
     @torch.no_grad()
@@ -265,8 +289,15 @@ def _neg_ppl_evaluator(ctx: ScoringContext, windows: torch.Tensor) -> Callable:
     return evaluate
 
 
-def run_round(ctx: ScoringContext, modules: list[Module], evaluate: Callable, n_masks: int, p: float,
-              budget: float, gen: torch.Generator) -> tuple[list[tuple[int, str, int]], dict]:
+def run_round(
+    ctx: ScoringContext,
+    modules: list[Module],
+    evaluate: Callable,
+    n_masks: int,
+    p: float,
+    budget: float,
+    gen: torch.Generator,
+) -> tuple[list[tuple[int, str, int]], dict]:
     x = sample_masks(modules, n_masks, p, gen)
     ys = []
     for row in tqdm(x, desc="bonsai sub-models", disable=not ctx.progress, leave=False):
@@ -278,10 +309,17 @@ def run_round(ctx: ScoringContext, modules: list[Module], evaluate: Callable, n_
     return removals, info
 
 
-def run(ctx: ScoringContext, sparsity: float, original_params: int, alloc: AllocationConfig,
-        masks_per_round: int = CPU_DEFAULTS["masks_per_round"], prune_frac: float = CPU_DEFAULTS["prune_frac"],
-        windows_per_round: int | None = CPU_DEFAULTS["windows_per_round"], prior: str = "wanda",
-        max_rounds: int = 100) -> list[dict]:
+def run(
+    ctx: ScoringContext,
+    sparsity: float,
+    original_params: int,
+    alloc: AllocationConfig,
+    masks_per_round: int = CPU_DEFAULTS["masks_per_round"],
+    prune_frac: float = CPU_DEFAULTS["prune_frac"],
+    windows_per_round: int | None = CPU_DEFAULTS["windows_per_round"],
+    prior: str = "wanda",
+    max_rounds: int = 100,
+) -> list[dict]:
     """Rounds of Bonsai until the model keeps (1 - sparsity) of `original_params`. Returns the per-round history."""
     if prior not in PRIORS:
         raise ValueError(f"bonsai prior must be one of {PRIORS}, got {prior!r}")
@@ -293,8 +331,10 @@ def run(ctx: ScoringContext, sparsity: float, original_params: int, alloc: Alloc
         raise ValueError("bonsai allocates globally by regression; allocation/round_to options do not apply")
     adapter, model = ctx.adapter, ctx.model
     if any(is_balanced_gqa(ctx.unit(layer), adapter.attention_shape(layer)) for layer in adapter.layers()):
-        raise GQAConstraintError("bonsai removes attention units freely; with grouped-query attention use "
-                                 "attention_units='kv_group' (the default)")
+        raise GQAConstraintError(
+            "bonsai removes attention units freely; with grouped-query attention use "
+            "attention_units='kv_group' (the default)"
+        )
     gen = torch.Generator().manual_seed(ctx.seed)
     skip = set(alloc.skip_layers)
     target_removed = sparsity * original_params
@@ -321,16 +361,24 @@ def run(ctx: ScoringContext, sparsity: float, original_params: int, alloc: Alloc
         min_cost = min((m.unit_cost for m in modules), default=math.inf)
         if budget < min_cost / 2 or not modules:
             break
-        removals, info = run_round(ctx, modules, _neg_ppl_evaluator(ctx, windows), masks_per_round, prune_frac,
-                                   budget, gen)
+        removals, info = run_round(
+            ctx, modules, _neg_ppl_evaluator(ctx, windows), masks_per_round, prune_frac, budget, gen
+        )
         if not removals:
             break
         _apply_removals(ctx, removals)
-        info.update({"round": r, "budget_params": budget, "windows": n_win, "seqlen": int(windows.shape[1]),
-                     "removed_attention_units": sum(k == "attention" for _, k, _ in removals),
-                     "removed_channels": sum(k == "mlp" for _, k, _ in removals),
-                     "sparsity_after": 1 - prunable_params(adapter) / original_params,
-                     "round_time_s": time.perf_counter() - t0})
+        info.update(
+            {
+                "round": r,
+                "budget_params": budget,
+                "windows": n_win,
+                "seqlen": int(windows.shape[1]),
+                "removed_attention_units": sum(k == "attention" for _, k, _ in removals),
+                "removed_channels": sum(k == "mlp" for _, k, _ in removals),
+                "sparsity_after": 1 - prunable_params(adapter) / original_params,
+                "round_time_s": time.perf_counter() - t0,
+            }
+        )
         history.append(info)
     if not history:
         history.append({"round": None, "note": "nothing to remove"})

@@ -35,10 +35,11 @@ class ScoringContext:
 
     def batches(self) -> list[torch.Tensor]:
         calib = self.calib.to(self.device)
-        return [calib[i:i + self.batch_size] for i in range(0, calib.shape[0], self.batch_size)]
+        return [calib[i : i + self.batch_size] for i in range(0, calib.shape[0], self.batch_size)]
 
 
 # --- loss ------------------------------------------------------------------------------------------------------
+
 
 def lm_loss(model: nn.Module, input_ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Mean next-token cross-entropy in fp32. The LM head is applied to chunks of positions, so the full
@@ -48,9 +49,10 @@ def lm_loss(model: nn.Module, input_ids: torch.Tensor, chunk: int = 1024) -> tor
     head = model.get_output_embeddings()
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[1], chunk):
-        logits = head(hidden[:, start:start + chunk]).float()
-        total = total + F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                        targets[:, start:start + chunk].reshape(-1), reduction="sum")
+        logits = head(hidden[:, start : start + chunk]).float()
+        total = total + F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets[:, start : start + chunk].reshape(-1), reduction="sum"
+        )
     return total / targets.numel()
 
 
@@ -66,6 +68,7 @@ def calibration_loss(ctx: ScoringContext) -> float:
 
 
 # --- input statistics ------------------------------------------------------------------------------------------
+
 
 @dataclass
 class InputStats:
@@ -88,7 +91,7 @@ class InputStats:
     def variance(self) -> torch.Tensor:
         """Unbiased variance over tokens (FLAP's fluctuation)."""
         n = max(self.n, 2)
-        return (self.sumsq - self.sum ** 2 / n) / (n - 1)
+        return (self.sumsq - self.sum**2 / n) / (n - 1)
 
 
 @torch.no_grad()
@@ -106,6 +109,7 @@ def collect_input_stats(ctx: ScoringContext, linears: dict[str, nn.Linear]) -> d
             st.sumsq += (x * x).sum(0)
             st.sum += x.sum(0)
             st.n += x.shape[0]
+
         return hook
 
     for key, lin in linears.items():
@@ -131,15 +135,17 @@ def all_members(adapter: Adapter, which: str = "all") -> dict[str, tuple[int, Me
         mlp = adapter.mlp_members(layer) if adapter.n_channels(layer) else []
         groups = [att, mlp]
         for members in groups:
-            for m in (members[-1:] if which == "out" else members):
+            for m in members[-1:] if which == "out" else members:
                 out[member_key(i, m)] = (i, m)
     return out
 
 
 # --- pooling ---------------------------------------------------------------------------------------------------
 
-def pool_attention(adapter: Adapter, layer: nn.Module, unit: str, query: torch.Tensor,
-                   kv: torch.Tensor) -> torch.Tensor:
+
+def pool_attention(
+    adapter: Adapter, layer: nn.Module, unit: str, query: torch.Tensor, kv: torch.Tensor
+) -> torch.Tensor:
     """Attention unit scores from per-query-head and per-KV-head sums."""
     shape = adapter.attention_shape(layer)
     if unit == "kv_group":
@@ -153,8 +159,14 @@ def per_weight(fn: Callable[[Member], torch.Tensor]) -> Callable[[Member], torch
     return lambda m: fn(m).sum(dim=1 - m.dim)
 
 
-def pool_layer(adapter: Adapter, layer: nn.Module, unit: str, line_score: Callable[[Member], torch.Tensor],
-               members: str = "all", abs_of_sum: bool = False) -> LayerScores:
+def pool_layer(
+    adapter: Adapter,
+    layer: nn.Module,
+    unit: str,
+    line_score: Callable[[Member], torch.Tensor],
+    members: str = "all",
+    abs_of_sum: bool = False,
+) -> LayerScores:
     """Unit scores of one layer from per-line scores: each member's lines are summed over every unit's block and
     the members of a unit are added up. `members='out'` scores from the output projections alone (FLAP, Wanda-SP).
     `abs_of_sum` takes the absolute value only of the finished unit sum (signed per-line scores)."""

@@ -40,13 +40,17 @@ def score(ctx: ScoringContext, compensate_bias: bool = True, standardise: bool =
             w = o.weight.detach().float()
             col = stats[member_key(i, ctx.adapter.attention_members(layer)[-1])].variance.to(w.device) * w.pow(2).sum(0)
             per_head = col.pow(2).reshape(shape.n_query_heads, -1).mean(1).double().cpu()
-            heads = pool_attention(ctx.adapter, layer, ctx.unit(layer), per_head,
-                                   torch.zeros(shape.n_kv_heads, dtype=torch.float64))
+            heads = pool_attention(
+                ctx.adapter, layer, ctx.unit(layer), per_head, torch.zeros(shape.n_kv_heads, dtype=torch.float64)
+            )
         if ctx.adapter.n_channels(layer):
             d = ctx.adapter.mlp_out_proj(layer)
             w = d.weight.detach().float()
-            channels = (stats[member_key(i, ctx.adapter.mlp_members(layer)[-1])].variance.to(w.device)
-                        * w.pow(2).sum(0)).double().cpu()
+            channels = (
+                (stats[member_key(i, ctx.adapter.mlp_members(layer)[-1])].variance.to(w.device) * w.pow(2).sum(0))
+                .double()
+                .cpu()
+            )
         if standardise:
             heads = _standardise(heads) if heads is not None else None
             channels = _standardise(channels) if channels is not None else None
@@ -75,8 +79,12 @@ def before_prune(ctx: ScoringContext, selections: list[LayerSelection]) -> None:
         if shape.n_query_heads:
             out = ctx.adapter.attention_members(layer)[-1]
             kept = set(sel.kept_q)
-            removed = [c for h in range(shape.n_query_heads) if h not in kept
-                       for c in range(h * shape.head_dim, (h + 1) * shape.head_dim)]
+            removed = [
+                c
+                for h in range(shape.n_query_heads)
+                if h not in kept
+                for c in range(h * shape.head_dim, (h + 1) * shape.head_dim)
+            ]
             compensate(out.linear, torch.tensor(removed, dtype=torch.long), stats[member_key(i, out)].mean)
         n_ch = ctx.adapter.n_channels(layer)
         if n_ch:

@@ -22,8 +22,15 @@ from __future__ import annotations
 import torch
 
 from ..allocate import LayerScores
-from .common import (ScoringContext, all_members, calibration_loss, collect_input_stats, member_key, pool_attention,
-                     pool_layer)
+from .common import (
+    ScoringContext,
+    all_members,
+    calibration_loss,
+    collect_input_stats,
+    member_key,
+    pool_attention,
+    pool_layer,
+)
 from .spsa import GateSpace, WeightSpace, estimate
 
 NEEDS_CALIBRATION = True
@@ -32,10 +39,20 @@ SIGNS = ("abs_mean", "group")
 COMBINATIONS = ("product", "additive", "taylor")
 
 
-def score(ctx: ScoringContext, queries: int = 32, eps: float = 1e-3, space: str = "weights", sign: str = "abs_mean",
-          combination: str = "product", alpha: float = 1.0) -> list[LayerScores]:
-    for name, value, allowed in (("space", space, SPACES), ("sign", sign, SIGNS),
-                                 ("combination", combination, COMBINATIONS)):
+def score(
+    ctx: ScoringContext,
+    queries: int = 32,
+    eps: float = 1e-3,
+    space: str = "weights",
+    sign: str = "abs_mean",
+    combination: str = "product",
+    alpha: float = 1.0,
+) -> list[LayerScores]:
+    for name, value, allowed in (
+        ("space", space, SPACES),
+        ("sign", sign, SIGNS),
+        ("combination", combination, COMBINATIONS),
+    ):
         if value not in allowed:
             raise ValueError(f"fms {name} must be one of {allowed}, got {value!r}")
     members = all_members(ctx.adapter)
@@ -45,8 +62,10 @@ def score(ctx: ScoringContext, queries: int = 32, eps: float = 1e-3, space: str 
         gates = GateSpace(ctx.adapter)
         est = estimate(gates, loss, queries, eps, ctx.seed, ctx.progress)
         ctx.state["spsa"] = est
-        return [_gate_scores(ctx, gates, est, stats, i, layer, sign, combination)
-                for i, layer in enumerate(ctx.adapter.layers())]
+        return [
+            _gate_scores(ctx, gates, est, stats, i, layer, sign, combination)
+            for i, layer in enumerate(ctx.adapter.layers())
+        ]
     linears = [m.linear for _, m in members.values()]
     weights = WeightSpace(linears, noise_device=ctx.device)
     block_of = {id(lin): b for b, lin in enumerate(weights.linears)}
@@ -76,8 +95,9 @@ def score(ctx: ScoringContext, queries: int = 32, eps: float = 1e-3, space: str 
 
         scores = pool_layer(ctx.adapter, layer, ctx.unit(layer), line, abs_of_sum=sign == "group")
         if combination == "additive":
-            base = pool_layer(ctx.adapter, layer, ctx.unit(layer),
-                              lambda m: (parts(m)[0].abs() * parts(m)[2]).sum(dim=1 - m.dim))
+            base = pool_layer(
+                ctx.adapter, layer, ctx.unit(layer), lambda m: (parts(m)[0].abs() * parts(m)[2]).sum(dim=1 - m.dim)
+            )
             scores = LayerScores(scores.attention + base.attention, scores.channels + base.channels)
         out.append(scores)
     return out
@@ -97,9 +117,15 @@ def _gate_scores(ctx, gates: GateSpace, est, stats, i, layer, sign, combination)
         heads = pool_attention(adapter, layer, unit, g_heads.abs(), kv0)
     channels = g_ch.abs()
     if combination != "taylor":
-        magnitude = pool_layer(adapter, layer, unit, lambda m: (
-            m.linear.weight.detach().float().abs() * stats[member_key(i, m)].norm.to(m.linear.weight.device)[None, :]
-        ).sum(dim=1 - m.dim))
+        magnitude = pool_layer(
+            adapter,
+            layer,
+            unit,
+            lambda m: (
+                m.linear.weight.detach().float().abs()
+                * stats[member_key(i, m)].norm.to(m.linear.weight.device)[None, :]
+            ).sum(dim=1 - m.dim),
+        )
         heads = heads * magnitude.attention if combination == "product" else heads + magnitude.attention
         channels = channels * magnitude.channels if combination == "product" else channels + magnitude.channels
     return LayerScores(heads, channels)

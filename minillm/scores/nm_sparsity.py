@@ -44,16 +44,20 @@ def apply_nm(ctx: ScoringContext, use_activations: bool, n: int, m: int) -> dict
             w.masked_fill_(~keep, 0)
             zeros += int((~keep).sum())
             total += keep.numel()
-    return {"pattern": f"{n}:{m}", "weight_sparsity": zeros / max(total, 1), "scored": "wanda" if use_activations
-            else "magnitude"}
+    return {
+        "pattern": f"{n}:{m}",
+        "weight_sparsity": zeros / max(total, 1),
+        "scored": "wanda" if use_activations else "magnitude",
+    }
 
 
 def check(sparsity: float, n: int, m: int) -> None:
     if not 0 < n < m:
         raise ValueError(f"N:M sparsity needs 0 < n < m, got {n}:{m}")
     if abs(sparsity - (1 - n / m)) > 1e-9:
-        raise ValueError(f"{n}:{m} sparsity removes exactly {1 - n / m:.0%} of each linear's weights; "
-                         f"pass sparsity={1 - n / m}")
+        raise ValueError(
+            f"{n}:{m} sparsity removes exactly {1 - n / m:.0%} of each linear's weights; pass sparsity={1 - n / m}"
+        )
 
 
 def to_semi_structured(model: nn.Module) -> dict:

@@ -16,6 +16,10 @@ def score(ctx: ScoringContext) -> list[LayerScores]:
     for layer in ctx.adapter.layers():
         shape = ctx.adapter.attention_shape(layer)
         n_att = n_attention_units(ctx.unit(layer), shape)
-        out.append(LayerScores(torch.rand(n_att, generator=gen, dtype=torch.float64),
-                               torch.rand(ctx.adapter.n_channels(layer), generator=gen, dtype=torch.float64)))
+        out.append(
+            LayerScores(
+                torch.rand(n_att, generator=gen, dtype=torch.float64),
+                torch.rand(ctx.adapter.n_channels(layer), generator=gen, dtype=torch.float64),
+            )
+        )
     return out

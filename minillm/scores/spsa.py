@@ -26,7 +26,7 @@ from ..adapters import Adapter
 from ..surgery import VirtualMasks
 
 _BLOCK_STRIDE = 1_000_003
-_SEED_MOD = 2 ** 62
+_SEED_MOD = 2**62
 
 
 def noise(seed: int, block: int, shape: torch.Size | tuple, device: torch.device) -> torch.Tensor:
@@ -75,6 +75,7 @@ class WeightSpace(PerturbationSpace):
     def perturbed(self, seed: int, scale: float):
         handles = []
         for b, lin in enumerate(self.linears):
+
             def pre(module, args, b=b):
                 original = module.weight.data
                 module._minillm_original = original
@@ -148,8 +149,9 @@ class SPSAEstimate:
         return g / self.n
 
 
-def estimate(space: PerturbationSpace, loss_fn: Callable[[], float], n: int, eps: float, seed: int,
-             progress: bool = True) -> SPSAEstimate:
+def estimate(
+    space: PerturbationSpace, loss_fn: Callable[[], float], n: int, eps: float, seed: int, progress: bool = True
+) -> SPSAEstimate:
     """Run n two-sided SPSA queries. `loss_fn` evaluates the calibration loss (fp32) with no gradient."""
     if n < 1:
         raise ValueError(f"the number of SPSA queries must be >= 1, got {n}")

@@ -22,8 +22,7 @@ VARIANTS = ("element1", "element2", "vector")
 
 
 def _scored_weights(ctx):
-    return [lin.weight for layer in ctx.adapter.layers() for lin in ctx.adapter.linears(layer)
-            if lin.weight.numel()]
+    return [lin.weight for layer in ctx.adapter.layers() for lin in ctx.adapter.linears(layer) if lin.weight.numel()]
 
 
 def score(ctx: ScoringContext, variant: str = "element1") -> list[LayerScores]:
@@ -63,5 +62,3 @@ def score(ctx: ScoringContext, variant: str = "element1") -> list[LayerScores]:
         for p in model.parameters():
             p.grad = None
             p.requires_grad_(saved_flags[id(p)])
-
-

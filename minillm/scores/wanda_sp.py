@@ -19,8 +19,10 @@ def score(ctx: ScoringContext) -> list[LayerScores]:
     stats = collect_input_stats(ctx, {k: m.linear for k, (_, m) in members.items()})
     out = []
     for i, layer in enumerate(ctx.adapter.layers()):
+
         def line(m, i=i):
             w = m.linear.weight.detach().float().abs()
             return (w * stats[member_key(i, m)].norm.to(w.device)[None, :]).mean(0)
+
         out.append(pool_layer(ctx.adapter, layer, ctx.unit(layer), line, members="out"))
     return out
