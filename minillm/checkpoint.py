@@ -7,9 +7,6 @@ so no modeling code is copied and nothing is unpickled.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +15,7 @@ from torch import nn
 
 from .adapters import get_adapter
 from .plan import PlanError, PruningPlan
+from .results import atomic_directory
 from .surgery import apply_keep
 
 PLAN_FILE = "pruning.json"
@@ -27,19 +25,12 @@ WEIGHTS_FILE = "model.safetensors"
 def save_pruned(model: nn.Module, plan: PruningPlan, directory: str | Path, tokenizer=None) -> Path:
     """Write `directory` atomically (a crash leaves either the old directory or the complete new one)."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    try:
+    with atomic_directory(directory) as tmp:
         model.config.save_pretrained(tmp)
         save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "minillm": "pruned"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         plan.save(tmp / PLAN_FILE)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 

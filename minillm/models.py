@@ -14,8 +14,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -181,6 +179,8 @@ def smollm2_checkpoint() -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .results import atomic_directory
+
     gguf = smollm2_gguf_path()
     log.info("converting %s to a safetensors cache in %s (once, ~30 s)", gguf.name, target)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -189,17 +189,10 @@ def smollm2_checkpoint() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
-    try:
+    with atomic_directory(target) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "SOURCE.txt").write_text(f"converted from {gguf} ({gguf.stat().st_size} bytes) by minillm\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
