@@ -17,6 +17,7 @@ from .plan import PruningPlan
 from .results import provenance
 from .scores import check_options, get_method
 from .scores.common import ScoringContext
+from .offload import has_offloaded, materialize
 from .streaming import stream_layers
 from .surgery import kept_units, prunable_params, prune_layer
 
@@ -149,6 +150,12 @@ def prune(
         options["stream_device"] = str(stream_device)
     ctx = ScoringContext(model, adapter, calib, attention_units, seed, progress)
     t0 = time.perf_counter()
+    if has_offloaded(model) and (
+        hasattr(mod, "run") or method == "taylor" or method_options.get("space") != "gates" and method == "fms"
+    ):
+        # these read or perturb weights inside their forward passes or remove units between rounds
+        log.info("loading accelerate-offloaded weights into CPU memory before %s", method)
+        materialize(model)
     streaming = stream_layers(model, stream_device) if stream_device is not None else contextlib.nullcontext()
     with streaming:
         history = _score_and_remove(
@@ -182,6 +189,7 @@ def _score_and_remove(
             raise ValueError(f"method {method!r} needs its own scoring pass before removal; do not pass scores")
         t_score = time.perf_counter() - t0
         selections = allocate(adapter, scores, to_remove, alloc)
+        materialize(model)  # offloaded (meta) weights cannot be sliced: load them before removal
         if hasattr(mod, "before_prune"):  # e.g. FLAP folds the removed channels' mean output into a bias
             mod.before_prune(ctx, selections)
         apply_selections(model, selections)

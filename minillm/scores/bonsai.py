@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..allocate import AllocationConfig, attention_keep, attention_unit_cost, is_balanced_gqa, n_attention_units
 from ..surgery import GQAConstraintError, VirtualMasks, prunable_params, prune_layer
+from ..offload import loaded
 from .common import ScoringContext, all_members, collect_input_stats, lm_loss, member_key
 
 NEEDS_CALIBRATION = True
@@ -79,36 +80,42 @@ def priors(ctx: ScoringContext, calib: torch.Tensor, kind: str, gen: torch.Gener
         stats = collect_input_stats(sub, {k: m.linear for k, (_, m) in members.items()})
     out = []
     for i, layer in enumerate(adapter.layers()):
-        shape = adapter.attention_shape(layer)
-        unit = ctx.unit(layer)
-        att = ch = None
-        for which in ("attention", "mlp"):
-            n = n_attention_units(unit, shape) if which == "attention" else adapter.n_channels(layer)
-            if not n:
-                continue
-            if kind == "random":
-                value = torch.rand(n, generator=gen, dtype=torch.float64)
-            else:
-                member = (adapter.attention_members(layer) if which == "attention" else adapter.mlp_members(layer))[-1]
-                st = stats[member_key(i, member)]
-                rms = (st.sumsq / max(st.n, 1)).sqrt()
-                col = (
-                    member.linear.weight.detach().float().abs().mean(0) * rms.to(member.linear.weight.device)
-                    if kind == "wanda"
-                    else rms
-                )  # 'magnitude': activation size alone
-                col = col.double().cpu()
-                if which == "attention":
-                    per_head = col.reshape(shape.n_query_heads, -1).mean(1)
-                    value = per_head.reshape(shape.n_kv_heads, -1).mean(1) if unit == "kv_group" else per_head
-                else:
-                    value = col
-            if which == "attention":
-                att = value
-            else:
-                ch = value
-        out.append((att, ch))
+        with loaded(layer):
+            out.append(_layer_priors(ctx, stats, kind, gen, i, layer))
     return out
+
+
+def _layer_priors(ctx: ScoringContext, stats: dict, kind: str, gen: torch.Generator, i: int, layer) -> tuple:
+    adapter = ctx.adapter
+    shape = adapter.attention_shape(layer)
+    unit = ctx.unit(layer)
+    att = ch = None
+    for which in ("attention", "mlp"):
+        n = n_attention_units(unit, shape) if which == "attention" else adapter.n_channels(layer)
+        if not n:
+            continue
+        if kind == "random":
+            value = torch.rand(n, generator=gen, dtype=torch.float64)
+        else:
+            member = (adapter.attention_members(layer) if which == "attention" else adapter.mlp_members(layer))[-1]
+            st = stats[member_key(i, member)]
+            rms = (st.sumsq / max(st.n, 1)).sqrt()
+            col = (
+                member.linear.weight.detach().float().abs().mean(0) * rms.to(member.linear.weight.device)
+                if kind == "wanda"
+                else rms
+            )  # 'magnitude': activation size alone
+            col = col.double().cpu()
+            if which == "attention":
+                per_head = col.reshape(shape.n_query_heads, -1).mean(1)
+                value = per_head.reshape(shape.n_kv_heads, -1).mean(1) if unit == "kv_group" else per_head
+            else:
+                value = col
+        if which == "attention":
+            att = value
+        else:
+            ch = value
+    return att, ch
 
 
 def make_module(layer: int, kind: str, prior: torch.Tensor, unit_cost: int, p: float) -> Module:

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import Adapter, Member
 from ..allocate import LayerScores, resolve_attention_unit
+from ..offload import loaded
 
 
 @dataclass
@@ -170,6 +171,11 @@ def pool_layer(
     """Unit scores of one layer from per-line scores: each member's lines are summed over every unit's block and
     the members of a unit are added up. `members='out'` scores from the output projections alone (FLAP, Wanda-SP).
     `abs_of_sum` takes the absolute value only of the finished unit sum (signed per-line scores)."""
+    with loaded(layer):  # accelerate-offloaded weights are read outside a forward pass here
+        return _pool_layer(adapter, layer, unit, line_score, members, abs_of_sum)
+
+
+def _pool_layer(adapter, layer, unit, line_score, members, abs_of_sum) -> LayerScores:
     shape = adapter.attention_shape(layer)
     q = torch.zeros(shape.n_query_heads, dtype=torch.float64)
     kv = torch.zeros(shape.n_kv_heads, dtype=torch.float64)

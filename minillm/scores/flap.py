@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..allocate import LayerScores, LayerSelection
+from ..offload import loaded
 from .common import ScoringContext, all_members, collect_input_stats, member_key, pool_attention
 
 NEEDS_CALIBRATION = True
@@ -33,29 +34,34 @@ def score(ctx: ScoringContext, compensate_bias: bool = True, standardise: bool =
     ctx.state["flap_compensate"] = compensate_bias
     out = []
     for i, layer in enumerate(ctx.adapter.layers()):
-        shape = ctx.adapter.attention_shape(layer)
-        heads = channels = None
-        if shape.n_query_heads:
-            o = ctx.adapter.attn_out_proj(layer)
-            w = o.weight.detach().float()
-            col = stats[member_key(i, ctx.adapter.attention_members(layer)[-1])].variance.to(w.device) * w.pow(2).sum(0)
-            per_head = col.pow(2).reshape(shape.n_query_heads, -1).mean(1).double().cpu()
-            heads = pool_attention(
-                ctx.adapter, layer, ctx.unit(layer), per_head, torch.zeros(shape.n_kv_heads, dtype=torch.float64)
-            )
-        if ctx.adapter.n_channels(layer):
-            d = ctx.adapter.mlp_out_proj(layer)
-            w = d.weight.detach().float()
-            channels = (
-                (stats[member_key(i, ctx.adapter.mlp_members(layer)[-1])].variance.to(w.device) * w.pow(2).sum(0))
-                .double()
-                .cpu()
-            )
-        if standardise:
-            heads = _standardise(heads) if heads is not None else None
-            channels = _standardise(channels) if channels is not None else None
-        out.append(LayerScores(heads, channels))
+        with loaded(layer):
+            out.append(_layer_scores(ctx, stats, i, layer, standardise))
     return out
+
+
+def _layer_scores(ctx: ScoringContext, stats, i: int, layer, standardise: bool) -> LayerScores:
+    shape = ctx.adapter.attention_shape(layer)
+    heads = channels = None
+    if shape.n_query_heads:
+        o = ctx.adapter.attn_out_proj(layer)
+        w = o.weight.detach().float()
+        col = stats[member_key(i, ctx.adapter.attention_members(layer)[-1])].variance.to(w.device) * w.pow(2).sum(0)
+        per_head = col.pow(2).reshape(shape.n_query_heads, -1).mean(1).double().cpu()
+        heads = pool_attention(
+            ctx.adapter, layer, ctx.unit(layer), per_head, torch.zeros(shape.n_kv_heads, dtype=torch.float64)
+        )
+    if ctx.adapter.n_channels(layer):
+        d = ctx.adapter.mlp_out_proj(layer)
+        w = d.weight.detach().float()
+        channels = (
+            (stats[member_key(i, ctx.adapter.mlp_members(layer)[-1])].variance.to(w.device) * w.pow(2).sum(0))
+            .double()
+            .cpu()
+        )
+    if standardise:
+        heads = _standardise(heads) if heads is not None else None
+        channels = _standardise(channels) if channels is not None else None
+    return LayerScores(heads, channels)
 
 
 @torch.no_grad()
