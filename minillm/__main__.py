@@ -96,6 +96,7 @@ def cmd_prune(args) -> int:
             calibration=calib_info,
             progress=not args.quiet,
             stream_device=args.stream_device,
+            compensate_bias=args.compensate_bias,
             **options,
         )
     elapsed = time.perf_counter() - t0
@@ -317,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--stream-device",
         help="keep weights on --device (e.g. cpu) and stream one decoder layer at a "
         "time to this device (e.g. cuda) for scoring: models larger than the GPU",
+    )
+    pr.add_argument(
+        "--compensate-bias",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fold removed units' mean output into biases (FLAP; default: on for flap only)",
     )
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.set_defaults(func=cmd_prune)

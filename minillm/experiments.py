@@ -139,7 +139,7 @@ def _run_method(cfg, exp, entry, force, experiment, progress) -> list[dict]:
         calib_info = describe_calibration(calib_cfg["n_samples"], calib_cfg["seqlen"], calib_cfg.get("seed", 0))
         mod = get_method(method)
         shared_scores, score_time, score_mem = None, None, None
-        reusable = hasattr(mod, "score") and not hasattr(mod, "before_prune") and not hasattr(mod, "run")
+        reusable = hasattr(mod, "score") and not hasattr(mod, "run")
         if reusable and len(todo) > 1:
             t0 = time.perf_counter()
             with peak_memory("cpu") as mem:

@@ -17,6 +17,7 @@ from .plan import PruningPlan
 from .results import provenance
 from .scores import check_options, get_method
 from .scores.common import ScoringContext
+from .compensate import compensate_selections
 from .offload import has_offloaded, materialize
 from .streaming import stream_layers
 from .surgery import kept_units, prunable_params, prune_layer
@@ -107,6 +108,7 @@ def prune(
     progress: bool = True,
     scores: list | None = None,
     stream_device: str | None = None,
+    compensate_bias: bool | None = None,
     **method_options,
 ) -> PruningPlan:
     """Score the units of `model` with `method`, then physically remove them, in place, until the model keeps
@@ -115,6 +117,8 @@ def prune(
 
     calib: LongTensor [n_samples, seqlen] of token ids (None for methods that need no data).
     calibration: a description of `calib` recorded in the plan (source, windows, seed).
+    compensate_bias: fold the removed units' mean output into the output projections' biases (FLAP's bias
+    compensation; default: on for flap, off for other methods).
     stream_device: score with the decoder layers streamed one at a time to this device (weights stay where they
     are, normally CPU), for models larger than the accelerator; forward-only methods only.
     scores: unit scores from `minillm.score` on an identical unpruned model, to prune the same scores at several
@@ -136,7 +140,12 @@ def prune(
     alloc.validate(len(adapter.layers()))
     original = original_prunable_params(model)
     kept_units(model, adapter)
+    if compensate_bias is None:
+        compensate_bias = getattr(mod, "DEFAULT_COMPENSATE_BIAS", False)
+    if compensate_bias and (hasattr(mod, "run") or not mod.NEEDS_CALIBRATION):
+        raise ValueError(f"bias compensation needs calibration activations and one removal step; not with {method!r}")
     options = {
+        "compensate_bias": bool(compensate_bias),
         "allocation": alloc.allocation,
         "attention_units": attention_units,
         "targets": targets,
@@ -159,7 +168,7 @@ def prune(
     streaming = stream_layers(model, stream_device) if stream_device is not None else contextlib.nullcontext()
     with streaming:
         history = _score_and_remove(
-            model, adapter, mod, method, ctx, sparsity, original, alloc, scores, method_options, t0
+            model, adapter, mod, method, ctx, sparsity, original, alloc, scores, method_options, t0, compensate_bias
         )
     history[-1]["total_time_s"] = time.perf_counter() - t0
     plan = make_plan(model, method, sparsity, options, seed, calibration, history)
@@ -168,7 +177,7 @@ def prune(
 
 
 def _score_and_remove(
-    model, adapter, mod, method, ctx, sparsity, original, alloc, scores, method_options, t0
+    model, adapter, mod, method, ctx, sparsity, original, alloc, scores, method_options, t0, compensate_bias
 ) -> list[dict]:
     if hasattr(mod, "run"):  # methods that interleave scoring and removal (Bonsai's rounds)
         if scores is not None:
@@ -185,13 +194,11 @@ def _score_and_remove(
         model.eval()
         if scores is None:
             scores = mod.score(ctx, **method_options)
-        elif hasattr(mod, "before_prune"):
-            raise ValueError(f"method {method!r} needs its own scoring pass before removal; do not pass scores")
         t_score = time.perf_counter() - t0
         selections = allocate(adapter, scores, to_remove, alloc)
         materialize(model)  # offloaded (meta) weights cannot be sliced: load them before removal
-        if hasattr(mod, "before_prune"):  # e.g. FLAP folds the removed channels' mean output into a bias
-            mod.before_prune(ctx, selections)
+        if compensate_bias:
+            compensate_selections(ctx, selections)
         apply_selections(model, selections)
         model.train(was_training)
         history = [{"scoring_time_s": t_score}]

@@ -7,8 +7,15 @@ import minillm
 from minillm.models import build_random
 from minillm.offload import has_offloaded
 
-METHODS = [("wanda_sp", {}), ("flap", {}), ("magnitude", {}), ("fms", {"queries": 3, "space": "gates"}),
-           ("fms", {"queries": 3}), ("bonsai", {"masks_per_round": 4, "prune_frac": 0.15}), ("wanda_24", {})]
+METHODS = [
+    ("wanda_sp", {}),
+    ("flap", {}),
+    ("magnitude", {}),
+    ("fms", {"queries": 3, "space": "gates"}),
+    ("fms", {"queries": 3}),
+    ("bonsai", {"masks_per_round": 4, "prune_frac": 0.15}),
+    ("wanda_24", {}),
+]
 
 
 @pytest.fixture
@@ -19,8 +26,15 @@ def checkpoint(tmp_path):
 
 
 def _offloaded(path):
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-                  "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.layers.2": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
     model, _ = minillm.load_model(str(path / "dense"), device_map=device_map, offload_folder=str(path / "offload"))
     assert has_offloaded(model)
     return model

@@ -7,6 +7,7 @@ from torch import nn
 import minillm
 from minillm.adapters import get_adapter
 from minillm.allocate import LayerSelection
+from minillm.compensate import compensate
 from minillm.scores import flap, magnitude, taylor, wanda_sp
 from minillm.scores.common import ScoringContext, calibration_loss, lm_loss
 from minillm.scores.spsa import GateSpace, WeightSpace, estimate
@@ -252,11 +253,26 @@ def test_flap_bias_compensation_keeps_mean_output(tiny):
     assert not torch.allclose(without, dense_mean, atol=1e-4), "removing channels must have moved the mean"
 
 
+def test_bias_compensation_is_available_to_other_methods(tiny, tokens, tmp_path):
+    calib = _calib()
+    plain = minillm.prune(tiny("tiny-llama"), "wanda_sp", 0.3, calib, progress=False)
+    model = tiny("tiny-llama")
+    comp = minillm.prune(model, "wanda_sp", 0.3, calib, progress=False, compensate_bias=True)
+    assert plain.layers == comp.layers and comp.options["compensate_bias"] is True
+    assert model.model.layers[0].mlp.down_proj.bias is not None
+    minillm.save_pruned(model, comp, tmp_path / "c")
+    again, _ = minillm.load_pruned(tmp_path / "c")
+    with torch.no_grad():
+        assert torch.equal(again(tokens).logits, model(tokens).logits)
+    with pytest.raises(ValueError, match="bias compensation needs"):
+        minillm.prune(tiny("tiny-llama"), "magnitude", 0.3, compensate_bias=True)
+
+
 def test_flap_compensation_direct():
     lin = nn.Linear(4, 2, bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 0.0, -1.0]]))
-    flap.compensate(lin, torch.tensor([1, 3]), torch.tensor([10.0, 0.5, 10.0, 2.0]))
+    compensate(lin, torch.tensor([1, 3]), torch.tensor([10.0, 0.5, 10.0, 2.0]))
     assert lin.bias.tolist() == pytest.approx([2 * 0.5 + 4 * 2.0, 1 * 0.5 - 1 * 2.0])
 
 

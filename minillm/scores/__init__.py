@@ -2,8 +2,7 @@
 
 A method module defines ``NEEDS_CALIBRATION: bool`` and ``score(ctx, **options) -> list[LayerScores]`` (higher =
 more important), or, when scoring and removal interleave (Bonsai's rounds), ``run(ctx, sparsity, original_params,
-alloc, **options) -> history``. It may define ``before_prune(ctx, selections)`` for work that needs the weights
-about to be removed (FLAP's bias compensation) and ``DEFAULT_ALLOCATION``.
+alloc, **options) -> history``. It may define ``DEFAULT_ALLOCATION`` and ``DEFAULT_COMPENSATE_BIAS``.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ class ScoringContext:
     seed: int = 0
     progress: bool = True
     batch_size: int = 16
-    state: dict = field(default_factory=dict)  # a method may leave data here for its before_prune step
+    state: dict = field(default_factory=dict)  # data a method leaves for later steps (e.g. out_stats)
 
     def unit(self, layer: nn.Module) -> str:
         return resolve_attention_unit(self.attention_units, self.adapter.attention_shape(layer))
