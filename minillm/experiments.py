@@ -280,3 +280,94 @@ def run_latency(cfg: dict, force: bool = False) -> list[dict]:
                 )
             out.append(load_record(path))
     return out
+
+
+def run_recovery(cfg: dict, force: bool = False, progress: bool = False) -> list[dict]:
+    """Prune with each configured method (re-using the accuracy configuration of the same label), evaluate, then
+    recover with LoRA (optionally with KL to the parent) and evaluate again. One record per (label, sparsity, kl)."""
+    from .recover import recover
+
+    exp, profile = cfg["recovery"], cfg["profile"]
+    acc = cfg["accuracy"]
+    by_label = {e["label"]: e for e in acc["methods"]}
+    out = []
+    for label in exp["methods"]:
+        entry = by_label[label]
+        for s in exp["sparsities"]:
+            files = {
+                kl: results_dir(profile, "recovery") / f"{label}_s{round(s * 100):02d}_kl{kl:g}.json"
+                for kl in exp["kl_weights"]
+            }
+            todo = [kl for kl, f in files.items() if force or load_record(f) is None]
+            if todo:
+                _recover_one(cfg, acc, exp, entry, s, todo, files, recover, progress)
+            out += [load_record(files[kl]) for kl in exp["kl_weights"]]
+    return out
+
+
+def _recover_one(cfg, acc, exp, entry, sparsity, kl_weights, files, recover, progress) -> None:
+    import tempfile
+
+    from .checkpoint import load_pruned, save_pruned
+
+    label, method = entry["label"], entry["method"]
+    calib_cfg = {**acc["calibration"], **entry.get("calibration", {})}
+    prune_options = {**acc.get("prune_options", {}), **entry.get("prune_options", {})}
+    base, tok = load_model(cfg["model"])
+    calib = calibration_windows(tok, calib_cfg["n_samples"], calib_cfg["seqlen"], seed=calib_cfg.get("seed", 0))
+    t0 = time.perf_counter()
+    plan = prune(
+        base,
+        method,
+        sparsity,
+        calib,
+        seed=entry.get("seed", 0),
+        progress=progress,
+        calibration=describe_calibration(calib_cfg["n_samples"], calib_cfg["seqlen"], calib_cfg.get("seed", 0)),
+        **prune_options,
+        **entry.get("options", {}),
+    )
+    prune_time = time.perf_counter() - t0
+    before = _evaluate(base, tok, exp, sparsity)
+    train = exp["train"]
+    windows = calibration_windows(tok, train["windows"], train["seqlen"], seed=train.get("seed", 1))
+    teacher = None
+    with tempfile.TemporaryDirectory(prefix="minillm-recovery-") as tmp:
+        save_pruned(base, plan, tmp, tokenizer=tok)
+        for kl in kl_weights:
+            model, _ = load_pruned(tmp)
+            if kl > 0 and teacher is None:
+                teacher, _ = load_model(cfg["model"])
+            merged, rec = recover(
+                model,
+                windows,
+                rank=train["rank"],
+                alpha=train["alpha"],
+                lr=train["lr"],
+                steps=train["steps"],
+                batch_size=train["batch_size"],
+                teacher=teacher if kl else None,
+                kl_weight=kl,
+                seed=train.get("seed", 0),
+                progress=progress,
+            )
+            after = _evaluate(merged, tok, exp, sparsity)
+            config = {
+                "model": cfg["model"],
+                "method": method,
+                "label": label,
+                "sparsity": sparsity,
+                "options": entry.get("options", {}),
+                "prune_options": prune_options,
+                "kl_weight": kl,
+                "train": train,
+                "eval": _eval_cfg(exp),
+            }
+            save_record(
+                files[kl],
+                "recovery",
+                config,
+                {"before": before, "after": after, "recovery": rec},
+                prune_time + rec["time_s"],
+                extra={"plan": _plan_summary(plan)},
+            )

@@ -13,12 +13,12 @@ from torch import nn
 
 from .adapters import get_adapter
 from .allocate import AllocationConfig, allocate
+from .compensate import compensate_selections
+from .offload import has_offloaded, materialize
 from .plan import PruningPlan
 from .results import provenance
 from .scores import check_options, get_method
 from .scores.common import ScoringContext
-from .compensate import compensate_selections
-from .offload import has_offloaded, materialize
 from .streaming import stream_layers
 from .surgery import kept_units, prunable_params, prune_layer
 

@@ -262,3 +262,56 @@ def plot_widths(df: pd.DataFrame, title: str = ""):
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+# --- recovery -------------------------------------------------------------------------------------------------------
+
+
+def recovery_frame(records: list[dict]) -> pd.DataFrame:
+    """Before/after LoRA recovery (with or without KL to the parent), one row per (method, sparsity, KL weight)."""
+    rows = []
+    for r in records:
+        cfg, m = r["config"], r["metrics"]
+        row = {
+            "method": cfg["label"],
+            "sparsity": cfg["sparsity"],
+            "kl_weight": cfg["kl_weight"],
+            "ppl_before": m["before"]["perplexity"]["ppl"],
+            "ppl_after": m["after"]["perplexity"]["ppl"],
+        }
+        if "zeroshot" in m["before"] and "zeroshot" in m["after"]:
+            row["zs_before"] = m["before"]["zeroshot"]["average"]
+            row["zs_after"] = m["after"]["zeroshot"]["average"]
+        rec = m["recovery"]
+        row.update(
+            {
+                "steps": rec["steps"],
+                "loss_first": rec["mean_loss_first_10pct"],
+                "loss_last": rec["mean_loss_last_10pct"],
+                "train_s": rec["time_s"],
+            }
+        )
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    return df.sort_values(["sparsity", "method", "kl_weight"]).reset_index(drop=True) if not df.empty else df
+
+
+def plot_recovery(df: pd.DataFrame, title: str = ""):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels, before, after = [], [], []
+    for _, r in df.iterrows():
+        labels.append(f"{r['method']} @{r['sparsity']:.0%}\nKL {r['kl_weight']:g}")
+        before.append(r["ppl_before"])
+        after.append(r["ppl_after"])
+    x = range(len(labels))
+    ax.bar([i - 0.2 for i in x], before, width=0.4, label="pruned")
+    ax.bar([i + 0.2 for i in x], after, width=0.4, label="after LoRA recovery")
+    ax.set_xticks(list(x), labels, fontsize=7, rotation=45, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity (log)")
+    ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

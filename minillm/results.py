@@ -6,8 +6,8 @@ import datetime as _dt
 import json
 import os
 import platform
-import subprocess
 import shutil
+import subprocess
 import tempfile
 from contextlib import contextmanager
 from importlib import metadata

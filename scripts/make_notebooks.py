@@ -231,6 +231,25 @@ else:
     fig = report.plot_widths(df, f"kept units per layer ({profile} profile)")
     report.save_figure(fig, out / "pruned_architecture")"""),
     ],
+    "06_recovery.ipynb": [
+        md("""# 06 Recovery after pruning
+
+Both papers recover quality after pruning: MINI-LLM with LoRA, Bonsai with LoRA plus a KL term towards the unpruned
+parent. Each row prunes with one method, evaluates, fine-tunes LoRA adapters (rank 8) on Austen text from the
+calibration novels (never the perplexity text), merges them and evaluates again, with and without the KL term.
+
+Expect large perplexity drops for heavily damaged models and smaller ones near the dense model; on 2 CPU cores the
+training budget is tiny (a few dozen steps), so this shows the direction, not converged numbers."""),
+        code(PARAMS),
+        code(SETUP),
+        code("""if not no_compute:
+    experiments.run_recovery(cfg, force=bool(force))"""),
+        code("""df = report.recovery_frame(experiments.collect(profile, "recovery"))
+report.save_table(df, out / "recovery")
+display(Markdown(df.to_markdown(index=False, floatfmt=".3f")))
+fig = report.plot_recovery(df, f"perplexity before and after recovery ({profile} profile)")
+report.save_figure(fig, out / "recovery")"""),
+    ],
 }
 
 

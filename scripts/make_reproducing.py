@@ -49,20 +49,27 @@ def accuracy_section(profile: str, experiment: str) -> list[str]:
     if not records:
         return []
     cmd = f"`python -m minillm experiment {experiment} --profile {profile}`"
-    lines = [f"## {experiment} ({profile} profile)", "", f"Command: {cmd} (notebook "
-             f"{'01' if experiment == 'accuracy' else '04'}). Tolerances: perplexity {TOLERANCE['ppl']}; "
-             f"zero-shot {TOLERANCE['zeroshot']}.", "",
-             "| method | sparsity | achieved | P&P perplexity | zero-shot avg | record | device, commit, date |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## {experiment} ({profile} profile)",
+        "",
+        f"Command: {cmd} (notebook "
+        f"{'01' if experiment == 'accuracy' else '04'}). Tolerances: perplexity {TOLERANCE['ppl']}; "
+        f"zero-shot {TOLERANCE['zeroshot']}.",
+        "",
+        "| method | sparsity | achieved | P&P perplexity | zero-shot avg | record | device, commit, date |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(records, key=lambda r: (r["config"]["sparsity"], r["metrics"]["perplexity"]["ppl"])):
         cfg, m = r["config"], r["metrics"]
         hist = (r.get("plan") or {}).get("history") or [{}]
         achieved = hist[0].get("weight_sparsity", (r.get("plan") or {}).get("achieved_sparsity", 0.0))
         zs = m.get("zeroshot", {}).get("average")
         name = f"results/{profile}/{experiment}/{cfg.get('label', cfg['method'])}_s{round(cfg['sparsity'] * 100):02d}"
-        lines.append(f"| {cfg.get('label', cfg['method'])} | {cfg['sparsity']:.2f} | {achieved:.4f} | "
-                     f"{m['perplexity']['ppl']:.2f} | {'' if zs is None else f'{zs:.3f}'} | `{name}.json` | "
-                     f"{_prov(r)} |")
+        lines.append(
+            f"| {cfg.get('label', cfg['method'])} | {cfg['sparsity']:.2f} | {achieved:.4f} | "
+            f"{m['perplexity']['ppl']:.2f} | {'' if zs is None else f'{zs:.3f}'} | `{name}.json` | "
+            f"{_prov(r)} |"
+        )
     return lines + [""]
 
 
@@ -70,19 +77,27 @@ def memory_section(profile: str) -> list[str]:
     records = experiments.collect(profile, "memory")
     if not records:
         return []
-    lines = [f"## memory ({profile} profile)", "", f"Command: `python -m minillm experiment memory --profile "
-             f"{profile}` (notebook 02). Each step runs in a fresh process. Tolerance: {TOLERANCE['memory']}.", "",
-             "| model | batch x seqlen | step | peak GiB | x dense forward | device, commit, date |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"## memory ({profile} profile)",
+        "",
+        f"Command: `python -m minillm experiment memory --profile "
+        f"{profile}` (notebook 02). Each step runs in a fresh process. Tolerance: {TOLERANCE['memory']}.",
+        "",
+        "| model | batch x seqlen | step | peak GiB | x dense forward | device, commit, date |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in records:
         m = r["metrics"]
         shape = f"{m['batch']}x{m['seqlen']}"
-        lines.append(f"| {m['model']} | {shape} | dense forward | {m['dense_forward']['peak_gib']:.3f} | 1.00 | "
-                     f"{_prov(r)} |")
+        lines.append(
+            f"| {m['model']} | {shape} | dense forward | {m['dense_forward']['peak_gib']:.3f} | 1.00 | {_prov(r)} |"
+        )
         for x in m["methods"]:
             if "peak_gib" in x:
-                lines.append(f"| {m['model']} | {shape} | {x['label']} | {x['peak_gib']:.3f} | "
-                             f"{x['ratio_to_dense_forward']:.2f} | {_prov(r)} |")
+                lines.append(
+                    f"| {m['model']} | {shape} | {x['label']} | {x['peak_gib']:.3f} | "
+                    f"{x['ratio_to_dense_forward']:.2f} | {_prov(r)} |"
+                )
     return lines + [""]
 
 
@@ -90,10 +105,15 @@ def latency_section(profile: str) -> list[str]:
     records = experiments.collect(profile, "latency")
     if not records:
         return []
-    lines = [f"## latency ({profile} profile)", "", f"Command: `python -m minillm experiment latency --profile "
-             f"{profile}` (notebook 03). Tolerance: {TOLERANCE['latency']}.", "",
-             "| model | variant | sparsity | kind | shape | median ms | speed-up | device, commit, date |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## latency ({profile} profile)",
+        "",
+        f"Command: `python -m minillm experiment latency --profile "
+        f"{profile}` (notebook 03). Tolerance: {TOLERANCE['latency']}.",
+        "",
+        "| model | variant | sparsity | kind | shape | median ms | speed-up | device, commit, date |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         m = r["metrics"]
         for row in m["rows"]:
@@ -101,8 +121,10 @@ def latency_section(profile: str) -> list[str]:
                 for i, x in enumerate(row[kind]):
                     shape = f"{x['batch']}x{x['seqlen']}" if kind == "prefill" else f"batch {x['batch']}"
                     speed = 1.0 if row["sparsity"] == 0 else row[f"{kind}_speedup"][i]
-                    lines.append(f"| {m['model']} | {row.get('variant', '')} | {row['sparsity']:.2f} | {kind} | "
-                                 f"{shape} | {1000 * x['median_s']:.1f} | {speed:.2f} | {_prov(r)} |")
+                    lines.append(
+                        f"| {m['model']} | {row.get('variant', '')} | {row['sparsity']:.2f} | {kind} | "
+                        f"{shape} | {1000 * x['median_s']:.1f} | {speed:.2f} | {_prov(r)} |"
+                    )
     return lines + [""]
 
 

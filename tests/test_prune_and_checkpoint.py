@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import TINY
 
 import minillm
 from minillm.adapters import UnsupportedArchitectureError, get_adapter
 from minillm.allocate import attention_unit_cost, resolve_attention_unit
 from minillm.plan import PlanError
-
-from conftest import TINY
 
 
 @pytest.mark.parametrize("name", TINY)

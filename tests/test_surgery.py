@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from conftest import TINY
 
 import minillm
 from minillm.adapters import get_adapter
-from minillm.allocate import attention_keep, resolve_attention_unit, n_attention_units
+from minillm.allocate import attention_keep, n_attention_units, resolve_attention_unit
 from minillm.surgery import GQAConstraintError, VirtualMasks, prune_layer
-
-from conftest import TINY
 
 
 def _removal_plan(adapter, gen):

@@ -32,8 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..allocate import AllocationConfig, attention_keep, attention_unit_cost, is_balanced_gqa, n_attention_units
-from ..surgery import GQAConstraintError, VirtualMasks, prunable_params, prune_layer
 from ..offload import loaded
+from ..surgery import GQAConstraintError, VirtualMasks, prunable_params, prune_layer
 from .common import ScoringContext, all_members, collect_input_stats, lm_loss, member_key
 
 NEEDS_CALIBRATION = True
