@@ -71,6 +71,11 @@ def write_task_dir(directory: Path, specs: list[dict]) -> Path:
     return directory
 
 
+def _number(x):
+    """lm-eval reports 'N/A' for a stderr it did not bootstrap."""
+    return float(x) if isinstance(x, (int, float)) else None
+
+
 def zeroshot(
     model: nn.Module,
     tokenizer,
@@ -117,7 +122,7 @@ def zeroshot(
         out[t] = {
             "metric": metric,
             "value": float(r[f"{metric},none"]),
-            "stderr": r.get(f"{metric}_stderr,none"),
+            "stderr": _number(r.get(f"{metric}_stderr,none")),
             "chance": by_name[t].get("chance"),
             "n": int(res["n-samples"][t]["effective"]),
         }
