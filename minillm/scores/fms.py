@@ -9,7 +9,8 @@ down column; OPT and BLOOM equivalents). Options:
 * queries (n), eps, seed: the SPSA estimator (see spsa.py).
 * space: 'weights' perturbs all decoder-layer linear weights at once (as the paper's Algorithm 1);
   'gates' perturbs one scalar gate per head output and MLP channel, a far lower-dimensional estimate whose
-  gradient is directly the first-order loss change of scaling that feature map.
+  gradient is directly the first-order loss change of scaling that feature map; 'gates-split' estimates the head
+  gates and the channel gates with separate sets of n queries each (2n queries in all).
 * sign: 'abs_mean' takes |g| of the averaged estimate per weight; 'group' keeps signs and takes the absolute value
   of the whole unit's sum (with one query, abs_mean reduces the gradient to |pi| * |z|, i.e. Wanda times noise).
 * combination: 'product' (above), 'additive' |W| ||X|| + alpha |W g|, or 'taylor' |W g| (LLM-Pruner's Element1 with
@@ -34,7 +35,7 @@ from .common import (
 from .spsa import GateSpace, WeightSpace, estimate
 
 NEEDS_CALIBRATION = True
-SPACES = ("weights", "gates")
+SPACES = ("weights", "gates", "gates-split")
 SIGNS = ("abs_mean", "group")
 COMBINATIONS = ("product", "additive", "taylor")
 
@@ -58,13 +59,19 @@ def score(
     members = all_members(ctx.adapter)
     stats = collect_input_stats(ctx, {k: m.linear for k, (_, m) in members.items()})
     loss = lambda: calibration_loss(ctx)  # noqa: E731
-    if space == "gates":
-        gates = GateSpace(ctx.adapter)
-        est = estimate(gates, loss, queries, eps, ctx.seed, ctx.progress)
-        ctx.state["spsa"] = est
+    if space.startswith("gates"):
+        # 'gates-split' estimates head gates and channel gates with separate query sets (n each): the ~10^2 head
+        # gates then get an estimate not drowned by the ~10^4 channel gates' noise
+        kinds = [("heads", "channels")] if space == "gates" else [("heads",), ("channels",)]
+        grads = {}
+        for j, kind in enumerate(kinds):
+            gates = GateSpace(ctx.adapter, kind)
+            est = estimate(gates, loss, queries, eps, ctx.seed + j, ctx.progress)
+            ctx.state.setdefault("spsa", []).append(est)
+            for b, (i, k, _) in enumerate(gates.blocks):
+                grads[(i, k)] = est.gradient(gates, b).double().cpu()
         return [
-            _gate_scores(ctx, gates, est, stats, i, layer, sign, combination)
-            for i, layer in enumerate(ctx.adapter.layers())
+            _gate_scores(ctx, grads, stats, i, layer, sign, combination) for i, layer in enumerate(ctx.adapter.layers())
         ]
     linears = [m.linear for _, m in members.values()]
     weights = WeightSpace(linears, noise_device=ctx.device)
@@ -103,13 +110,12 @@ def score(
     return out
 
 
-def _gate_scores(ctx, gates: GateSpace, est, stats, i, layer, sign, combination) -> LayerScores:
+def _gate_scores(ctx, grads: dict, stats, i, layer, sign, combination) -> LayerScores:
     adapter = ctx.adapter
     shape = adapter.attention_shape(layer)
     unit = ctx.unit(layer)
-    hb, cb = gates.block_index(i, "heads"), gates.block_index(i, "channels")
-    g_heads = est.gradient(gates, hb).double().cpu() if hb is not None else torch.zeros(0, dtype=torch.float64)
-    g_ch = est.gradient(gates, cb).double().cpu() if cb is not None else torch.zeros(0, dtype=torch.float64)
+    empty = torch.zeros(0, dtype=torch.float64)
+    g_heads, g_ch = grads.get((i, "heads"), empty), grads.get((i, "channels"), empty)
     kv0 = torch.zeros(shape.n_kv_heads, dtype=torch.float64)
     if sign == "group":  # a KV group's removal zeroes all its heads: first-order change is the signed sum
         heads = pool_attention(adapter, layer, unit, g_heads, kv0).abs()

@@ -98,14 +98,14 @@ class GateSpace(PerturbationSpace):
     """One scalar gate per attention head output and per MLP channel, all equal to 1 in the model (so the gradient
     of the loss with respect to a gate is the first-order effect of scaling that unit's feature map)."""
 
-    def __init__(self, adapter: Adapter):
+    def __init__(self, adapter: Adapter, kinds: tuple[str, ...] = ("heads", "channels")):
         self.adapter = adapter
         self.blocks: list[tuple[int, str, int]] = []  # (layer, "heads" | "channels", size)
         for i, layer in enumerate(adapter.layers()):
             n_q = adapter.attention_shape(layer).n_query_heads
-            if n_q:
+            if n_q and "heads" in kinds:
                 self.blocks.append((i, "heads", n_q))
-            if adapter.n_channels(layer):
+            if adapter.n_channels(layer) and "channels" in kinds:
                 self.blocks.append((i, "channels", adapter.n_channels(layer)))
         self.device = next(adapter.model.parameters()).device
 
