@@ -291,9 +291,10 @@ def run_recovery(cfg: dict, force: bool = False, progress: bool = False) -> list
     acc = cfg["accuracy"]
     by_label = {e["label"]: e for e in acc["methods"]}
     out = []
-    for label in exp["methods"]:
+    for item in exp["methods"]:  # a label, or {label, sparsities}
+        label = item if isinstance(item, str) else item["label"]
         entry = by_label[label]
-        for s in exp["sparsities"]:
+        for s in exp["sparsities"] if isinstance(item, str) else item["sparsities"]:
             files = {
                 kl: results_dir(profile, "recovery") / f"{label}_s{round(s * 100):02d}_kl{kl:g}.json"
                 for kl in exp["kl_weights"]
