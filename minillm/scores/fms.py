@@ -14,8 +14,8 @@ down column; OPT and BLOOM equivalents). Options:
 * sign: 'abs_mean' takes |g| of the averaged estimate per weight; 'group' keeps signs and takes the absolute value
   of the whole unit's sum (with one query, abs_mean reduces the gradient to |pi| * |z|, i.e. Wanda times noise).
 * combination: 'product' (above), 'additive' |W| ||X|| + alpha |W g|, or 'taylor' |W g| (LLM-Pruner's Element1 with
-  a zeroth-order gradient). In gate space, 'taylor' scores a unit by |dL/dgate| and 'product' multiplies that by
-  the unit's activation-weighted magnitude sum |W| ||X||.
+  a zeroth-order gradient). In gate space, 'taylor' scores a unit by |dL/dgate| alone and 'product' (the default)
+  multiplies that by the unit's activation-weighted magnitude sum |W| ||X||.
 """
 
 from __future__ import annotations
