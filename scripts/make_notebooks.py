@@ -106,10 +106,12 @@ Reproduces the shape of the papers' main tables (MINI-LLM: FMS against gradient-
 Taylor; Bonsai: against FLAP and Wanda-SP) on the embedded model: perplexity on *Pride and Prejudice* and zero-shot
 accuracy on the bundled cloze tasks for every method at each sparsity (fraction of prunable parameters removed).
 
-What to expect on SmolLM2-135M, without any recovery fine-tuning: it is a small, fragile model, so perplexity rises
-steeply; backprop Taylor and FLAP hold up best among the one-shot methods, magnitude collapses, and the
-forward-only SPSA gradient of FMS carries less information than a real gradient at this query budget (see the
-ablations notebook). The table lists every measured number; the figure plots them."""),
+What to expect on SmolLM2-135M, without any recovery fine-tuning: it is a small, fragile model (a KV group is a
+third of a layer's attention), so perplexity rises steeply. In the committed cpu records FLAP and Bonsai hold up
+best, backprop Taylor follows, Wanda-SP and FMS degrade fast beyond 10%, and group-magnitude collapses; the
+semi-structured 2:4 rows (zeros inside dense matrices, nothing removed) are listed for the quality side of the
+2:4-vs-structured speed comparison. FLAP's lead comes from its bias compensation, not its score (notebook 04). The
+table lists every measured number; the figure plots them."""),
         code(PARAMS),
         code(SETUP),
         code("""if not no_compute:
@@ -186,8 +188,10 @@ with the number of queries if the gradient matters. The perturbation space is co
 dimensions, as in the paper) versus one gate per head and channel (about 4.6 x 10^4 dimensions). Also: sign
 handling, eps, the per-weight combination, pruning only MLP channels, and Bonsai's number of masks per round.
 
-Expect: the gate space beats the weight space at equal queries; more queries help in gate space; in weight space
-the estimate stays close to noise at any affordable n."""),
+What the committed cpu records show: at these query budgets the SPSA estimate is dominated by noise. Perplexity
+does not improve steadily with n in either space; gate space is usually better than weight space at 20%; sign
+handling and eps move results by large, irregular amounts. Bias compensation (folding the removed units' mean
+output into a bias, as FLAP does) helps every method far more than any FMS setting does."""),
         code(PARAMS),
         code(SETUP),
         code("""if not no_compute:
