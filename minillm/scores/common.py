@@ -42,13 +42,15 @@ class ScoringContext:
 # --- loss ------------------------------------------------------------------------------------------------------
 
 
-def lm_loss(model: nn.Module, input_ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32. The LM head is applied to chunks of positions, so the full
-    [batch, seq, vocab] logits never exist at once (at 2048 tokens they would dominate peak memory)."""
+def lm_loss(model: nn.Module, input_ids: torch.Tensor, chunk_tokens: int = 512) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32. The LM head is applied to chunks of about `chunk_tokens` tokens
+    (all rows, a slice of positions), so the full [batch, seq, vocab] logits never exist at once: they would
+    dominate peak memory (4 x 2048 tokens x 128k vocabulary in fp32 is 4 GiB)."""
     hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
     targets = input_ids[:, 1:]
     head = model.get_output_embeddings()
     total = hidden.new_zeros((), dtype=torch.float32)
+    chunk = max(1, chunk_tokens // hidden.shape[0])
     for start in range(0, hidden.shape[1], chunk):
         logits = head(hidden[:, start : start + chunk]).float()
         total = total + F.cross_entropy(
