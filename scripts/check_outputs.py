@@ -17,6 +17,8 @@ EXPECTED = [
     "memory_{p}.png",
     "latency_{p}.csv",
     "latency_{p}.png",
+    "recovery.csv",
+    "recovery.png",
 ]
 
 
