@@ -85,7 +85,9 @@ def plot_accuracy(df: pd.DataFrame, title: str = ""):
     has_zs = "zs_avg" in df and df["zs_avg"].notna().any()
     fig, axes = plt.subplots(1, 2 if has_zs else 1, figsize=(12 if has_zs else 6.5, 4.2), squeeze=False)
     ax = axes[0, 0]
-    sns.lineplot(data=pruned, x="sparsity", y="ppl", hue="method", marker="o", ax=ax)
+    order = sorted(pruned.method.unique())
+    palette = dict(zip(order, sns.color_palette("tab20", len(order))))  # one distinct colour per method, both panels
+    sns.lineplot(data=pruned, x="sparsity", y="ppl", hue="method", hue_order=order, palette=palette, marker="o", ax=ax)
     if not dense.empty:
         ax.axhline(float(dense.ppl.iloc[0]), color="k", ls="--", lw=1, label="dense")
     ax.set_yscale("log")
@@ -95,7 +97,17 @@ def plot_accuracy(df: pd.DataFrame, title: str = ""):
     if has_zs:
         ax2 = axes[0, 1]
         zs = pruned.dropna(subset=["zs_avg"])
-        sns.lineplot(data=zs, x="sparsity", y="zs_avg", hue="method", marker="o", ax=ax2, legend=False)
+        sns.lineplot(
+            data=zs,
+            x="sparsity",
+            y="zs_avg",
+            hue="method",
+            hue_order=order,
+            palette=palette,
+            marker="o",
+            ax=ax2,
+            legend=False,
+        )
         if not dense.empty and pd.notna(dense.zs_avg.iloc[0]):
             ax2.axhline(float(dense.zs_avg.iloc[0]), color="k", ls="--", lw=1)
         ax2.set_xlabel("fraction of prunable parameters removed")
