@@ -69,6 +69,20 @@ def _record_file(profile: str, experiment: str, label: str, sparsity: float) -> 
     return results_dir(profile, experiment) / f"{label}_s{int(round(sparsity * 100)):02d}.json"
 
 
+def _load(cfg: dict):
+    """The profile's model on the profile's device (cpu unless the profile says otherwise)."""
+    return load_model(cfg["model"], device=cfg.get("device", "cpu"))
+
+
+def _calibration(tok, exp: dict, entry: dict):
+    """Calibration windows of one method entry (its own settings over the experiment's) and their description."""
+    c = {**exp["calibration"], **entry.get("calibration", {})}
+    seed = c.get("seed", 0)
+    return calibration_windows(tok, c["n_samples"], c["seqlen"], seed=seed), describe_calibration(
+        c["n_samples"], c["seqlen"], seed
+    )
+
+
 def _plan_summary(plan) -> dict:
     return {
         "achieved_sparsity": plan.achieved_sparsity,
@@ -105,7 +119,7 @@ def run_accuracy(cfg: dict, force: bool = False, experiment: str = "accuracy", p
     records = []
     dense_file = _record_file(profile, experiment, "dense", 0.0)
     if force or load_record(dense_file) is None:
-        model, tok = load_model(cfg["model"])
+        model, tok = _load(cfg)
         t0 = time.perf_counter()
         metrics = _evaluate(model, tok, exp, 0.0)
         save_record(
@@ -133,16 +147,14 @@ def _run_method(cfg, exp, entry, force, experiment, progress) -> list[dict]:
     files = {s: _record_file(profile, experiment, label, s) for s in sparsities}
     todo = [s for s in sparsities if force or load_record(files[s]) is None]
     if todo:
-        calib_cfg = {**exp["calibration"], **entry.get("calibration", {})}
-        base, tok = load_model(cfg["model"])
-        calib = calibration_windows(tok, calib_cfg["n_samples"], calib_cfg["seqlen"], seed=calib_cfg.get("seed", 0))
-        calib_info = describe_calibration(calib_cfg["n_samples"], calib_cfg["seqlen"], calib_cfg.get("seed", 0))
+        base, tok = _load(cfg)
+        calib, calib_info = _calibration(tok, exp, entry)
         mod = get_method(method)
         shared_scores, score_time, score_mem = None, None, None
         reusable = hasattr(mod, "score") and not hasattr(mod, "run")
         if reusable and len(todo) > 1:
             t0 = time.perf_counter()
-            with peak_memory("cpu") as mem:
+            with peak_memory(cfg.get("device", "cpu")) as mem:
                 shared_scores = score(
                     base,
                     method,
@@ -154,9 +166,9 @@ def _run_method(cfg, exp, entry, force, experiment, progress) -> list[dict]:
                 )
             score_time, score_mem = time.perf_counter() - t0, mem.to_json()
         for s in todo:
-            model, _ = load_model(cfg["model"])
+            model, _ = _load(cfg)
             t0 = time.perf_counter()
-            with peak_memory("cpu") as mem:
+            with peak_memory(cfg.get("device", "cpu")) as mem:
                 plan = prune(
                     model,
                     method,
@@ -312,10 +324,9 @@ def _recover_one(cfg, acc, exp, entry, sparsity, kl_weights, files, recover, pro
     from .checkpoint import load_pruned, save_pruned
 
     label, method = entry["label"], entry["method"]
-    calib_cfg = {**acc["calibration"], **entry.get("calibration", {})}
     prune_options = {**acc.get("prune_options", {}), **entry.get("prune_options", {})}
-    base, tok = load_model(cfg["model"])
-    calib = calibration_windows(tok, calib_cfg["n_samples"], calib_cfg["seqlen"], seed=calib_cfg.get("seed", 0))
+    base, tok = _load(cfg)
+    calib, calib_info = _calibration(tok, acc, entry)
     t0 = time.perf_counter()
     plan = prune(
         base,
@@ -324,7 +335,7 @@ def _recover_one(cfg, acc, exp, entry, sparsity, kl_weights, files, recover, pro
         calib,
         seed=entry.get("seed", 0),
         progress=progress,
-        calibration=describe_calibration(calib_cfg["n_samples"], calib_cfg["seqlen"], calib_cfg.get("seed", 0)),
+        calibration=calib_info,
         **prune_options,
         **entry.get("options", {}),
     )
@@ -336,9 +347,9 @@ def _recover_one(cfg, acc, exp, entry, sparsity, kl_weights, files, recover, pro
     with tempfile.TemporaryDirectory(prefix="minillm-recovery-") as tmp:
         save_pruned(base, plan, tmp, tokenizer=tok)
         for kl in kl_weights:
-            model, _ = load_pruned(tmp)
+            model, _ = load_pruned(tmp, device=cfg.get("device", "cpu"))
             if kl > 0 and teacher is None:
-                teacher, _ = load_model(cfg["model"])
+                teacher, _ = _load(cfg)
             merged, rec = recover(
                 model,
                 windows,
