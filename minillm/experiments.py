@@ -328,17 +328,20 @@ def _recover_one(cfg, acc, exp, entry, sparsity, kl_weights, files, recover, pro
     base, tok = _load(cfg)
     calib, calib_info = _calibration(tok, acc, entry)
     t0 = time.perf_counter()
-    plan = prune(
-        base,
-        method,
-        sparsity,
-        calib,
-        seed=entry.get("seed", 0),
-        progress=progress,
-        calibration=calib_info,
-        **prune_options,
-        **entry.get("options", {}),
-    )
+    acc_file = _record_file(cfg["profile"], "accuracy", label, sparsity)
+    plan = _reuse_accuracy_plan(base, acc_file, entry, prune_options, calib_info, sparsity)
+    if plan is None:
+        plan = prune(
+            base,
+            method,
+            sparsity,
+            calib,
+            seed=entry.get("seed", 0),
+            progress=progress,
+            calibration=calib_info,
+            **prune_options,
+            **entry.get("options", {}),
+        )
     prune_time = time.perf_counter() - t0
     before = _evaluate(base, tok, exp, sparsity)
     train = exp["train"]
@@ -381,5 +384,46 @@ def _recover_one(cfg, acc, exp, entry, sparsity, kl_weights, files, recover, pro
                 config,
                 {"before": before, "after": after, "recovery": rec},
                 prune_time + rec["time_s"],
-                extra={"plan": _plan_summary(plan)},
+                extra={"plan": _plan_summary(plan), "plan_source": plan.options.get("plan_source", "pruned here")},
             )
+
+
+def _reuse_accuracy_plan(base, acc_file: Path, entry: dict, prune_options: dict, calib_info: dict, sparsity: float):
+    """Rebuild the pruned model of an existing accuracy record from its kept indices instead of scoring again (FMS
+    and Bonsai take minutes on CPU). Only when the record was made with the same method settings and calibration,
+    and without bias compensation (its bias values are not in the record). Returns the plan, or None."""
+    from .adapters import get_adapter
+    from .plan import LayerKeep
+    from .prune import make_plan
+    from .surgery import apply_keep
+
+    record = load_record(acc_file)
+    if record is None or "plan" not in record:
+        return None
+    method, options = entry["method"], entry.get("options", {})
+    rc = record["config"]
+    compensate = prune_options.get("compensate_bias", getattr(get_method(method), "DEFAULT_COMPENSATE_BIAS", False))
+    same = (
+        rc.get("method") == method
+        and rc.get("options") == options
+        and rc.get("prune_options") == prune_options
+        and rc.get("calibration") == calib_info
+        and rc.get("seed") == entry.get("seed", 0)
+        and abs(rc.get("sparsity", -1) - sparsity) < 1e-9
+    )
+    if not same or compensate:
+        return None
+    where = str(acc_file.relative_to(REPO_ROOT)) if acc_file.is_relative_to(REPO_ROOT) else str(acc_file)
+    keeps = [LayerKeep.from_json(x, f"{where}: plan.layers[{i}]") for i, x in enumerate(record["plan"]["layers"])]
+    apply_keep(base, get_adapter(base), keeps)
+    source = {"record": where, "perplexity_in_record": record["metrics"]["perplexity"]["ppl"]}
+    log.info("recovery: %s rebuilt from the kept indices in %s", entry["label"], where)
+    return make_plan(
+        base,
+        method,
+        sparsity,
+        {**prune_options, **options, "plan_source": source},
+        entry.get("seed", 0),
+        calib_info,
+        record["plan"].get("history"),
+    )

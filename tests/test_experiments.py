@@ -1,0 +1,69 @@
+"""Experiment drivers on the embedded model at minimal sizes (slow: loads SmolLM2-135M several times)."""
+
+import json
+
+import pytest
+
+from minillm import experiments
+
+pytestmark = pytest.mark.slow
+
+
+def _profile(name: str, compensate: bool) -> dict:
+    prune_options = {"attention_units": "auto", "allocation": "uniform"}
+    if compensate:
+        prune_options["compensate_bias"] = True
+    eval_cfg = {"seqlen": 64, "windows": 1, "batch_size": 1}
+    return {
+        "profile": name,
+        "model": "smollm2-135m",
+        "device": "cpu",
+        "accuracy": {
+            "calibration": {"n_samples": 2, "seqlen": 32, "seed": 0},
+            "perplexity": eval_cfg,
+            "sparsities": [0.2],
+            "prune_options": prune_options,
+            "methods": [{"label": "wanda_sp", "method": "wanda_sp"}],
+        },
+        "recovery": {
+            "methods": ["wanda_sp"],
+            "sparsities": [0.2],
+            "kl_weights": [0.0],
+            "train": {"windows": 4, "seqlen": 16, "steps": 1, "batch_size": 2, "rank": 2, "alpha": 4, "lr": 1e-4},
+            "perplexity": eval_cfg,
+        },
+    }
+
+
+def test_recovery_rebuilds_the_accuracy_records_pruned_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path)
+    cfg = _profile("t", compensate=False)
+    acc = experiments.run_accuracy(cfg)[1]
+    (rec,) = experiments.run_recovery(cfg)
+    source = rec["plan_source"]
+    assert source["record"].endswith("wanda_sp_s20.json")
+    # the model rebuilt from the recorded kept indices is the accuracy run's pruned model: same perplexity
+    assert rec["metrics"]["before"]["perplexity"]["ppl"] == pytest.approx(acc["metrics"]["perplexity"]["ppl"], 1e-6)
+    assert source["perplexity_in_record"] == acc["metrics"]["perplexity"]["ppl"]
+    assert rec["plan"]["layers"] == acc["plan"]["layers"]
+
+
+def test_recovery_prunes_again_when_the_record_cannot_be_reused(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path)
+    cfg = _profile("t", compensate=True)  # compensation biases are not in the record
+    acc = experiments.run_accuracy(cfg)[1]
+    (rec,) = experiments.run_recovery(cfg)
+    assert rec["plan_source"] == "pruned here"
+    assert rec["metrics"]["before"]["perplexity"]["ppl"] == pytest.approx(acc["metrics"]["perplexity"]["ppl"], 1e-5)
+
+
+def test_a_record_made_with_other_calibration_is_not_reused(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path)
+    cfg = _profile("t", compensate=False)
+    experiments.run_accuracy(cfg)
+    path = tmp_path / "t" / "accuracy" / "wanda_sp_s20.json"
+    record = json.loads(path.read_text())
+    record["config"]["calibration"]["seed"] = 7
+    path.write_text(json.dumps(record))
+    (rec,) = experiments.run_recovery(cfg)
+    assert rec["plan_source"] == "pruned here"
