@@ -1,5 +1,6 @@
 # minillm: `make test` and `make reproduce` from a fresh clone; the virtualenv is created and filled here.
 # On a machine without network or venv (the GPU box), use the system python: make reproduce PYTHON=python3 SETUP=
+# make reproduce resumes from the records in results/<profile>/; FRESH=1 deletes them first (recompute everything).
 SHELL := /bin/bash
 VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
@@ -38,6 +39,7 @@ test-fast: $(SETUP)
 
 reproduce: $(SETUP)
 	$(PYTHON) -c "from minillm.experiments import check_profile; check_profile('$(PROFILE)')"
+	$(if $(filter 1,$(FRESH)),rm -rf results/$(PROFILE))
 	PROFILE=$(PROFILE) PYTHON=$(PYTHON) bash scripts/run_notebooks.sh $(NOTEBOOKS)
 	$(PYTHON) scripts/check_outputs.py $(PROFILE)
 

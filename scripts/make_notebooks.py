@@ -107,7 +107,7 @@ Taylor; Bonsai: against FLAP and Wanda-SP) on the embedded model: perplexity on 
 accuracy on the bundled cloze tasks for every method at each sparsity (fraction of prunable parameters removed).
 
 What to expect on SmolLM2-135M, without any recovery fine-tuning: it is a small, fragile model (a KV group is a
-third of a layer's attention), so perplexity rises steeply. In the committed cpu records FLAP and Bonsai hold up
+third of a layer's attention), so perplexity rises steeply. In the committed cpu-full records (the `cpu` profile is a faster subset) FLAP and Bonsai hold up
 best, backprop Taylor follows, Wanda-SP and FMS degrade fast beyond 10%, and group-magnitude collapses; the
 semi-structured 2:4 rows (zeros inside dense matrices, nothing removed) are listed for the quality side of the
 2:4-vs-structured speed comparison. FLAP's lead comes from its bias compensation, not its score (notebook 04). The
@@ -188,7 +188,7 @@ with the number of queries if the gradient matters. The perturbation space is co
 dimensions, as in the paper) versus one gate per head and channel (about 4.6 x 10^4 dimensions). Also: sign
 handling, eps, the per-weight combination, pruning only MLP channels, and Bonsai's number of masks per round.
 
-What the committed cpu records show: at these query budgets the SPSA estimate is dominated by noise. Perplexity
+What the committed cpu-full records show (the `cpu` profile runs a smaller subset): at these query budgets the SPSA estimate is dominated by noise. Perplexity
 does not improve steadily with n in either space; gate space is usually better than weight space at 20%; sign
 handling and eps move results by large, irregular amounts. Bias compensation (folding the removed units' mean
 output into a bias, as FLAP does) helps every method far more than any FMS setting does."""),
@@ -241,6 +241,9 @@ else:
 Both papers recover quality after pruning: MINI-LLM with LoRA, Bonsai with LoRA plus a KL term towards the unpruned
 parent. Each row prunes with one method, evaluates, fine-tunes LoRA adapters (rank 8) on Austen text from the
 calibration novels (never the perplexity text), merges them and evaluates again, with and without the KL term.
+Where notebook 01 already wrote a record for the same method, settings and sparsity (and the method adds no
+compensation biases), the pruned model is rebuilt from that record's kept indices instead of being scored again;
+the record's `plan_source` says which.
 
 Expect large perplexity drops for heavily damaged models and smaller ones near the dense model; on 2 CPU cores the
 training budget is tiny (a few dozen steps), so this shows the direction, not converged numbers."""),

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Execute numbered notebooks in order with papermill into notebooks/executed/, passing the profile.
-# Environment: PYTHON (interpreter with papermill), PROFILE (smoke|cpu|gpu|paper), MINILLM_NO_COMPUTE=1 to only
-# re-render from committed records.
+# Environment: PYTHON (interpreter with papermill), PROFILE (smoke|cpu|cpu-full|gpu|paper), MINILLM_NO_COMPUTE=1 to
+# only re-render from committed records.
+# A computing run writes results/<profile>/run_times.json: seconds per notebook, the number of records that existed
+# before it started (0 = from scratch), commit, date and machine.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 PROFILE=${PROFILE:-cpu}
@@ -12,11 +14,28 @@ if [ "$#" -eq 0 ]; then
   echo "no notebooks given" >&2
   exit 1
 fi
+records_before=$(find "results/$PROFILE" -name '*.json' ! -name run_times.json 2>/dev/null | wc -l)
+times=()
+run_start=$(date +%s)
 for nb in "$@"; do
   name=$(basename "$nb")
   echo "== $name (profile $PROFILE)"
   start=$(date +%s)
   "$PYTHON" -m papermill --cwd notebooks -k python3 -p profile "$PROFILE" -p no_compute "$NO_COMPUTE" \
     "$nb" "$out/$name" --log-output --no-progress-bar
-  echo "== $name done in $(( $(date +%s) - start )) s"
+  secs=$(( $(date +%s) - start ))
+  times+=("$name=$secs")
+  echo "== $name done in $secs s"
 done
+echo "== all notebooks done in $(( $(date +%s) - run_start )) s"
+if [ "$NO_COMPUTE" = "0" ]; then
+  "$PYTHON" - "$PROFILE" "$records_before" "${times[@]}" <<'PY'
+import sys
+from minillm.results import REPO_ROOT, provenance, write_json_atomic
+profile, before, *pairs = sys.argv[1:]
+secs = {k: int(v) for k, v in (p.split("=", 1) for p in pairs)}
+write_json_atomic(REPO_ROOT / "results" / profile / "run_times.json", {
+    "profile": profile, "records_before": int(before), "from_scratch": int(before) == 0,
+    "notebook_seconds": secs, "total_seconds": sum(secs.values()), "provenance": provenance(None)})
+PY
+fi
