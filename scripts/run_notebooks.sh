@@ -14,7 +14,7 @@ if [ "$#" -eq 0 ]; then
   echo "no notebooks given" >&2
   exit 1
 fi
-records_before=$(find "results/$PROFILE" -name '*.json' ! -name run_times.json 2>/dev/null | wc -l)
+records_before=$( (find "results/$PROFILE" -name "*.json" ! -name run_times.json 2>/dev/null || true) | wc -l)
 times=()
 run_start=$(date +%s)
 for nb in "$@"; do
