@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 
 GIB = 1024**3
+# glibc settings for CPU memory measurements (see memory_in_subprocess)
+CPU_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 @dataclass
@@ -101,10 +103,13 @@ def memory_step(
     sparsity: float = 0.2,
     options: dict | None = None,
     seed: int = 0,
+    warmup: bool = True,
 ) -> dict:
     """In *this* process: load the model, then measure the peak memory of either the dense forward pass
     (method='dense', no grad) or the method's full scoring-and-pruning step on a batch of random token ids
-    (memory depends on shapes, not on values). Meant to run in a fresh process (see `memory_in_subprocess`)."""
+    (memory depends on shapes, not on values). Meant to run in a fresh process (see `memory_in_subprocess`).
+    warmup: first run a forward pass on 1 x 8 tokens, outside the measurement."""
+    import gc
     import time
 
     from .models import load_model
@@ -117,6 +122,12 @@ def memory_step(
         0, int(model.config.vocab_size), (batch, seqlen), generator=torch.Generator().manual_seed(seed)
     ).to(dev)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if warmup:
+        # page in the (memory-mapped) weights and initialise the kernels' one-time state, so the step's increase is
+        # activations and scoring state, not the first touch of the weights
+        with torch.no_grad():
+            model(input_ids=tokens[:1, :8])
+        gc.collect()
     t0 = time.perf_counter()
     with peak_memory(dev) as mem:
         if method == "dense":
@@ -125,6 +136,16 @@ def memory_step(
         else:
             prune(model, method, sparsity, tokens, progress=False, **(options or {}))
     return {"method": method, "wall_time_s": time.perf_counter() - t0, "weights_bytes": weights, **mem.to_json()}
+
+
+def child_env(device: str) -> dict:
+    """Environment of a memory-measuring child process (CPU: glibc returns freed large blocks at once)."""
+    import os
+
+    env = dict(os.environ)
+    if torch.device(device).type == "cpu":
+        env.update(CPU_MALLOC_ENV)
+    return env
 
 
 def memory_in_subprocess(
@@ -138,7 +159,11 @@ def memory_in_subprocess(
     options: dict | None = None,
     timeout_s: float = 3600,
 ) -> dict:
-    """Run `memory_step` in a fresh Python process and return its result (or the error it died with)."""
+    """Run `memory_step` in a fresh Python process and return its result (or the error it died with).
+
+    On CPU the child's glibc malloc serves every allocation of 64 KiB or more with its own mmap and returns it to the
+    system when freed (MALLOC_MMAP_THRESHOLD_), so peak RSS follows the live tensors. With the default dynamic
+    threshold, freed tensors stay in the heap and the same step's peak RSS varied by up to 2x between runs."""
     import json
     import subprocess
     import sys
@@ -166,7 +191,7 @@ def memory_in_subprocess(
         "--options",
         json.dumps(options or {}),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=child_env(device))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         return {
@@ -200,6 +225,8 @@ def bench_memory(
         "seqlen": seqlen,
         "dtype": dtype,
         "device": device,
+        "protocol": "each step in a fresh process after a 1x8-token warm-up forward"
+        + (f"; glibc {CPU_MALLOC_ENV}" if torch.device(device).type == "cpu" else ""),
         "dense_forward": dense,
         "methods": rows,
     }

@@ -2,7 +2,7 @@
 
 import torch
 
-from minillm.measure import bench_latency, memory_in_subprocess, peak_memory
+from minillm.measure import CPU_MALLOC_ENV, bench_latency, child_env, memory_in_subprocess, peak_memory
 
 
 def test_peak_memory_sees_a_larger_allocation():
@@ -22,6 +22,12 @@ def test_memory_step_in_fresh_process_dense_and_method():
     taylor = memory_in_subprocess("tiny-llama", "taylor", 2, 16)
     assert "error" not in dense and "error" not in taylor, (dense, taylor)
     assert dense["peak_bytes"] > 0 and taylor["weights_bytes"] == dense["weights_bytes"]
+
+
+def test_cpu_memory_children_return_freed_blocks_to_the_system():
+    env = child_env("cpu")
+    assert all(env[k] == v for k, v in CPU_MALLOC_ENV.items())
+    assert "MALLOC_MMAP_THRESHOLD_" not in child_env("cuda") or "MALLOC_MMAP_THRESHOLD_" in __import__("os").environ
 
 
 def test_latency_bench_record_has_every_field():
