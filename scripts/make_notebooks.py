@@ -136,9 +136,14 @@ The MINI-LLM claim is a pruning step with "a GPU memory footprint akin to gradie
 backprop methods need 2-3x the memory. Each method's full scoring-and-pruning step runs in a fresh process, beside
 the dense forward pass on the same batch, and the ratio to that forward pass is annotated on each bar.
 
-On CPU the measure is the peak resident memory of the process (which includes the Python runtime and libraries);
-on a GPU it is `torch.cuda.max_memory_allocated`. Expect backprop Taylor clearly above the dense forward (a gradient
-for every scored weight) and the forward-only methods close to it. 7B-class GPU records (random weights; memory
+On CPU the measure is the peak resident memory of the process (which includes the Python runtime, libraries and
+weights), taken after a small warm-up forward that pages in the memory-mapped weights, with glibc told to hand
+freed blocks of 64 KiB or more back to the system at once; without that, identical steps differed by up to 2x
+because freed tensors stayed in the heap. On a GPU it is `torch.cuda.max_memory_allocated`. The step includes the
+physical removal, which briefly holds the new, smaller weight matrices next to the old ones. Expect backprop Taylor
+clearly above the dense forward (a gradient for every scored weight) and the forward-only methods close to it; at
+long sequences they can be below it, because the dense forward materialises the full logits while the scoring loss
+applies the LM head in chunks. 7B-class GPU records (random weights; memory
 depends on shapes only) appear below when a GPU run produced them."""),
         code(PARAMS),
         code(SETUP),
