@@ -303,18 +303,28 @@ def run_recovery(cfg: dict, force: bool = False, progress: bool = False) -> list
     acc = cfg["accuracy"]
     by_label = {e["label"]: e for e in acc["methods"]}
     out = []
-    for item in exp["methods"]:  # a label, or {label, sparsities}
-        label = item if isinstance(item, str) else item["label"]
+    for item in exp["methods"]:
+        # a label, or {label, sparsities, kl_weights, train, tag}: train overrides the experiment's training settings
+        # (the tag, e.g. "steps200", keeps its records apart from the default ones)
+        item = {"label": item} if isinstance(item, str) else dict(item)
+        label = item["label"]
+        if label not in by_label:
+            raise ValueError(f"recovery entry {label!r} is not an accuracy method label of profile {profile!r}")
         entry = by_label[label]
-        for s in exp["sparsities"] if isinstance(item, str) else item["sparsities"]:
+        if "train" in item and not item.get("tag"):
+            raise ValueError(f"recovery entry {label!r} overrides train settings and needs a 'tag' for its records")
+        item_exp = {**exp, "train": {**exp["train"], **item.get("train", {})}}
+        kls = item.get("kl_weights", exp["kl_weights"])
+        suffix = f"_{item['tag']}" if item.get("tag") else ""
+        for s in item.get("sparsities", exp["sparsities"]):
             files = {
-                kl: results_dir(profile, "recovery") / f"{label}_s{round(s * 100):02d}_kl{kl:g}.json"
-                for kl in exp["kl_weights"]
+                kl: results_dir(profile, "recovery") / f"{label}_s{round(s * 100):02d}_kl{kl:g}{suffix}.json"
+                for kl in kls
             }
             todo = [kl for kl, f in files.items() if force or load_record(f) is None]
             if todo:
-                _recover_one(cfg, acc, exp, entry, s, todo, files, recover, progress)
-            out += [load_record(files[kl]) for kl in exp["kl_weights"]]
+                _recover_one(cfg, acc, item_exp, entry, s, todo, files, recover, progress)
+            out += [load_record(files[kl]) for kl in kls]
     return out
 
 

@@ -305,16 +305,16 @@ def recovery_frame(records: list[dict]) -> pd.DataFrame:
         )
         rows.append(row)
     df = pd.DataFrame(rows)
-    return df.sort_values(["sparsity", "method", "kl_weight"]).reset_index(drop=True) if not df.empty else df
+    return df.sort_values(["sparsity", "method", "steps", "kl_weight"]).reset_index(drop=True) if not df.empty else df
 
 
 def plot_recovery(df: pd.DataFrame, title: str = ""):
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(max(7, 0.45 * len(df)), 4))
     labels, before, after = [], [], []
     for _, r in df.iterrows():
-        labels.append(f"{r['method']} @{r['sparsity']:.0%}\nKL {r['kl_weight']:g}")
+        labels.append(f"{r['method']} @{r['sparsity']:.0%}\nKL {r['kl_weight']:g}, {r['steps']} steps")
         before.append(r["ppl_before"])
         after.append(r["ppl_after"])
     x = range(len(labels))

@@ -134,7 +134,9 @@ def latency_section(profile: str) -> list[str]:
 
 
 def recovery_section(profile: str) -> list[str]:
-    records = experiments.collect(profile, "recovery")
+    folder = experiments.results_dir(profile, "recovery")
+    paths = sorted(folder.glob("*.json")) if folder.exists() else []
+    records = [{**experiments.load_record(p), "_path": str(p.relative_to(ROOT))} for p in paths]
     if not records:
         return []
     lines = [
@@ -148,17 +150,22 @@ def recovery_section(profile: str) -> list[str]:
         "train s | record | device, commit, date |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    key = lambda r: (r["config"]["sparsity"], r["config"]["label"], r["config"]["kl_weight"])  # noqa: E731
+    key = lambda r: (  # noqa: E731
+        r["config"]["sparsity"],
+        r["config"]["label"],
+        r["metrics"]["recovery"]["steps"],
+        r["config"]["kl_weight"],
+    )
     for r in sorted(records, key=key):
         cfg, m = r["config"], r["metrics"]
         zb = m["before"].get("zeroshot", {}).get("average")
         za = m["after"].get("zeroshot", {}).get("average")
-        name = f"results/{profile}/recovery/{cfg['label']}_s{round(cfg['sparsity'] * 100):02d}_kl{cfg['kl_weight']:g}"
+        name = r["_path"]
         lines.append(
             f"| {cfg['label']} | {cfg['sparsity']:.2f} | {cfg['kl_weight']:g} | {m['recovery']['steps']} | "
             f"{m['before']['perplexity']['ppl']:.2f} | {m['after']['perplexity']['ppl']:.2f} | "
             f"{'' if zb is None else f'{zb:.3f}'} | {'' if za is None else f'{za:.3f}'} | "
-            f"{m['recovery']['time_s']:.0f} | `{name}.json` | {_prov(r)} |"
+            f"{m['recovery']['time_s']:.0f} | `{name}` | {_prov(r)} |"
         )
     return lines + [""]
 

@@ -67,3 +67,21 @@ def test_a_record_made_with_other_calibration_is_not_reused(tmp_path, monkeypatc
     path.write_text(json.dumps(record))
     (rec,) = experiments.run_recovery(cfg)
     assert rec["plan_source"] == "pruned here"
+
+
+def test_recovery_entries_override_training_and_experiments_resume(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path)
+    cfg = _profile("t", compensate=False)
+    first = experiments.run_accuracy(cfg)
+    assert experiments.run_accuracy(cfg) == first  # resumed from the records, nothing recomputed
+    cfg["recovery"]["methods"] = ["wanda_sp", {"label": "wanda_sp", "train": {"steps": 2}, "tag": "steps2"}]
+    default, longer = experiments.run_recovery(cfg)
+    assert (tmp_path / "t" / "recovery" / "wanda_sp_s20_kl0_steps2.json").exists()
+    assert default["metrics"]["recovery"]["steps"] == 1 and longer["metrics"]["recovery"]["steps"] == 2
+    assert longer["config"]["train"]["steps"] == 2 and longer["config"]["train"]["rank"] == 2
+    cfg["recovery"]["methods"] = [{"label": "wanda_sp", "train": {"steps": 3}}]
+    with pytest.raises(ValueError, match="needs a 'tag'"):
+        experiments.run_recovery(cfg)
+    cfg["recovery"]["methods"] = ["nope"]
+    with pytest.raises(ValueError, match="not an accuracy method label"):
+        experiments.run_recovery(cfg)
