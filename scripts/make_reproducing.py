@@ -25,8 +25,8 @@ Every record carries its full configuration, package versions, git commit, devic
 
 * **Profiles.** `cpu` (embedded SmolLM2-135M on 2 CPU cores, a subset that runs in <= 40 minutes; the default
   without CUDA), `cpu-full` (the same model with the full grid behind the closing notes: more FMS and Bonsai
-  variants and budgets, 40 zero-shot examples per task, two memory shapes, recovery of three methods at 20% and
-  50%; about 2 hours), `gpu` (larger grids and 7B-class shapes on a CUDA GPU; **no GPU records are committed
+  variants and budgets, 40 zero-shot examples per task, two memory shapes, recovery of four methods at 20% and
+  50% with 20 steps and at 50% with 100; about 2 hours, never timed as one run), `gpu` (larger grids and 7B-class shapes on a CUDA GPU; **no GPU records are committed
   yet**: this repository's sessions had no GPU), `smoke` (CI, numbers not meaningful), `paper` (Hub checkpoints;
   needs network).
 * **Everything at once:** `make reproduce PROFILE=cpu` (set-up, then every notebook). It resumes from the records
