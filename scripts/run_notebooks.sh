@@ -2,8 +2,8 @@
 # Execute numbered notebooks in order with papermill into notebooks/executed/, passing the profile.
 # Environment: PYTHON (interpreter with papermill), PROFILE (smoke|cpu|cpu-full|gpu|paper), MINILLM_NO_COMPUTE=1 to
 # only re-render from committed records.
-# A computing run writes results/<profile>/run_times.json: seconds per notebook, the number of records that existed
-# before it started (0 = from scratch), commit, date and machine.
+# A computing run writes results/<profile>/run_times.json when it started from no records (run_times_resumed.json,
+# not committed, otherwise): seconds per notebook, records that existed before it, commit, date and machine.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 PROFILE=${PROFILE:-cpu}
@@ -14,7 +14,7 @@ if [ "$#" -eq 0 ]; then
   echo "no notebooks given" >&2
   exit 1
 fi
-records_before=$( (find "results/$PROFILE" -name "*.json" ! -name run_times.json 2>/dev/null || true) | wc -l)
+records_before=$( (find "results/$PROFILE" -name "*.json" ! -name "run_times*.json" 2>/dev/null || true) | wc -l)
 times=()
 run_start=$(date +%s)
 for nb in "$@"; do
@@ -34,7 +34,9 @@ import sys
 from minillm.results import REPO_ROOT, provenance, write_json_atomic
 profile, before, *pairs = sys.argv[1:]
 secs = {k: int(v) for k, v in (p.split("=", 1) for p in pairs)}
-write_json_atomic(REPO_ROOT / "results" / profile / "run_times.json", {
+# a from-scratch run is the measurement REPRODUCING.md quotes; a resumed run must not overwrite it
+name = "run_times.json" if int(before) == 0 else "run_times_resumed.json"
+write_json_atomic(REPO_ROOT / "results" / profile / name, {
     "profile": profile, "records_before": int(before), "from_scratch": int(before) == 0,
     "notebook_seconds": secs, "total_seconds": sum(secs.values()), "provenance": provenance(None)})
 PY
