@@ -62,3 +62,28 @@ def test_targets_skip_emptied_matrices(tiny):
 def test_bad_options(tiny, kw, msg):
     with pytest.raises(ValueError, match=msg):
         recover(tiny("tiny-llama"), _windows(), progress=False, **kw)
+
+
+def test_gradient_checkpointing_gives_the_same_training_and_bf16_autocast_trains(tiny):
+    runs = {}
+    for gc in (False, True):
+        model = tiny("tiny-llama-gqa")
+        minillm.prune(model, "random", 0.3)
+        _, runs[gc] = recover(
+            model,
+            _windows(),
+            rank=4,
+            alpha=8,
+            lr=5e-3,
+            steps=6,
+            batch_size=4,
+            gradient_checkpointing=gc,
+            progress=False,
+        )
+    assert runs[True]["gradient_checkpointing"] and not runs[False]["gradient_checkpointing"]
+    for key in ("first_loss", "last_loss"):
+        assert runs[True][key] == pytest.approx(runs[False][key], rel=1e-5, abs=1e-6)
+    model = tiny("tiny-llama-gqa")
+    minillm.prune(model, "random", 0.3)
+    _, rec = recover(model, _windows(), rank=4, alpha=8, lr=5e-3, steps=30, batch_size=4, bf16=True, progress=False)
+    assert rec["bf16"] and rec["mean_loss_last_10pct"] < rec["mean_loss_first_10pct"] - 0.1
