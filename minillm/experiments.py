@@ -65,8 +65,8 @@ def results_dir(profile: str, experiment: str) -> Path:
     return RESULTS_DIR / profile / experiment
 
 
-def _record_file(profile: str, experiment: str, label: str, sparsity: float) -> Path:
-    return results_dir(profile, experiment) / f"{label}_s{int(round(sparsity * 100)):02d}.json"
+def _record_file(profile: str, experiment: str, label: str, sparsity: float, suffix: str = "") -> Path:
+    return results_dir(profile, experiment) / f"{label}_s{round(sparsity * 100):02d}{suffix}.json"
 
 
 def _load(cfg: dict):
@@ -74,12 +74,31 @@ def _load(cfg: dict):
     return load_model(cfg["model"], device=cfg.get("device", "cpu"))
 
 
-def _calibration(tok, exp: dict, entry: dict):
-    """Calibration windows of one method entry (its own settings over the experiment's) and their description."""
+def _calibration_settings(exp: dict, entry: dict) -> tuple[int, int, int]:
+    """(n_samples, seqlen, seed) of one method entry: its own calibration settings over the experiment's."""
     c = {**exp["calibration"], **entry.get("calibration", {})}
-    seed = c.get("seed", 0)
-    return calibration_windows(tok, c["n_samples"], c["seqlen"], seed=seed), describe_calibration(
-        c["n_samples"], c["seqlen"], seed
+    return c["n_samples"], c["seqlen"], c.get("seed", 0)
+
+
+def _calibration(tok, exp: dict, entry: dict):
+    """Calibration windows of one method entry and their description."""
+    n, seqlen, seed = _calibration_settings(exp, entry)
+    return calibration_windows(tok, n, seqlen, seed=seed), describe_calibration(n, seqlen, seed)
+
+
+def _prune_entry(model, entry: dict, sparsity: float, calib, calib_info: dict, prune_options: dict, progress, **kw):
+    """Prune `model` in place as the method entry says (its options over the experiment's prune options)."""
+    return prune(
+        model,
+        entry["method"],
+        sparsity,
+        calib,
+        seed=entry.get("seed", 0),
+        calibration=calib_info,
+        progress=progress,
+        **kw,
+        **prune_options,
+        **entry.get("options", {}),
     )
 
 
@@ -169,17 +188,8 @@ def _run_method(cfg, exp, entry, force, experiment, progress) -> list[dict]:
             model, _ = _load(cfg)
             t0 = time.perf_counter()
             with peak_memory(cfg.get("device", "cpu")) as mem:
-                plan = prune(
-                    model,
-                    method,
-                    s,
-                    calib,
-                    seed=entry.get("seed", 0),
-                    calibration=calib_info,
-                    progress=progress,
-                    scores=copy.deepcopy(shared_scores),
-                    **prune_options,
-                    **options,
+                plan = _prune_entry(
+                    model, entry, s, calib, calib_info, prune_options, progress, scores=copy.deepcopy(shared_scores)
                 )
             prune_time = time.perf_counter() - t0
             metrics = _evaluate(model, tok, exp, s)
@@ -317,10 +327,7 @@ def run_recovery(cfg: dict, force: bool = False, progress: bool = False) -> list
         kls = item.get("kl_weights", exp["kl_weights"])
         suffix = f"_{item['tag']}" if item.get("tag") else ""
         for s in item.get("sparsities", exp["sparsities"]):
-            files = {
-                kl: results_dir(profile, "recovery") / f"{label}_s{round(s * 100):02d}_kl{kl:g}{suffix}.json"
-                for kl in kls
-            }
+            files = {kl: _record_file(profile, "recovery", label, s, f"_kl{kl:g}{suffix}") for kl in kls}
             todo = [kl for kl, f in files.items() if force or load_record(f) is None]
             if todo:
                 _recover_one(cfg, acc, item_exp, entry, s, todo, files, recover, progress)
@@ -336,22 +343,13 @@ def _recover_one(cfg, acc, exp, entry, sparsity, kl_weights, files, recover, pro
     label, method = entry["label"], entry["method"]
     prune_options = {**acc.get("prune_options", {}), **entry.get("prune_options", {})}
     base, tok = _load(cfg)
-    calib, calib_info = _calibration(tok, acc, entry)
+    calib_info = describe_calibration(*_calibration_settings(acc, entry))
     t0 = time.perf_counter()
     acc_file = _record_file(cfg["profile"], "accuracy", label, sparsity)
     plan = _reuse_accuracy_plan(base, acc_file, entry, prune_options, calib_info, sparsity)
-    if plan is None:
-        plan = prune(
-            base,
-            method,
-            sparsity,
-            calib,
-            seed=entry.get("seed", 0),
-            progress=progress,
-            calibration=calib_info,
-            **prune_options,
-            **entry.get("options", {}),
-        )
+    if plan is None:  # calibration windows are only read when pruning again
+        calib, calib_info = _calibration(tok, acc, entry)
+        plan = _prune_entry(base, entry, sparsity, calib, calib_info, prune_options, progress)
     prune_time = time.perf_counter() - t0
     before = _evaluate(base, tok, exp, sparsity)
     train = exp["train"]
