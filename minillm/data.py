@@ -66,11 +66,20 @@ def tokenize_novels(tokenizer, novels: tuple[str, ...]) -> torch.Tensor:
     return _TOKEN_CACHE[key]
 
 
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """True when the tokenizer puts BOS in front of a text by itself (Gemma: the model was trained with it and its
+    perplexity doubles without it); False for SmolLM2, whose tokenizer adds no special token."""
+    if getattr(tokenizer, "bos_token_id", None) is None:
+        return False
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(probe) and probe[0] == tokenizer.bos_token_id
+
+
 def _bos(tokenizer, add_bos: bool | None) -> int | None:
-    """BOS id to prepend: only for tokenizers that add one themselves (e.g. Gemma), unless told otherwise."""
+    """BOS id to prepend to every window: only for tokenizers that add one themselves (e.g. Gemma), unless told
+    otherwise. The novels are tokenized once without special tokens, so each window gets its own BOS."""
     if add_bos is None:
-        probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-        add_bos = bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
+        add_bos = tokenizer_adds_bos(tokenizer)
     return tokenizer.bos_token_id if add_bos else None
 
 
@@ -105,7 +114,9 @@ def perplexity_windows(
     tokenizer, seqlen: int, n_windows: int | None = None, novel: str = PPL_NOVEL, add_bos: bool | None = None
 ) -> torch.Tensor:
     """Consecutive non-overlapping windows of `seqlen` tokens from the start of `novel`: LongTensor [n, seqlen]
-    (all complete windows when `n_windows` is None)."""
+    (all complete windows when `n_windows` is None). For a tokenizer that adds BOS (Gemma) every window is BOS
+    followed by seqlen - 1 text tokens (BOS is never a prediction target); otherwise seqlen text tokens, unchanged.
+    `add_bos` forces either behaviour."""
     if seqlen < 2:
         raise ValueError(f"seqlen must be >= 2, got {seqlen}")
     ids = tokenize_novels(tokenizer, (novel,))

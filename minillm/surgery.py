@@ -153,7 +153,8 @@ def prune_layer(
         kept_channels = sorted(kept_channels)
         n = adapter.n_channels(layer)
         _check_range(kept_channels, n, "channel", layer_idx)
-        for m in adapter.mlp_members(layer):
+        # nothing to slice when every channel stays (also an MLP already emptied by an earlier round: 0 of 0)
+        for m in adapter.mlp_members(layer) if len(kept_channels) < n else ():
             slice_linear(
                 m.linear, _block_index(n, m.linear.weight.shape[m.dim], kept_channels, m.linear.weight.device), m.dim
             )

@@ -6,10 +6,11 @@ from torch import nn
 
 from .base import Adapter, AttentionShape, Member, UnsupportedArchitectureError
 from .bloom import BloomAdapter
+from .gemma3 import Gemma3Adapter
 from .llama import LlamaAdapter
 from .opt import OPTAdapter
 
-_ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, OPTAdapter, BloomAdapter)
+_ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, OPTAdapter, BloomAdapter, Gemma3Adapter)
 
 
 def supported_model_types() -> list[str]:
