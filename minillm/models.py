@@ -168,7 +168,7 @@ SHAPES: dict[str, Callable] = {
         max_position_embeddings=256,
         tie_word_embeddings=True,
         pad_token_id=0,
-        eos_token_id=1,
+        eos_token_id=None,  # random weights: greedy decoding must not stop early in generation tests
         bos_token_id=2,
     ),
     "gemma3-270m-shape": lambda: _gemma3(

@@ -9,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import minillm  # noqa: E402
 
-TINY = ["tiny-llama", "tiny-llama-gqa", "tiny-llama-mqa", "tiny-opt", "tiny-bloom"]
+TINY = ["tiny-llama", "tiny-llama-gqa", "tiny-llama-mqa", "tiny-opt", "tiny-bloom", "tiny-gemma3"]
 
 
 @pytest.fixture

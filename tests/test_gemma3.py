@@ -206,6 +206,27 @@ def test_methods_can_empty_whole_modules(tiny, tmp_path, method, opts):
     assert again.generate(tokens[:1, :4], max_new_tokens=6, do_sample=False).shape == (1, 10)
 
 
+def test_lora_recovery_with_kl_on_a_pruned_gemma3(tiny, tmp_path):
+    """LoRA (+ KL to the dense parent) on a Gemma 3 with an emptied attention block: trains, merges, reloads."""
+    from minillm.recover import lora_targets, recover
+
+    parent = _sharpen(tiny(NAME))
+    model = _sharpen(tiny(NAME))
+    prune_layer(model, get_adapter(model), 0, [], [], None)
+    plan = minillm.prune(model, "random", 0.4, seed=1)
+    assert "model.layers.0.self_attn.o_proj" not in lora_targets(model)
+    windows = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(2))
+    merged, record = recover(model, windows, rank=2, steps=4, batch_size=4, teacher=parent, kl_weight=0.5,
+                             progress=False)
+    assert record["method"] == "lora+kl" and type(merged).__name__ == "Gemma3ForCausalLM"
+    plan.recovery.append(record)
+    minillm.save_pruned(merged, plan, tmp_path / "r")
+    again, _ = minillm.load_pruned(tmp_path / "r")
+    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(again(tokens).logits, merged(tokens).logits)
+
+
 # --- BOS -------------------------------------------------------------------------------------------------------
 
 
