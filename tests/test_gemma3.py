@@ -344,3 +344,19 @@ def test_gemma3_270m_prunes_and_reloads(gemma3, tmp_path):
     ids = torch.tensor([tok("It is a truth universally acknowledged")["input_ids"]])
     with torch.no_grad():
         assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_zeroshot_requests_start_with_bos(gemma3, smollm2):
+    """Real tokenizers: Gemma's requests reach the model with <bos> first; SmolLM2's tokenizer adds none and its
+    requests start with the prompt's own first token, as before."""
+    model, tok = gemma3
+    firsts = []
+    hook = model.model.embed_tokens.register_forward_pre_hook(lambda m, args: firsts.extend(args[0][:, 0].tolist()))
+    try:
+        res = zeroshot(model, tok, tasks=["bb_cloze_strategyqa"], limit=5, batch_size=8)
+    finally:
+        hook.remove()
+    assert set(firsts) == {tok.bos_token_id} and 0.0 <= res["bb_cloze_strategyqa"]["value"] <= 1.0
+    assert not data.tokenizer_adds_bos(smollm2[1])
+    assert smollm2[1].bos_token_id not in data.perplexity_windows(smollm2[1], 64, 2)[:, 0].tolist()
