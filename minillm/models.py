@@ -325,8 +325,8 @@ def load_model(
 ) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer (None for random shape/tiny models).
 
-    name_or_path: a registry name (`smollm2-135m`, `gemma3-270m`, `llama-7b-shape`, `tiny-llama`, ...), a local directory
-    (a `save_pruned` directory is rebuilt through `load_pruned`), or a Hugging Face Hub id.
+    name_or_path: a registry name (`smollm2-135m`, `gemma3-270m`, `llama-7b-shape`, `tiny-llama`, ...), a local
+    directory (a `save_pruned` directory is rebuilt through `load_pruned`), or a Hugging Face Hub id.
     Extra keyword arguments (e.g. device_map, max_memory, revision) go to `from_pretrained`."""
     if name_or_path in SHAPES:
         return build_random(name_or_path, dtype, device, attn_implementation=attn_implementation), None

@@ -67,8 +67,10 @@ def test_masked_equals_physically_pruned_with_emptied_layers(tiny):
     model = _sharpen(tiny(NAME))
     tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     adapter = get_adapter(model)
-    norms = {i: (l.self_attn.q_norm.weight.clone(), l.self_attn.k_norm.weight.clone()) for i, l in
-             enumerate(adapter.layers())}
+    norms = {
+        i: (layer.self_attn.q_norm.weight.clone(), layer.self_attn.k_norm.weight.clone())
+        for i, layer in enumerate(adapter.layers())
+    }
     removed_heads = {0: [0, 1, 2, 3], 1: [2], 2: [0, 3], 3: [1]}
     removed_channels = {0: [5, 7], 1: list(range(48)), 2: list(range(0, 48, 3)), 3: [0, 47]}
     heads = {i: torch.tensor([0.0 if h in r else 1.0 for h in range(4)]) for i, r in removed_heads.items()}
@@ -216,8 +218,9 @@ def test_lora_recovery_with_kl_on_a_pruned_gemma3(tiny, tmp_path):
     plan = minillm.prune(model, "random", 0.4, seed=1)
     assert "model.layers.0.self_attn.o_proj" not in lora_targets(model)
     windows = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(2))
-    merged, record = recover(model, windows, rank=2, steps=4, batch_size=4, teacher=parent, kl_weight=0.5,
-                             progress=False)
+    merged, record = recover(
+        model, windows, rank=2, steps=4, batch_size=4, teacher=parent, kl_weight=0.5, progress=False
+    )
     assert record["method"] == "lora+kl" and type(merged).__name__ == "Gemma3ForCausalLM"
     plan.recovery.append(record)
     minillm.save_pruned(merged, plan, tmp_path / "r")
