@@ -22,10 +22,14 @@ PLAN_FILE = "pruning.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def save_pruned(model: nn.Module, plan: PruningPlan, directory: str | Path, tokenizer=None) -> Path:
-    """Write `directory` atomically (a crash leaves either the old directory or the complete new one)."""
+def save_pruned(
+    model: nn.Module, plan: PruningPlan, directory: str | Path, tokenizer=None, overwrite: bool = False
+) -> Path:
+    """Write `directory` atomically (a crash leaves either the old directory or the complete new one). A non-empty
+    directory that is not a previous minillm output is refused unless `overwrite`; so are the current directory and
+    its parents."""
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
         model.config.save_pretrained(tmp)
         save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "minillm": "pruned"})
         if tokenizer is not None:
@@ -51,23 +55,52 @@ def load_pruned(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory (expected one written by minillm.save_pruned)")
     plan = PruningPlan.load(directory / PLAN_FILE)
     weights = directory / WEIGHTS_FILE
     if not weights.exists():
         raise FileNotFoundError(f"{weights} is missing")
-    config = AutoConfig.from_pretrained(directory)
-    state = load_file(str(weights))
+    config_file = directory / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} is missing")
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError) as e:
+        raise PlanError(f"{config_file}: cannot read the model configuration ({e})") from None
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
+        raise PlanError(f"{weights}: cannot read the weights, the file is truncated or corrupt ({e})") from None
+    if not state:
+        raise PlanError(f"{weights}: the file holds no tensors")
     dtype = dtype or next(iter(state.values())).dtype
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     adapter = get_adapter(model)
-    if plan.architecture.get("num_layers") not in (None, len(adapter.layers())):
-        raise PlanError(
-            f"{directory / PLAN_FILE}: plan is for {plan.architecture['num_layers']} layers, the config "
-            f"has {len(adapter.layers())}"
-        )
-    apply_keep(model, adapter, plan.layers)
+    described = adapter.describe()
+    differing = {
+        k: (v, described[k]) for k, v in plan.architecture.items() if k in described and described[k] != v
+    }
+    if differing:
+        detail = ", ".join(f"{k}: {a!r} in {PLAN_FILE} vs {b!r} in config.json" for k, (a, b) in differing.items())
+        raise PlanError(f"{directory}: {PLAN_FILE} and {config_file.name} describe different models ({detail})")
+    try:
+        apply_keep(model, adapter, plan.layers)
+    except PlanError as e:
+        raise PlanError(f"{directory / PLAN_FILE} does not fit {config_file}: {e}") from None
     _add_compensation_biases(model, state)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    expected = model.state_dict()
+    wrong = [
+        f"{k}: {tuple(v.shape)} in the file, {tuple(expected[k].shape)} expected"
+        for k, v in state.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if wrong:
+        raise PlanError(
+            f"{weights}: tensor shapes do not match the pruned architecture of {directory / PLAN_FILE} "
+            f"({len(wrong)} tensors, e.g. {'; '.join(wrong[:3])}); were the weights copied from another model?"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied_spec = getattr(model, "_tied_weights_keys", None) or {}
     # safetensors keeps one name of a tied pair; either side may be the missing one
@@ -75,7 +108,7 @@ def load_pruned(
     real_missing = [k for k in missing if k not in tied]
     if real_missing or unexpected:
         raise PlanError(
-            f"{directory}: weights do not match the pruned architecture (missing {real_missing[:5]}, "
+            f"{weights}: weights do not match the pruned architecture (missing {real_missing[:5]}, "
             f"unexpected {unexpected[:5]})"
         )
     model.tie_weights()
