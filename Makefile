@@ -43,7 +43,9 @@ reproduce: $(SETUP)
 	PROFILE=$(PROFILE) PYTHON=$(PYTHON) bash scripts/run_notebooks.sh $(NOTEBOOKS)
 	$(PYTHON) scripts/check_outputs.py $(PROFILE)
 
+# re-render from the records only: fails at once, with a message, for an unknown profile or one without records
 figures: $(SETUP)
+	$(PYTHON) -c "from minillm.experiments import check_records; check_records('$(PROFILE)')"
 	PROFILE=$(PROFILE) PYTHON=$(PYTHON) MINILLM_NO_COMPUTE=1 bash scripts/run_notebooks.sh $(NOTEBOOKS)
 
 lab: $(SETUP)

@@ -237,6 +237,12 @@ def load_model(
             from .checkpoint import load_pruned
 
             return load_pruned(path, dtype=dtype, device=device)
+        if not (path / "config.json").exists():
+            contents = sorted(p.name for p in path.iterdir())[:5]
+            raise FileNotFoundError(
+                f"{path} is not a model directory: it has neither pruning.json (written by minillm.save_pruned) nor "
+                f"config.json (a transformers checkpoint); it contains {contents or 'nothing'}"
+            )
         model, tok = _from_pretrained(str(path), dtype, device, attn_implementation, **from_pretrained_kwargs)
         model.minillm_source = str(path)
         return model, tok
