@@ -213,7 +213,7 @@ def _warn_surprises(plan: PruningPlan, sparsity: float, round_to: int) -> None:
             UserWarning,
             stacklevel=3,
         )
-    elif round_to > 1 and abs(plan.achieved_sparsity - sparsity) > max(0.02, 0.1 * sparsity):
+    elif round_to > 1 and abs(plan.achieved_sparsity - sparsity) > max(0.03, 0.15 * sparsity):
         warnings.warn(
             f"round_to={round_to}: achieved sparsity {plan.achieved_sparsity:.4f} is far from the requested "
             f"{sparsity} (kept widths rounded to multiples of {round_to})",

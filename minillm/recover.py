@@ -60,6 +60,10 @@ def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Ten
 # After the last update, the first training batch's loss may be at most this many times its loss before training
 # (a run that learned something lowers it; lr 1e6 raises it by orders of magnitude).
 DIVERGENCE_FACTOR = 2.0
+# ... and no adapter's update (scale * B @ A) may exceed this many times the norm of the weight it adapts (a sane run
+# changes weights by a few percent; lr 1e6 by a factor of 1e7, which a model that is uniform already hides in its
+# loss).
+MAX_UPDATE_RATIO = 100.0
 
 
 @torch.no_grad()
@@ -71,6 +75,20 @@ def _check_after_training(peft_model, params, order, train_windows, batch_size, 
         raise FloatingPointError(
             f"recovery diverged: {len(bad)} LoRA parameter tensors hold NaN or inf after the last step; nothing was "
             "merged or saved (lower the learning rate)"
+        )
+    worst, where = 0.0, None
+    for name, module in peft_model.named_modules():
+        if "default" in getattr(module, "lora_A", {}) and hasattr(module, "base_layer"):
+            delta = module.get_delta_weight("default").float()
+            ratio = float(delta.norm() / module.base_layer.weight.float().norm().clamp_min(1e-12))
+            if not math.isfinite(ratio) or ratio > worst:
+                worst, where = ratio, name
+            if not math.isfinite(ratio):
+                break
+    if not math.isfinite(worst) or worst > MAX_UPDATE_RATIO:
+        raise FloatingPointError(
+            f"recovery diverged: the LoRA update of {where} is {worst:.3g} times the norm of the weight it adapts; "
+            "nothing was merged or saved (lower the learning rate)"
         )
     was_training = peft_model.training
     peft_model.eval()
