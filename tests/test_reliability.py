@@ -23,7 +23,6 @@ from minillm import experiments
 from minillm.__main__ import main
 from minillm.data import describe_calibration
 from minillm.plan import PlanError
-from minillm.profiles import ProfileError, validate_profile
 from minillm.results import REPO_ROOT, atomic_directory, load_record, save_record
 
 PY = sys.executable
@@ -96,6 +95,29 @@ def test_out_in_a_read_only_directory_fails_before_any_work(tmp_path, monkeypatc
         assert "writable" in capsys.readouterr().err and not calls
     finally:
         ro.chmod(0o700)
+
+
+def test_a_failed_swap_leaves_the_previous_output_in_place(tmp_path, monkeypatch):
+    """The new directory is moved in before the old one is deleted: if that move fails, the old output survives."""
+    import minillm.results as results
+
+    target = _saved(tmp_path, "p")
+    before = (target / "pruning.json").read_text()
+    real_replace = os.replace
+    failed = []
+
+    def failing_replace(src, dst):
+        if Path(dst) == target.resolve() and not failed:  # moving the new directory in (once)
+            failed.append(src)
+            raise OSError("disk full while moving the new directory in")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(results.os, "replace", failing_replace)
+    m, _ = minillm.load_model("tiny-llama")
+    with pytest.raises(OSError, match="disk full"):
+        minillm.save_pruned(m, minillm.prune(m, "random", 0.5, progress=False), target)
+    assert (target / "pruning.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]
 
 
 def test_atomic_directory_swaps_and_keeps_the_old_directory_on_failure(tmp_path):
@@ -243,6 +265,8 @@ def test_every_profile_follows_the_schema(name):
     ],
 )
 def test_profile_errors_name_the_key_and_the_closest_valid_one(edit, message):
+    from minillm.profiles import ProfileError, validate_profile
+
     cfg = _smoke()
     edit(cfg)
     with pytest.raises(ProfileError) as e:
@@ -251,6 +275,8 @@ def test_profile_errors_name_the_key_and_the_closest_valid_one(edit, message):
 
 
 def test_a_profile_is_checked_before_any_computation(tmp_path, monkeypatch):
+    from minillm.profiles import ProfileError
+
     monkeypatch.setattr(experiments, "CONFIG_DIR", tmp_path)
     cfg = _smoke()
     cfg["accuracy"]["zeroshot"]["limt"] = 4
