@@ -116,6 +116,15 @@ SHAPES: dict[str, Callable] = {
         head_dim=8,
         **_TINY,
     ),
+    "tiny-llama-gqa3": lambda: _llama(  # SmolLM2's layout in small: 9 query / 3 KV heads
+        hidden_size=72,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=8,
+        **_TINY,
+    ),
     "tiny-llama-mqa": lambda: _llama(
         hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, **_TINY
     ),

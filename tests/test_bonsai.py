@@ -122,7 +122,7 @@ def test_bonsai_is_deterministic_and_non_uniform(tiny):
 
 def test_bonsai_can_remove_whole_modules(tiny, tokens, tmp_path):
     model = tiny("tiny-bloom")
-    plan = minillm.prune(model, "bonsai", 0.6, _calib(), masks_per_round=8, prune_frac=0.15, progress=False)
+    plan = minillm.prune(model, "bonsai", 0.7, _calib(), masks_per_round=8, prune_frac=0.2, seed=1, progress=False)
     assert any(w["query_heads"] == 0 for w in plan.widths()), plan.widths()
     minillm.save_pruned(model, plan, tmp_path / "p")
     again, _ = minillm.load_pruned(tmp_path / "p")
@@ -139,5 +139,20 @@ def test_bonsai_rejects_bad_options(tiny):
 
 def test_regression_with_too_few_samples_for_cross_validation():
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    beta, info = fit_regression(x, torch.tensor([1.0, 0.0]))
+    beta, info = fit_regression(x, torch.tensor([1.0, 0.0]), "lasso")
     assert beta[0] > beta[1] and info["lambda_factor"] == 0.0
+    beta, info = fit_regression(x, torch.tensor([1.0, 0.0]), "adam")
+    assert beta[0] > beta[1] and info["reg_weight"] == 0.0 and info["cv_kendall_tau_all"] == []
+    with pytest.raises(ValueError, match="regression must be one of"):
+        fit_regression(x, torch.tensor([1.0, 0.0]), "ridge")
+
+
+def test_ties_in_beta_are_broken_by_the_prior_not_by_position():
+    """Equal coefficients (the lasso's exact zeros): the lowest prior goes first, whatever its layer."""
+    gen = torch.Generator().manual_seed(0)
+    mods = [make_module(layer, "mlp", torch.rand(40, generator=gen, dtype=torch.float64), 3, 0.25) for layer in range(4)]
+    beta = torch.zeros(sum(m.candidates.numel() for m in mods), dtype=torch.float64)
+    chosen = select_removals(mods, beta, budget=3 * 12)
+    priors = sorted((float(m.prior[u]), m.layer, u) for m in mods for u in m.candidates.tolist())
+    assert sorted(chosen) == sorted((layer, "mlp", u) for _, layer, u in priors[:12])
+    assert len({layer for layer, _, _ in chosen}) > 1

@@ -1,24 +1,42 @@
 """`bonsai`: forward-only perturbative structured pruning (Dery, Kolawole et al., "Everybody Prune Now"),
-following the official code (ldery/Bonsai@2f911d7, see ../shared/reference/papers.md B).
+following the official code (ldery/Bonsai@2f911d7: `main.py` `investigate_score_based_mask`,
+`get_random_mask_scores`, `run_data_to_sampling_proba`; `lib/scoring_model.py` `ScoreModelHP`, `ScoreModel`;
+see ../shared/reference/papers.md B). `tests/peers/test_bonsai_peer.py` holds each step against a transcription.
 
-Each round, on the current model:
+Each round, on the current model, with p the round's fraction of the original prunable parameters:
 1. prior scores per unit (Wanda-style by default) on the round's calibration windows;
 2. per module (each layer's attention, each layer's MLP): the top floor(N (1 - 2p)) units by prior are frozen, the
    rest are candidates, dropped with probability proportional to (max prior - prior);
 3. K/2 random sub-model masks (floor(p N) + 1 candidates dropped per module) and their antithetic complements
    (kept and dropped candidates swapped, frozen units untouched) are evaluated with forward passes only, through
-   virtual masks; each gives y = -perplexity on the same windows;
-4. a linear model y ~ b0 + beta . x over every candidate of every module (x = 1 if kept), L1-penalised, with the
-   penalty chosen by held-out Kendall tau over contiguous folds and refitted on all samples;
-5. candidates are ranked globally by beta (attention and MLP together) and the lowest are removed while their
-   parameter cost fits the round's budget p * P0 (the last round is clipped to the target);
-6. the removal is physical, and rounds repeat until the target sparsity.
+   virtual masks; each gives y = -perplexity on the same windows (capped at 1e8);
+4. a linear model y ~ b0 + beta . x over every candidate of every module (x = 1 if kept):
+   * `regression='adam'` (default, the official fit): L1-penalised MSE trained with Adam from zero, learning rate
+     1 / (candidates x factor), ReduceLROnPlateau and early stopping on held-out Kendall tau (tau-b), over the
+     official grid of penalties {100, 1e-4, 0} x factors {100, 10, 1, 0.1} x minibatch sizes {32, 64, 128},
+     chosen by mean tau over 5 contiguous folds and refitted on all samples; coefficients are almost never
+     exactly zero;
+   * `regression='lasso'`: the exact lasso solved by FISTA with the penalty chosen the same way (faster, but at
+     its chosen penalty most coefficients are exactly zero, see below);
+5. candidates are ranked globally by beta (attention and MLP together), ties broken by the prior (lowest first),
+   and the lowest are removed while their parameter cost fits the round's budget p * P0;
+6. the removal is physical, and rounds repeat until the target sparsity; the last round's p is clipped to what
+   is left (the official code clips its `prune_frac`, which also narrows that round's candidates and drops).
 
-Differences from the official code, chosen for speed and stated here: the regression is solved by proximal
-gradient descent (FISTA), vectorised over folds and penalties, instead of Adam minibatch training over a 36-point
-grid; the penalty grid is relative to the data (lambda_max times a few factors); for GQA the attention unit is a
-whole KV group by default (the official code is LLaMA-1/2 MHA only); every source of randomness is seeded from
-`seed` (the official code leaves Python's `random` unseeded).
+Official defaults (README command for Llama-2-7B): 200 masks per round, p = 0.05, 32 calibration windows of the
+model's full context (4,096 tokens), the Wanda prior. The defaults here are smaller so that CPU runs finish.
+
+Differences from the official code, chosen and stated:
+* The official stops when the sparsity is within 0.02 of the target; we continue until less than half a unit's
+  cost is left, so every method lands on the same sparsity.
+* The prior's activation RMS is taken over all tokens of the round's windows (official: the mean over batches of
+  per-batch values; identical with one batch).
+* For GQA the attention unit is a whole KV group by default (the official code is LLaMA-1/2 MHA only).
+* Every source of randomness (windows, masks, minibatch order) is seeded from `seed` (the official code leaves
+  Python's `random` unseeded and uses NumPy's global state).
+* Ties in beta: the official `np.argsort` (quicksort) leaves their order to the sort; we break them by the prior.
+  With `regression='lasso'` ties are the rule (in the earlier cpu-full records 33 of 9,270 candidates had a
+  non-zero coefficient in round 0), and breaking them by position removed the earliest layers first.
 """
 
 from __future__ import annotations
@@ -29,6 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..allocate import AllocationConfig, attention_keep, attention_unit_cost, is_balanced_gqa, n_attention_units
@@ -39,15 +58,10 @@ from .common import ScoringContext, all_members, collect_input_stats, lm_loss, m
 NEEDS_CALIBRATION = True
 DEFAULT_ALLOCATION = "global"
 PRIORS = ("wanda", "magnitude", "random")
-#: official defaults (README command for Llama-2-7B) beside the smaller defaults used here on CPU
-OFFICIAL_DEFAULTS = {
-    "masks_per_round": 200,
-    "prune_frac": 0.05,
-    "windows_per_round": 32,
-    "seqlen": 4096,
-    "prior": "wanda",
-}
-CPU_DEFAULTS = {"masks_per_round": 40, "prune_frac": 0.05, "windows_per_round": 8, "seqlen": 128, "prior": "wanda"}
+REGRESSIONS = ("adam", "lasso")
+#: the official regression grid (main.py: --sm_reg_weight, --sm_lr_factor, --sm_bsz, --sm_nepochs; patience 10)
+ADAM_GRID = {"reg_weight": (1e2, 1e-4, 0.0), "lr_factor": (100.0, 10.0, 1.0, 0.1), "batch_size": (32, 64, 128)}
+ADAM_EPOCHS, ADAM_PATIENCE, CV_FOLDS = 50, 10, 5
 
 
 @dataclass
@@ -169,11 +183,12 @@ def expand_masks(modules: list[Module], row: torch.Tensor) -> tuple[dict[int, to
 
 
 def kendall_tau(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Kendall tau-a between each row of pred [..., m] and y [m]."""
+    """Kendall tau-b (scipy's `kendalltau`, which the official code uses) between each row of pred [..., m] and
+    y [m]; nan where either side is constant."""
     dp = torch.sign(pred[..., :, None] - pred[..., None, :])
     dy = torch.sign(y[:, None] - y[None, :])
-    m = y.numel()
-    return (dp * dy).sum((-1, -2)) / max(m * (m - 1), 1)
+    untied = (dp != 0).sum((-1, -2)).to(dp.dtype) * (dy != 0).sum().to(dp.dtype)
+    return (dp * dy).sum((-1, -2)) / untied.sqrt()
 
 
 def _fista(
@@ -202,6 +217,107 @@ def _fista(
 
 
 def fit_regression(
+    x: torch.Tensor, y: torch.Tensor, regression: str = "adam", gen: torch.Generator | None = None
+) -> tuple[torch.Tensor, dict]:
+    """Linear model of y [K] on candidate keep-flags x [K, C]: beta [C] (higher = removing the unit hurts more) and
+    fit information. `regression` is 'adam' (the official fit) or 'lasso'."""
+    if regression == "adam":
+        return fit_adam(x, y, gen if gen is not None else torch.Generator().manual_seed(0))
+    if regression == "lasso":
+        return fit_lasso(x, y)
+    raise ValueError(f"bonsai regression must be one of {REGRESSIONS}, got {regression!r}")
+
+
+def _folds(k: int, folds: int = CV_FOLDS) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The official split: fold f holds out samples [f * (k // folds), (f + 1) * (k // folds)); the k % folds
+    samples at the end are always trained on."""
+    size = k // folds
+    out = []
+    for f in range(folds):
+        held = torch.arange(f * size, (f + 1) * size)
+        out.append((held, torch.cat([torch.arange(0, f * size), torch.arange((f + 1) * size, k)])))
+    return out
+
+
+def _adam_fit(
+    x_tr: torch.Tensor,
+    y_tr: torch.Tensor,
+    x_te: torch.Tensor,
+    y_te: torch.Tensor,
+    hp: tuple[float, float, int],
+    gen: torch.Generator,
+) -> tuple[float, torch.Tensor]:
+    """One official `ScoreModel.update_with_info`: beta and bias start at zero; Adam at lr 1 / (nnz(mean x) x
+    factor) on MSE + reg_weight * |beta|_1; ReduceLROnPlateau on held-out tau (x0.5, patience 3, min 1e-5); the
+    epoch with the best held-out tau (ties: the later) is kept; stop 10 epochs after it. Targets are centred by
+    the training mean. Returns (best held-out tau, beta [C])."""
+    reg_weight, lr_factor, batch_size = hp
+    mean_y = y_tr.mean()
+    y_tr, y_te = y_tr - mean_y, y_te - mean_y
+    weight = torch.zeros(x_tr.shape[1], 1, requires_grad=True)
+    bias = torch.zeros(1, requires_grad=True)
+    nnz = max(int((x_tr.mean(0) != 0).sum()), 1)
+    opt = torch.optim.Adam([weight, bias], lr=1.0 / (nnz * lr_factor))
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=3, min_lr=1e-5)
+    best_tau, best, since_best = -1e5, None, 0
+    for _ in range(ADAM_EPOCHS):
+        perm = torch.randperm(y_tr.numel(), generator=gen)
+        for start in range(0, perm.numel(), batch_size):
+            idx = perm[start : start + batch_size]
+            loss = F.mse_loss(x_tr[idx] @ weight + bias, y_tr[idx, None]) + weight.abs().sum() * reg_weight
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        with torch.no_grad():
+            tau = float(kendall_tau((x_te @ weight + bias).flatten(), y_te))
+        if tau >= best_tau:
+            best_tau, best, since_best = tau, weight.detach().flatten().clone(), 0
+        sched.step(tau)
+        since_best += 1
+        if since_best > ADAM_PATIENCE:
+            break
+    return best_tau, (best if best is not None else weight.detach().flatten().clone())
+
+
+def fit_adam(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """The official regression (`ScoreModelHP.search_best_linear_fit`, fp32): every point of ADAM_GRID is scored
+    by its mean held-out tau over 5 contiguous folds (nan when a fold is constant, which disqualifies the point),
+    the best (first on ties) is refitted on all samples, early-stopped on its own training tau."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of tiny steps: thread start-up costs more than it saves
+    try:
+        return _fit_adam(x.float(), y.float(), gen)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_adam(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    k = x.shape[0]
+    grid = [(r, f, b) for r in ADAM_GRID["reg_weight"] for f in ADAM_GRID["lr_factor"] for b in ADAM_GRID["batch_size"]]
+    splits = _folds(k)
+    best_hp, best_tau, taus = None, float("-inf"), []
+    if k // CV_FOLDS >= 2:  # a held-out fold needs two samples for a rank correlation
+        for hp in grid:
+            tau = sum(_adam_fit(x[tr], y[tr], x[te], y[te], hp, gen)[0] for te, tr in splits) / len(splits)
+            taus.append(round(tau, 4))
+            if tau > best_tau:
+                best_tau, best_hp = tau, hp
+    if best_hp is None:  # too few samples (or every point nan): the official code would fail; no penalty
+        best_hp = (0.0, 1.0, ADAM_GRID["batch_size"][0])
+    _, beta = _adam_fit(x, y, x, y, best_hp, gen)
+    info = {
+        "regression": "adam",
+        "reg_weight": best_hp[0],
+        "lr_factor": best_hp[1],
+        "batch_size": best_hp[2],
+        "cv_kendall_tau": best_tau if best_tau > float("-inf") else float("nan"),
+        "cv_kendall_tau_all": taus,
+        "nonzero": int((beta != 0).sum()),
+    }
+    return beta.double(), info
+
+
+def fit_lasso(
     x: torch.Tensor, y: torch.Tensor, folds: int = 5, factors=(0.0, 1e-3, 1e-2, 3e-2, 0.1, 0.3), iters: int = 300
 ) -> tuple[torch.Tensor, dict]:
     """L1 linear regression of y [K] on x [K, C]; the penalty (lambda_max times a factor) is chosen by mean held-out
@@ -235,14 +351,14 @@ def fit_regression(
     lambdas = torch.tensor(factors, dtype=torch.float64) * lam_max
     b = _fista(xs, yt, n_rows, lambdas, iters)
     taus = [kendall_tau(((x[held] - means[f]) @ b[f].T).T, ys[held]) for f, (held, _) in enumerate(splits[:-1])]
-    if not taus:  # too few samples to cross-validate: no penalty
-        mean_tau = torch.full((len(factors),), float("nan"), dtype=torch.float64)
+    mean_tau = torch.stack(taus).mean(0) if taus else torch.full((len(factors),), float("nan"), dtype=torch.float64)
+    if torch.isnan(mean_tau).all():  # too few samples (or constant folds) to cross-validate: no penalty
         best = factors.index(min(factors))
     else:
-        mean_tau = torch.stack(taus).mean(0)
-        best = int(torch.argmax(mean_tau))
+        best = int(torch.argmax(torch.nan_to_num(mean_tau, nan=-2.0)))
     beta = b[-1, best] * y_scale
     info = {
+        "regression": "lasso",
         "lambda_factor": factors[best],
         "lambda": float(lambdas[best]),
         "cv_kendall_tau": float(mean_tau[best]),
@@ -256,16 +372,17 @@ def fit_regression(
 
 
 def select_removals(modules: list[Module], beta: torch.Tensor, budget: float) -> list[tuple[int, str, int]]:
-    """(layer, kind, unit) of the lowest-beta candidates whose cumulative parameter cost stays within budget."""
+    """(layer, kind, unit) of the lowest-beta candidates whose cumulative parameter cost stays within budget. Ties in
+    beta are broken by the prior (lowest first); only units equal in both fall back to their position."""
     entries = []
     offset = 0
     for m in modules:
         for j, u in enumerate(m.candidates.tolist()):
-            entries.append((float(beta[offset + j]), m.layer, m.kind, u, m.unit_cost))
+            entries.append((float(beta[offset + j]), float(m.prior[u]), m.layer, m.kind, u, m.unit_cost))
         offset += m.candidates.numel()
-    entries.sort(key=lambda e: (e[0], e[1], e[2], e[3]))
+    entries.sort(key=lambda e: e[:5])
     chosen, spent = [], 0
-    for _, layer, kind, u, cost in entries:
+    for _, _, layer, kind, u, cost in entries:
         if spent + cost > budget:
             break
         spent += cost
@@ -304,13 +421,14 @@ def run_round(
     p: float,
     budget: float,
     gen: torch.Generator,
+    regression: str = "adam",
 ) -> tuple[list[tuple[int, str, int]], dict]:
     x = sample_masks(modules, n_masks, p, gen)
     ys = []
     for row in tqdm(x, desc="bonsai sub-models", disable=not ctx.progress, leave=False):
         ys.append(evaluate(*expand_masks(modules, row)))
     y = torch.tensor(ys, dtype=torch.float64)
-    beta, info = fit_regression(x, y)
+    beta, info = fit_regression(x, y, regression, gen)
     removals = select_removals(modules, beta, budget)
     info.update({"masks": n_masks, "candidates": int(x.shape[1]), "y_mean": float(y.mean()), "y_std": float(y.std())})
     return removals, info
@@ -321,15 +439,18 @@ def run(
     sparsity: float,
     original_params: int,
     alloc: AllocationConfig,
-    masks_per_round: int = CPU_DEFAULTS["masks_per_round"],
-    prune_frac: float = CPU_DEFAULTS["prune_frac"],
-    windows_per_round: int | None = CPU_DEFAULTS["windows_per_round"],
+    masks_per_round: int = 40,
+    prune_frac: float = 0.05,
+    windows_per_round: int | None = 8,
     prior: str = "wanda",
+    regression: str = "adam",
     max_rounds: int = 100,
 ) -> list[dict]:
     """Rounds of Bonsai until the model keeps (1 - sparsity) of `original_params`. Returns the per-round history."""
     if prior not in PRIORS:
         raise ValueError(f"bonsai prior must be one of {PRIORS}, got {prior!r}")
+    if regression not in REGRESSIONS:
+        raise ValueError(f"bonsai regression must be one of {REGRESSIONS}, got {regression!r}")
     if masks_per_round < 2 or masks_per_round % 2:
         raise ValueError(f"masks_per_round must be an even number >= 2 (antithetic pairs), got {masks_per_round}")
     if not 0 < prune_frac < 0.5:
@@ -350,6 +471,7 @@ def run(
     for r in range(max_rounds):
         removed_so_far = original_params - prunable_params(adapter)
         budget = min(prune_frac * original_params, target_removed - removed_so_far)
+        p = min(prune_frac, max(budget, 0.0) / original_params)  # the last round's fraction is clipped
         t0 = time.perf_counter()
         n_win = ctx.calib.shape[0] if not windows_per_round else min(windows_per_round, ctx.calib.shape[0])
         windows = ctx.calib[torch.randperm(ctx.calib.shape[0], generator=gen)[:n_win]]
@@ -361,15 +483,15 @@ def run(
             att, ch = pri[i]
             if att is not None and alloc.targets != "mlp":
                 cost = attention_unit_cost(adapter, layer, ctx.unit(layer))
-                modules.append(make_module(i, "attention", att, cost, prune_frac))
+                modules.append(make_module(i, "attention", att, cost, p))
             if ch is not None and alloc.targets != "attention":
-                modules.append(make_module(i, "mlp", ch, adapter.channel_cost(layer), prune_frac))
+                modules.append(make_module(i, "mlp", ch, adapter.channel_cost(layer), p))
         modules = [m for m in modules if m.candidates.numel()]
         min_cost = min((m.unit_cost for m in modules), default=math.inf)
         if budget < min_cost / 2 or not modules:
             break
         removals, info = run_round(
-            ctx, modules, _neg_ppl_evaluator(ctx, windows), masks_per_round, prune_frac, budget, gen
+            ctx, modules, _neg_ppl_evaluator(ctx, windows), masks_per_round, p, budget, gen, regression
         )
         if not removals:
             break
@@ -378,6 +500,7 @@ def run(
             {
                 "round": r,
                 "budget_params": budget,
+                "prune_frac": p,
                 "windows": n_win,
                 "seqlen": int(windows.shape[1]),
                 "removed_attention_units": sum(k == "attention" for _, k, _ in removals),

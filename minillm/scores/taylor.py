@@ -5,6 +5,10 @@
   per calibration sample).
 * vector: per row (or column) |sum of W * dL/dW| along it, then summed over the unit's lines.
 
+For GQA a KV group scores its k/v rows plus its own query heads (h // group_size, the heads removed with it);
+LLM-Pruner's llama3.py group alignment (`view(len // min, min).sum(0)`) instead folds query head h onto KV head
+h % n_kv, a deliberate deviation pinned in tests/peers/test_taylor_llm_pruner.py. MHA scores equal the peer's.
+
 The gradient is accumulated over calibration batches; gradients of parameters that are not scored (embeddings,
 norms, the LM head) are never kept.
 """
