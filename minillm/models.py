@@ -81,6 +81,16 @@ SHAPES: dict[str, Callable] = {
         rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
     ),
+    "llama2-70b-shape": lambda: _llama(
+        vocab_size=32000,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    ),
     "opt-6.7b-shape": lambda: _opt(
         vocab_size=50272,
         hidden_size=4096,

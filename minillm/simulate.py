@@ -1,0 +1,367 @@
+"""Simulated peak device memory of a step (`python -m minillm bench memory --simulate`), without a GPU.
+
+A step runs under torch's FakeTensorMode: every tensor has a shape, dtype and device but no data, so a 7B model in
+fp16 costs no memory and a forward pass takes about a second. A TorchDispatchMode (`StorageTracker`) sees the
+output of every operator and keeps the byte size of every live tensor storage on the simulated device, dropping it
+when the storage is freed (weakref finalizer), so its peak is what `torch.cuda.max_memory_allocated` reports
+(sizes rounded up to 512 bytes, as CUDA's caching allocator does).
+
+Choices and their limits:
+
+* Device: fake CPU tensors in the model's dtype. torch's CPU build can make fake CUDA tensors, but Python indexing
+  of them (`x[..., None]`, used by the rotary embedding) needs a CUDA device guard and fails. The operators are the
+  same except scaled-dot-product attention, where CPU picks `_scaled_dot_product_flash_attention_for_cpu`: like
+  CUDA's flash / memory-efficient kernels it returns the output and a [B, H, T] log-sum-exp and never materialises
+  the [B, H, T, T] attention matrix. `attention_kernels` and `materialised_attention` in each result show which
+  kernel ran and whether any 4-D softmax (the math path's attention matrix) was computed.
+* Not seen: memory a kernel allocates internally and frees before it returns (cuBLAS workspace, flash-attention
+  backward's accumulators), the CUDA context, and the caching allocator's fragmentation (reserved, not allocated).
+  Against the H100 figures this leaves the predictions 0.03-0.07 GiB low (DESIGN.md section 6; `validate_h100`).
+* Values: fake tensors have none, so data-dependent steps get stand-ins (`StandIns`): a Python scalar read from a
+  tensor (`float(loss)`, `.tolist()`) is a seeded random number, and operators whose output shape depends on values
+  (`nonzero`) run on real stand-in inputs; sorting a unit-score vector sorts stand-in random values. Memory of the
+  scoring does not depend on them; which units a method removes does, so the surgery removes stand-in units (the
+  kept widths follow the real budget and allocation rules). Each result counts its stand-in values.
+* Layer streaming (a model larger than the GPU): the decoder layers live on the fake "meta" device (host memory,
+  not counted) and `minillm.streaming.stream_layers` moves one layer at a time to the simulated device.
+
+Units: bytes in the trackers, GiB (2**30 bytes) in results and tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import random
+import time
+import weakref
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_map, tree_map_only
+
+GIB = 1024**3
+SIM_DEVICE = "cpu"  # the fake device standing in for the GPU (see the module docstring)
+SHAPES = ((10, 128), (4, 2048))  # (batch, sequence length) of the simulated table
+MODELS = ("llama-7b-shape", "llama3-8b-shape", "opt-6.7b-shape", "bloom-7b1-shape")
+STREAMED_MODEL = "llama2-70b-shape"
+GPU_LINES_GIB = {"A6000 (48 GB)": 48 * 1e9 / GIB, "A100/H100 (80 GB)": 80 * 1e9 / GIB}
+
+# DESIGN.md section 6: peak GiB measured on an H100 (random weights, fp16, transformers' default attention)
+REFERENCE_H100 = {
+    ("llama-7b-shape", 10, 128, "dense"): 13.60,
+    ("llama-7b-shape", 10, 128, "backprop"): 25.17,
+    ("llama-7b-shape", 4, 2048, "dense"): 19.12,
+    ("llama-7b-shape", 4, 2048, "backprop"): 61.33,
+    ("llama3-8b-shape", 10, 128, "dense"): 16.72,
+    ("llama3-8b-shape", 10, 128, "backprop"): 29.99,
+    ("llama3-8b-shape", 4, 2048, "dense"): 25.87,
+    ("llama3-8b-shape", 4, 2048, "backprop"): 76.05,
+}
+
+# the steps of the simulated table: label, method, sparsity, options (queries do not change the peak, only time)
+STEPS: list[dict] = [
+    {"label": "dense", "method": "dense"},
+    {"label": "backprop", "method": "backprop"},
+    {"label": "taylor", "method": "taylor"},
+    {"label": "wanda_sp", "method": "wanda_sp"},
+    {"label": "flap", "method": "flap"},
+    {"label": "fms-weights", "method": "fms", "options": {"queries": 1, "space": "weights"}},
+    {"label": "fms-gates", "method": "fms", "options": {"queries": 1, "space": "gates"}},
+    {"label": "fms-gates-split", "method": "fms", "options": {"queries": 1, "space": "gates-split"}},
+    {
+        "label": "bonsai-1round",
+        "method": "bonsai",
+        "sparsity": 0.05,
+        "options": {"masks_per_round": 2, "prune_frac": 0.05},
+    },
+]
+STREAMED_STEPS: list[dict] = [
+    {"label": "fms-gates-streamed", "method": "fms", "options": {"queries": 1, "space": "gates"}, "stream": True},
+    {"label": "wanda_sp-streamed", "method": "wanda_sp", "stream": True},
+]
+
+
+# --- trackers ---------------------------------------------------------------------------------------------------
+
+
+class StorageTracker(TorchDispatchMode):
+    """Live bytes of tensor storages on one device type, and their peak.
+
+    Every operator output (and every tensor given to `add`) is looked up by its storage; a storage seen for the first
+    time adds its size (rounded up to `round_bytes`) and a weakref finalizer subtracts it when the storage is freed.
+    Also records the attention kernels that ran and how many 4-D softmaxes (materialised attention matrices)."""
+
+    def __init__(self, device_type: str = SIM_DEVICE, round_bytes: int = 512):
+        super().__init__()
+        self.device_type = device_type
+        self.round_bytes = round_bytes
+        self.live: dict[int, int] = {}
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        self.attention_kernels: set[str] = set()
+        self.materialised_attention = 0
+
+    def add(self, t: torch.Tensor) -> None:
+        """Count the storage of `t` if it is on the tracked device and not yet counted."""
+        if not isinstance(t, torch.Tensor) or t.device.type != self.device_type:
+            return
+        st = t.untyped_storage()
+        key = id(st)
+        if key in self.live:
+            return
+        size = -(-st.nbytes() // self.round_bytes) * self.round_bytes
+        self.live[key] = size
+        self.current_bytes += size
+        self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+        weakref.finalize(st, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.current_bytes -= self.live.pop(key, 0)
+
+    def add_module(self, module: torch.nn.Module) -> None:
+        for t in [*module.parameters(), *module.buffers()]:
+            self.add(t)
+
+    def reset_peak(self) -> None:
+        self.peak_bytes = self.current_bytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        if "scaled_dot_product" in name or "flash_attention" in name or "efficient_attention" in name:
+            self.attention_kernels.add(name)
+        if "softmax" in name and "backward" not in name and "log_softmax" not in name:
+            if isinstance(out, torch.Tensor) and out.dim() == 4:
+                self.materialised_attention += 1
+        tree_map_only(torch.Tensor, self.add, out)
+        return out
+
+
+class StandIns(TorchDispatchMode):
+    """Values for the data-dependent steps of code running on fake tensors (see the module docstring): a scalar read
+    from a fake tensor becomes a seeded random number (int 0 for integer tensors, False for booleans), operators with
+    a value-dependent output shape run on real stand-in inputs, and sorting runs on random stand-in keys.
+    `count` is the number of invented values."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.rng = random.Random(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.count = 0
+
+    def _real(self, t):
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        if not isinstance(t, FakeTensor):
+            return t
+        if t.constant is not None:
+            return t.constant
+        self.count += t.numel()
+        if t.dtype == torch.bool:
+            return torch.ones(t.shape, dtype=torch.bool)
+        if t.dtype.is_floating_point:
+            return torch.rand(t.shape, generator=self.gen, dtype=torch.float32).to(t.dtype)
+        return torch.zeros(t.shape, dtype=t.dtype)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+        kwargs = kwargs or {}
+        if func in (torch.ops.aten.sort.stable, torch.ops.aten.sort.default):
+            return self._run_real(func, args, kwargs)
+        try:
+            return func(*args, **kwargs)
+        except DataDependentOutputException:
+            t = args[0]
+            self.count += 1
+            if t.dtype == torch.bool:
+                return False
+            if t.dtype.is_floating_point:
+                return self.rng.random()
+            return 0
+        except DynamicOutputShapeException:
+            return self._run_real(func, args, kwargs)
+
+    def _run_real(self, func, args, kwargs):
+        with _disable_current_modes():
+            args, kwargs = tree_map(self._real, (args, kwargs))
+            return func(*args, **kwargs)
+
+
+# --- model and steps ------------------------------------------------------------------------------------------------
+
+
+def meta_model(name: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The registry shape `name` built on the meta device in `dtype` (no storage, no initialisation); call it outside
+    FakeTensorMode (fake parameters cannot be moved between devices by `Module.to`, see `fake_model`)."""
+    from transformers import AutoModelForCausalLM
+
+    from .models import SHAPES as REGISTRY
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(REGISTRY[name](), dtype=dtype)
+    model.eval()
+    model.minillm_source = name
+    return model
+
+
+def fake_model(model: torch.nn.Module, layers_on_host: bool = False) -> torch.nn.Module:
+    """Give a `meta_model` fake storage on the simulated device; call it inside a FakeTensorMode.
+
+    layers_on_host: the decoder layers stay meta tensors (host memory, not counted) and each layer's `.to` is
+    replaced by one that swaps in new Parameter objects: `Module.to` on fake parameters goes through
+    `torch.utils.swap_tensors`, which refuses tensors with weak references (fake parameters have one)."""
+    from .adapters import get_adapter
+
+    if not layers_on_host:
+        return model.to_empty(device=SIM_DEVICE)
+    layers = get_adapter(model).layers()
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    for name, module in model.named_children():
+        if name != prefix.split(".")[0]:
+            module.to_empty(device=SIM_DEVICE)
+    inner = model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model
+    for name, module in inner.named_children():
+        if module is not layers:
+            module.to_empty(device=SIM_DEVICE)
+    for module in [layers, *layers]:
+        module.to = functools.partial(_replace_to, module)
+    return model
+
+
+@torch.no_grad()
+def _replace_to(module: torch.nn.Module, device, *args, **kwargs) -> torch.nn.Module:
+    """`module.to(device)` for fake tensors: new Parameter objects instead of swapped ones."""
+    device = torch.device(device)
+    for sub in module.modules():
+        for key, p in sub._parameters.items():
+            if p is not None and p.device != device:
+                sub._parameters[key] = torch.nn.Parameter(p.to(device), requires_grad=p.requires_grad)
+        for key, b in sub._buffers.items():
+            if b is not None and b.device != device:
+                sub._buffers[key] = b.to(device)
+    return module
+
+
+def run_step(model: torch.nn.Module, step: dict, ids: torch.Tensor, labels: bool = True) -> None:
+    """One step on `model` with token ids `ids` [batch, seqlen]: 'dense' (forward, no grad, with labels unless
+    labels=False), 'backprop' (forward with labels, then backward to a gradient for every parameter; the model
+    output is dropped before the backward pass, so its KV cache is freed), or a method's scoring-and-pruning step
+    through `minillm.prune` (layer-streamed to the simulated device when step['stream'])."""
+    from .prune import prune
+
+    method = step["method"]
+    if step.get("stream"):
+        with _outside_parts_stay():
+            return run_step(model, {k: v for k, v in step.items() if k != "stream"} | {"_stream": True}, ids)
+    if method == "dense":
+        with torch.no_grad():
+            out = model(input_ids=ids, labels=ids if labels else None)
+        del out
+    elif method == "backprop":
+        model(input_ids=ids, labels=ids).loss.backward()
+    else:
+        prune(
+            model,
+            method,
+            step.get("sparsity", 0.2),
+            ids,
+            progress=False,
+            stream_device=SIM_DEVICE if step.get("_stream") else None,
+            **step.get("options", {}),
+        )
+
+
+@contextlib.contextmanager
+def _outside_parts_stay():
+    """While layer streaming is simulated, `minillm.streaming` moves the embeddings, norm and LM head to the device
+    as usual, but does not move them back to the (meta) host at the end: `p.data = ...` cannot change the device
+    of a fake tensor. This happens after the step, so it does not change the peak."""
+    from . import streaming
+
+    original = streaming._move_outside
+
+    def move(model, prefix, device):
+        if torch.device(device).type == SIM_DEVICE:
+            original(model, prefix, device)
+
+    streaming._move_outside = move
+    try:
+        yield
+    finally:
+        streaming._move_outside = original
+
+
+def simulate_step(
+    model_name: str,
+    step: dict,
+    batch: int,
+    seqlen: int,
+    dtype: str = "float16",
+    labels: bool = True,
+    keep_replaced_weights: bool = False,
+) -> dict:
+    """Simulated peak memory of one step on a fresh fake model (the model's weights included).
+
+    keep_replaced_weights: weights replaced by the pruning surgery stay counted (CPU runs whose weights are pages of
+    a memory-mapped checkpoint; see `validate_cpu`). Returns a dict with peak_gib, weights_gib, increase_gib
+    (peak minus memory at the start of the step) and how the simulation ran."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    t0 = time.perf_counter()
+    torch_dtype = getattr(torch, dtype)
+    stream = bool(step.get("stream"))
+    model = meta_model(model_name, torch_dtype)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = fake_model(model, layers_on_host=stream)
+        ids = torch.zeros(batch, seqlen, dtype=torch.long, device=SIM_DEVICE)
+        held = [p for p in model.parameters()] if keep_replaced_weights else []
+        standins = StandIns()
+        tracker = StorageTracker()
+        tracker.add_module(model)
+        tracker.add(ids)
+        weights = tracker.current_bytes
+        with standins, tracker:
+            run_step(model, step, ids, labels)
+        del held
+    return {
+        "model": model_name,
+        "label": step.get("label", step["method"]),
+        "method": step["method"],
+        "options": step.get("options", {}),
+        "batch": batch,
+        "seqlen": seqlen,
+        "dtype": dtype,
+        "simulated": True,
+        "peak_gib": round(tracker.peak_bytes / GIB, 4),
+        "weights_gib": round(weights / GIB, 4),
+        "increase_gib": round((tracker.peak_bytes - weights) / GIB, 4),
+        "streamed": stream,
+        "attention_kernels": sorted(tracker.attention_kernels),
+        "materialised_attention": tracker.materialised_attention,
+        "stand_in_values": standins.count,
+        "sim_time_s": round(time.perf_counter() - t0, 2),
+    }
+
+
+def simulate_table(
+    models=MODELS, shapes=SHAPES, steps=STEPS, dtype: str = "float16", streamed: bool = True
+) -> list[dict]:
+    """Every step for every model and shape, plus the streamed steps on the 70B shape; a step that fails under
+    fake tensors is a row with `error` (the reason) instead of `peak_gib`."""
+    jobs = [(m, s, b, t) for m in models for b, t in shapes for s in steps]
+    if streamed:
+        jobs += [(STREAMED_MODEL, s, b, t) for b, t in shapes for s in STREAMED_STEPS]
+    rows = []
+    for m, s, b, t in jobs:
+        try:
+            rows.append(simulate_step(m, s, b, t, dtype))
+        except Exception as e:  # noqa: BLE001 - a step that cannot be simulated is reported, not fatal
+            rows.append(
+                {"model": m, "label": s.get("label", s["method"]), "method": s["method"], "batch": b,
+                 "seqlen": t, "dtype": dtype, "simulated": True, "error": f"{type(e).__name__}: {e}"[:300]}
+            )
+    return rows
