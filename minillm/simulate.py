@@ -350,6 +350,8 @@ def simulate_step(
         "dtype": dtype,
         "simulated": True,
         "peak_gib": round(tracker.peak_bytes / GIB, 4),
+        "peak_bytes": tracker.peak_bytes,
+        "weights_bytes": weights,
         "weights_gib": round(weights / GIB, 4),
         "increase_gib": round((tracker.peak_bytes - weights) / GIB, 4),
         "streamed": stream,
