@@ -213,6 +213,8 @@ def cmd_bench(args) -> int:
             device,
             args.round_to,
             include_24=args.include_24,
+            compile=args.compile,
+            sparse_backend=args.sparse_backend,
         )
         for r in result["rows"][1:]:
             print(
@@ -403,6 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--repeats", type=int, default=20)
     be.add_argument("--round-to", type=int, default=1)
     be.add_argument("--include-24", action="store_true", help="latency: add a semi-structured 2:4 copy")
+    be.add_argument(
+        "--compile", choices=("none", "all"), default="none", help="latency: prefill and decode both eager or both compiled"
+    )
+    be.add_argument(
+        "--sparse-backend", choices=("auto", "cutlass", "cusparselt"), default="auto", help="latency: 2:4 kernels"
+    )
     be.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default float32 (simulated: float16)")
     be.add_argument("--device")
     be.add_argument("--json", nargs="?", const="-", help="write the result record here (no path: print JSON)")

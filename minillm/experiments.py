@@ -34,7 +34,18 @@ def load_profile(name: str) -> dict:
         raise FileNotFoundError(f"no profile {name!r} ({path}); known profiles: {', '.join(known)}")
     cfg = yaml.safe_load(path.read_text())
     cfg["profile"] = name
+    cfg["dtype"] = check_dtype(cfg.get("dtype", "float32"), f"profile {name!r}")
     return cfg
+
+
+PROFILE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_dtype(value, where: str = "profile") -> str:
+    """The `dtype` a profile loads its model in: one of PROFILE_DTYPES (default float32)."""
+    if value not in PROFILE_DTYPES:
+        raise ValueError(f"{where}: dtype must be one of {PROFILE_DTYPES}, got {value!r}")
+    return value
 
 
 def check_profile(name: str) -> dict:
@@ -70,8 +81,10 @@ def _record_file(profile: str, experiment: str, label: str, sparsity: float, suf
 
 
 def _load(cfg: dict):
-    """The profile's model on the profile's device (cpu unless the profile says otherwise)."""
-    return load_model(cfg["model"], device=cfg.get("device", "cpu"))
+    """The profile's model on the profile's device (cpu unless the profile says otherwise), in its dtype."""
+    import torch
+
+    return load_model(cfg["model"], dtype=getattr(torch, cfg.get("dtype", "float32")), device=cfg.get("device", "cpu"))
 
 
 def _calibration_settings(exp: dict, entry: dict) -> tuple[int, int, int]:
@@ -285,6 +298,7 @@ def run_latency(cfg: dict, force: bool = False) -> list[dict]:
                     device,
                     round_to,
                     include_24=exp.get("include_24", False),
+                    compile=exp.get("compile", "none"),
                 )
                 save_record(
                     path,
