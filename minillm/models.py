@@ -209,11 +209,13 @@ def smollm2_checkpoint() -> Path:
 def _from_pretrained(path: str, dtype, device, attn_implementation, **kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if device is not None and torch.device(device).type != "cpu" and kw.get("device_map") is None:
+        # straight onto the accelerator in the target dtype (no fp32 copy in CPU memory first); CPU loading is
+        # unchanged (its memory records assume transformers' default CPU loading)
+        kw["device_map"] = str(torch.device(device))
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype or torch.float32, attn_implementation=attn_implementation, **kw
     )
-    if device is not None and kw.get("device_map") is None:
-        model.to(device)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):

@@ -178,3 +178,39 @@ def test_report_keeps_out_of_memory_rows():
     fig = report.plot_memory(df)
     labels = [t.get_text() for ax in fig.axes for t in ax.texts]
     assert "OOM" in labels
+
+
+def test_hub_and_local_models_load_straight_onto_the_accelerator(monkeypatch, tmp_path):
+    """A non-CPU device becomes from_pretrained's device_map (no fp32 CPU copy first); the dtype is passed through."""
+    import transformers
+
+    from minillm import models
+
+    seen = {}
+
+    def fake_from_pretrained(path, **kw):
+        seen.update(kw)
+        return models.build_random("tiny-llama")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", staticmethod(fake_from_pretrained))
+    models._from_pretrained(str(tmp_path), torch.bfloat16, "cuda:1", None)
+    assert seen["device_map"] == "cuda:1" and seen["dtype"] == torch.bfloat16
+    seen.clear()
+    models._from_pretrained(str(tmp_path), None, "cpu", None)
+    assert "device_map" not in seen
+
+
+def test_load_pruned_builds_in_the_target_dtype_without_random_init(tiny, tmp_path, monkeypatch):
+    model = tiny("tiny-llama")
+    plan = minillm.prune(model, "magnitude", 0.3, None, progress=False)
+    minillm.save_pruned(model, plan, tmp_path / "p")
+    calls = []
+    monkeypatch.setattr(torch.nn.init, "normal_", lambda *a, **k: calls.append(1))
+    loaded, _ = minillm.load_pruned(tmp_path / "p", dtype=torch.bfloat16)
+    assert not calls  # no random initialisation of the full model
+    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        got = loaded.float()(input_ids=ids).logits
+    assert torch.allclose(ref, got, atol=0.1, rtol=0.05)
