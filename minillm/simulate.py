@@ -509,3 +509,58 @@ def write_validation(path: Path | str = "figures/simulated/memory_sim.md", table
     out = {"h100": h100, "cpu": cpu, "table": rows}
     path.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
     return out
+
+
+# --- for notebook 02 ------------------------------------------------------------------------------------------------
+
+VALIDATION_JSON = Path(__file__).resolve().parent.parent / "figures" / "simulated" / "memory_sim.json"
+
+
+def load_validation(path: Path | str = VALIDATION_JSON) -> dict:
+    """The committed output of `write_validation` (keys h100, cpu, table)."""
+    return json.loads(Path(path).read_text())
+
+
+def plot_simulated(table: list[dict], h100: list[dict], measured=None):
+    """Simulated peak of every step per model (bars per shape), the 48 GB and 80 GB cards as lines, the H100
+    reference figures as black markers and, when given, measured GPU records (a report.memory_frame) as red
+    crosses. Everything drawn as bars is labelled simulated."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in table if "peak_gib" in r]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4.2), squeeze=False, sharey=True)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == model]
+        labels = list(dict.fromkeys(r["label"] for r in mine))
+        shapes = list(dict.fromkeys((r["batch"], r["seqlen"]) for r in mine))
+        width = 0.8 / len(shapes)
+        for j, (b, t) in enumerate(shapes):
+            xs, ys = [], []
+            for i, label in enumerate(labels):
+                hit = [r for r in mine if r["label"] == label and (r["batch"], r["seqlen"]) == (b, t)]
+                if hit:
+                    xs.append(i + (j - (len(shapes) - 1) / 2) * width)
+                    ys.append(hit[0]["peak_gib"])
+            ax.bar(xs, ys, width, label=f"{b}x{t} simulated", color=f"C{j}")
+            for ref in h100:
+                if ref["model"] == model and (ref["batch"], ref["seqlen"]) == (b, t) and ref["step"] in labels:
+                    x = labels.index(ref["step"]) + (j - (len(shapes) - 1) / 2) * width
+                    ax.plot([x], [ref["reference_gib"]], "k_", markersize=12, mew=2)
+            if measured is not None and len(measured):
+                shape = f"{b}x{t}"
+                got = measured[(measured["model"] == model) & (measured["shape"] == shape)]
+                for _, row in got.iterrows():
+                    label = "dense" if row["method"] == "dense forward" else row["method"]
+                    if label in labels and row.get("peak_gib") == row.get("peak_gib"):
+                        x = labels.index(label) + (j - (len(shapes) - 1) / 2) * width
+                        ax.plot([x], [row["peak_gib"]], "rx")
+        for name, gib in GPU_LINES_GIB.items():
+            ax.axhline(gib, color="0.4", ls="--", lw=0.8)
+            ax.annotate(name, (len(labels) - 0.5, gib), ha="right", va="bottom", fontsize=7, color="0.3")
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"{model} (simulated)", fontsize=9)
+    axes[0][0].set_ylabel("peak allocated GiB (simulated; black: H100 measured)")
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return fig
