@@ -582,7 +582,8 @@ def plot_simulated(table: list[dict], h100: list[dict], measured=None):
             ax.annotate(name, (len(labels) - 0.5, gib), ha="right", va="bottom", fontsize=7, color="0.3")
         ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
         ax.set_title(f"{model} (simulated)", fontsize=9)
-    axes[0][0].set_ylabel("peak allocated GiB (simulated; black: H100 measured)")
+    axes[0][0].set_ylabel("peak allocated GiB (simulated)")
+    fig.suptitle("simulated peak memory per step; black ticks: H100 measured; red x: gpu records", fontsize=9)
     axes[0][0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return fig
