@@ -406,7 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--round-to", type=int, default=1)
     be.add_argument("--include-24", action="store_true", help="latency: add a semi-structured 2:4 copy")
     be.add_argument(
-        "--compile", choices=("none", "all"), default="none", help="latency: prefill and decode both eager or both compiled"
+        "--compile",
+        choices=("none", "all"),
+        default="none",
+        help="latency: prefill and decode both eager or both compiled",
     )
     be.add_argument(
         "--sparse-backend", choices=("auto", "cutlass", "cusparselt"), default="auto", help="latency: 2:4 kernels"

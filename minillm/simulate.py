@@ -19,7 +19,8 @@ Choices and their limits:
   Against the H100 figures this leaves the predictions 0.03-0.07 GiB low (DESIGN.md section 6; `validate_h100`).
 * Values: fake tensors have none, so data-dependent steps get stand-ins (`StandIns`): a Python scalar read from a
   tensor (`float(loss)`, `.tolist()`) is a seeded random number, and operators whose output shape depends on values
-  (`nonzero`) run on real stand-in inputs; sorting, sampling (multinomial, randperm: Bonsai's masks and windows) and casting to float64 (where per-unit scores are pooled) turn
+  (`nonzero`) run on real stand-in inputs; sorting, sampling (multinomial, randperm: Bonsai's masks and windows)
+  and casting to float64 (where per-unit scores are pooled) turn
   a fake tensor into a real one with stand-in random values, so the allocation runs on real numbers; an operator
   whose tensor inputs are all real runs for real (host-side bookkeeping such as Bonsai's regression). Memory of the
   scoring does not depend on them; which units a method removes does, so the surgery removes stand-in units (the
@@ -459,7 +460,9 @@ def validation_markdown(h100: list[dict], cpu: list[dict], table: list[dict] | N
     parts = [
         "# Simulated peak memory (minillm.simulate), validated",
         "",
-        "Regenerate: `python -m minillm bench memory --simulate --validate` (simulates everything, about 10 CPU-minutes, and writes this file and `memory_sim.json`); `minillm.simulate.render_validation()` re-renders it from the JSON. All simulated values are"
+        "Regenerate: `python -m minillm bench memory --simulate --validate` (simulates everything, about 10"
+        " CPU-minutes, and writes this file and `memory_sim.json`); `minillm.simulate.render_validation()` re-renders"
+        " it from the JSON. All simulated values are"
         " labelled simulated: FakeTensorMode with a live-storage tracker, no GPU (see `minillm/simulate.py`).",
         "",
         "## Against the H100 reference figures (DESIGN.md section 6; fp16, random weights, default sdpa attention)",
