@@ -209,6 +209,11 @@ def cmd_bench(args) -> int:
     from minillm import measure
     from minillm.results import provenance, write_json_atomic
 
+    if args.simulate:
+        return _bench_simulate(args)
+    args.model = args.model or "smollm2-135m"
+    args.batch, args.seqlen = args.batch or 10, args.seqlen or 128
+    args.dtype = args.dtype or "float32"
     if args.what == "memory-step":
         print(
             json.dumps(
@@ -252,6 +257,8 @@ def cmd_bench(args) -> int:
             device,
             args.round_to,
             include_24=args.include_24,
+            compile=args.compile,
+            sparse_backend=args.sparse_backend,
         )
         for r in result["rows"][1:]:
             print(
@@ -259,8 +266,44 @@ def cmd_bench(args) -> int:
                 f"decode speed-up {[round(x, 2) for x in r['decode_speedup']]}"
             )
     result["provenance"] = provenance(device)
-    if args.json:
+    if args.json == "-":
+        print(json.dumps(result, indent=1))
+    elif args.json:
         write_json_atomic(Path(args.json), result)
+    return 0
+
+
+def _bench_simulate(args) -> int:
+    """`bench memory --simulate`: simulated peak memory (no GPU), or the validation tables with --validate."""
+    from minillm import simulate
+    from minillm.results import write_json_atomic
+
+    if args.what != "memory":
+        raise ValueError("--simulate applies to `bench memory` only")
+    if args.validate:
+        out = simulate.write_validation(args.validate, table=not args.no_table)
+        rows = out["h100"] + out["cpu"]
+        print(simulate.validation_markdown(out["h100"], out["cpu"]) if args.json != "-" else json.dumps(rows))
+        return 0
+    wanted = set(args.methods or [])
+    shapes = [(args.batch or 10, args.seqlen or 128)] if args.batch or args.seqlen else list(simulate.SHAPES)
+    dtype = args.dtype or "float16"
+    if args.model:  # one model: the in-memory steps, or the streamed ones for the 70B shape (unless --methods says)
+        default = simulate.STREAMED_STEPS if args.model == simulate.STREAMED_MODEL else simulate.STEPS
+        pool = simulate.STEPS + simulate.STREAMED_STEPS if wanted else default
+        steps = [s for s in pool if not wanted or {s["label"], s["method"]} & wanted]
+        rows = simulate.simulate_table([args.model], shapes, steps, dtype, streamed=False)
+    else:
+        steps = [s for s in simulate.STEPS if not wanted or {s["label"], s["method"]} & wanted]
+        rows = simulate.simulate_table(simulate.MODELS, shapes, steps, dtype, streamed=not wanted)
+    if args.json == "-":
+        print(json.dumps(rows))
+    else:
+        if args.json:
+            write_json_atomic(Path(args.json), {"simulated": True, "rows": rows})
+        for r in rows:
+            peak = f"{r['peak_gib']:8.2f} GiB" if "peak_gib" in r else f"not simulable: {r['error']}"
+            print(f"{r['model']:>18} {r['batch']:>3}x{r['seqlen']:<5} {r['label']:>20}: {peak} (simulated)")
     return 0
 
 
@@ -400,11 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser("bench", help="peak memory of pruning steps, latency of pruned models")
     be.add_argument("what", choices=("memory", "latency", "memory-step"))
-    be.add_argument("--model", default="smollm2-135m")
+    be.add_argument("--model", help="registry name, directory or Hub id (default smollm2-135m; with --simulate: "
+                    "the 7B-class shapes and the streamed 70B shape)")
     be.add_argument("--methods", nargs="*", help="memory: methods to compare with the dense forward pass")
     be.add_argument("--method", default="dense", help="memory-step: one method (internal)")
-    be.add_argument("--batch", type=int, default=10)
-    be.add_argument("--seqlen", type=int, default=128)
+    be.add_argument("--batch", type=int, help="default 10 (with --simulate: 10 x 128 and 4 x 2048)")
+    be.add_argument("--seqlen", type=int, help="default 128")
     be.add_argument("--sparsity", type=float, default=0.2)
     be.add_argument("--options", default="{}", help="memory-step: method options as JSON (internal)")
     be.add_argument("--sparsities", type=float, nargs="*", default=[0.2, 0.5])
@@ -415,9 +459,28 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--repeats", type=int, default=20)
     be.add_argument("--round-to", type=int, default=1)
     be.add_argument("--include-24", action="store_true", help="latency: add a semi-structured 2:4 copy")
-    be.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    be.add_argument(
+        "--compile",
+        choices=("none", "all"),
+        default="none",
+        help="latency: prefill and decode both eager or both compiled",
+    )
+    be.add_argument(
+        "--sparse-backend", choices=("auto", "cutlass", "cusparselt"), default="auto", help="latency: 2:4 kernels"
+    )
+    be.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default float32 (simulated: float16)")
     be.add_argument("--device")
-    be.add_argument("--json", help="write the result record here")
+    be.add_argument("--json", nargs="?", const="-", help="write the result record here (no path: print JSON)")
+    be.add_argument(
+        "--simulate", action="store_true", help="memory: predict the peak GPU memory without a GPU (fake tensors)"
+    )
+    be.add_argument(
+        "--validate",
+        nargs="?",
+        const="figures/simulated/memory_sim.md",
+        help="with --simulate: write the validation tables (H100 reference figures, CPU records) to this markdown",
+    )
+    be.add_argument("--no-table", action="store_true", help="with --validate: skip the table of every step")
     be.set_defaults(func=cmd_bench)
 
     ex = sub.add_parser("experiment", help="compute the missing records of one experiment of a profile")

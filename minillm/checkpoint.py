@@ -45,14 +45,18 @@ def _add_compensation_biases(model: nn.Module, state: dict) -> None:
         if key.endswith(".bias") and key not in model.state_dict():
             lin = modules.get(key[: -len(".bias")])
             if isinstance(lin, nn.Linear) and lin.bias is None:
-                lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype))
+                lin.bias = nn.Parameter(
+                    torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device)
+                )
 
 
 def load_pruned(
     directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
 ) -> tuple[nn.Module, object]:
-    """Rebuild a model written by `save_pruned`: returns (stock HF model, tokenizer or None)."""
+    """Rebuild a model written by `save_pruned`: returns (stock HF model, tokenizer or None). The model is built
+    directly on `device` (default cpu) in `dtype` without random initialisation (the saved weights replace it)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -75,7 +79,9 @@ def load_pruned(
     if not state:
         raise PlanError(f"{weights}: the file holds no tensors")
     dtype = dtype or next(iter(state.values())).dtype
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.device(device or "cpu"), no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # init_weights (skipped) ties them: a tied pair is one tensor before loading either name
     adapter = get_adapter(model)
     described = adapter.describe()
     differing = {

@@ -45,8 +45,19 @@ def load_profile(name: str) -> dict:
     if not isinstance(cfg, dict):
         raise ProfileError(f"{path}: expected a mapping of sections, got {type(cfg).__name__}")
     cfg["profile"] = name
+    cfg["dtype"] = check_dtype(cfg.get("dtype", "float32"), f"profile {name!r}")
     validate_profile(cfg, str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path))
     return cfg
+
+
+PROFILE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_dtype(value, where: str = "profile") -> str:
+    """The `dtype` a profile loads its model in: one of PROFILE_DTYPES (default float32)."""
+    if value not in PROFILE_DTYPES:
+        raise ValueError(f"{where}: dtype must be one of {PROFILE_DTYPES}, got {value!r}")
+    return value
 
 
 def check_profile(name: str) -> dict:
@@ -86,8 +97,10 @@ def _record_file(profile: str, experiment: str, label: str, sparsity: float, suf
 
 
 def _load(cfg: dict):
-    """The profile's model on the profile's device (cpu unless the profile says otherwise)."""
-    return load_model(cfg["model"], device=cfg.get("device", "cpu"))
+    """The profile's model on the profile's device (cpu unless the profile says otherwise), in its dtype."""
+    import torch
+
+    return load_model(cfg["model"], dtype=getattr(torch, cfg.get("dtype", "float32")), device=cfg.get("device", "cpu"))
 
 
 def _calibration_settings(exp: dict, entry: dict) -> tuple[int, int, int]:
@@ -352,6 +365,7 @@ def _latency_config(cfg: dict, model: str, round_to: int) -> dict:
         "device": cfg.get("device", "cpu"),
         "round_to": round_to,
         **{k: exp[k] for k in ("sparsities", "prefill", "decode")},
+        **({"compile": exp["compile"]} if "compile" in exp else {}),  # absent in older profiles and their records
     }
 
 
@@ -406,6 +420,7 @@ def run_latency(cfg: dict, force: bool = False) -> list[dict]:
                     device,
                     round_to,
                     include_24=exp.get("include_24", False),
+                    compile=exp.get("compile", "none"),
                 )
                 save_record(
                     path,

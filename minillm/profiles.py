@@ -239,12 +239,14 @@ LATENCY = {
         REQUIRED,
     ),
     "repeats": _int(1),
+    "compile": _str(("none", "all")),
 }
 PROFILE = {
     "description": _str(),
     "model": (_str(), REQUIRED),
     "device": _str(),
     "requires_hub": _bool,
+    "dtype": DTYPE,
     "profile": _str(),  # set by load_profile: the file's name
     "accuracy": ACCURACY,
     "ablations": ACCURACY,
