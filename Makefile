@@ -5,7 +5,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
 SETUP ?= setup
-PROFILE ?= $(shell $(PYTHON) -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
+# empty: scripts/detect_profile.py picks gpu or cpu, prints why, and fails on a GPU box whose CUDA does not work
+PROFILE ?=
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 export HF_HUB_OFFLINE ?= 1
@@ -42,13 +43,17 @@ test-fast: $(SETUP)
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
 reproduce: $(SETUP)
-	$(PYTHON) -c "from minillm.experiments import check_profile; check_profile('$(PROFILE)')"
-	$(if $(filter 1,$(FRESH)),rm -rf results/$(PROFILE))
-	PROFILE=$(PROFILE) PYTHON=$(PYTHON) bash scripts/run_notebooks.sh $(NOTEBOOKS)
-	$(PYTHON) scripts/check_outputs.py $(PROFILE)
+	@profile=$$($(PYTHON) scripts/detect_profile.py "$(PROFILE)") || exit 1; set -ex; \
+	$(PYTHON) -c "from minillm.experiments import check_profile; check_profile('$$profile')"; \
+	$(if $(filter 1,$(FRESH)),rm -rf results/$$profile;) \
+	PROFILE=$$profile PYTHON=$(PYTHON) bash scripts/run_notebooks.sh $(NOTEBOOKS); \
+	$(PYTHON) scripts/check_outputs.py $$profile
 
+# re-render from the records only: fails at once, with a message, for an unknown profile or one without records
 figures: $(SETUP)
-	PROFILE=$(PROFILE) PYTHON=$(PYTHON) MINILLM_NO_COMPUTE=1 bash scripts/run_notebooks.sh $(NOTEBOOKS)
+	@profile=$$($(PYTHON) scripts/detect_profile.py "$(PROFILE)") || exit 1; set -ex; \
+	$(PYTHON) -c "from minillm.experiments import check_records; check_records('$$profile')"; \
+	PROFILE=$$profile PYTHON=$(PYTHON) MINILLM_NO_COMPUTE=1 bash scripts/run_notebooks.sh $(NOTEBOOKS)
 
 lab: $(SETUP)
 	$(VENV)/bin/pip install -q jupyterlab==4.6.6

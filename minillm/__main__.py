@@ -42,6 +42,34 @@ def parse_option(text: str) -> tuple[str, object]:
         return key.replace("-", "_"), value
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _device(name: str | None) -> str | None:
+    """Check a --device value before any work: a valid torch device string, and CUDA only where it exists."""
+    if name is None:
+        return None
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name!r}: CUDA is not available on this machine (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name!r}: MPS is not available on this machine")
+    return name
+
+
 def _dtype(name: str | None):
     if name is None:
         return None
@@ -54,17 +82,32 @@ def cmd_prune(args) -> int:
     import minillm
     from minillm.data import calibration_windows, describe_calibration
     from minillm.measure import peak_memory
-    from minillm.scores import get_method
+    from minillm.prune import check_sparsity, max_positions
+    from minillm.results import check_output_dir
+    from minillm.scores import check_options, get_method
 
     options = dict(args.option or [])
     for flag in ("queries", "eps", "space", "sign", "combination", "variant", "norm"):
         value = getattr(args, flag, None)
         if value is not None:
             options[flag] = value
+    # everything that can be checked without the model is checked before loading it
+    check_output_dir(args.out, args.overwrite)
+    check_sparsity(args.sparsity)
     method = get_method(args.method)
+    check_options(method, args.method, options)
+    _device(args.device)
+    _device(args.stream_device)
     model, tok = minillm.load_model(args.model, dtype=_dtype(args.dtype), device=args.device)
     calib, calib_info = None, None
     if method.NEEDS_CALIBRATION:
+        longest = max_positions(model.config)
+        if args.calib_seqlen < 2 or (longest is not None and args.calib_seqlen > longest):
+            raise ValueError(
+                f"--calib-seqlen {args.calib_seqlen} must be between 2 and the model's {longest} positions"
+                if longest
+                else f"--calib-seqlen {args.calib_seqlen} must be >= 2"
+            )
         if tok is None:
             vocab = int(model.config.vocab_size)
             calib = torch.randint(
@@ -101,7 +144,7 @@ def cmd_prune(args) -> int:
         )
     elapsed = time.perf_counter() - t0
     plan.history[-1]["peak_memory"] = mem.to_json()
-    minillm.save_pruned(model, plan, args.out, tokenizer=tok)
+    minillm.save_pruned(model, plan, args.out, tokenizer=tok, overwrite=args.overwrite)
     summary = {
         "out": str(args.out),
         "method": args.method,
@@ -123,6 +166,7 @@ def cmd_eval(args) -> int:
 
     if not (args.ppl or args.zeroshot):
         raise SystemExit("nothing to do: give --ppl and/or --zeroshot")
+    _device(args.device)
     model, tok = minillm.load_model(args.model, dtype=_dtype(args.dtype), device=args.device)
     if tok is None:
         raise SystemExit(f"{args.model} has no tokenizer; evaluation needs real text")
@@ -165,6 +209,11 @@ def cmd_bench(args) -> int:
     from minillm import measure
     from minillm.results import provenance, write_json_atomic
 
+    if args.simulate:
+        return _bench_simulate(args)
+    args.model = args.model or "smollm2-135m"
+    args.batch, args.seqlen = args.batch or 10, args.seqlen or 128
+    args.dtype = args.dtype or "float32"
     if args.what == "memory-step":
         print(
             json.dumps(
@@ -208,6 +257,8 @@ def cmd_bench(args) -> int:
             device,
             args.round_to,
             include_24=args.include_24,
+            compile=args.compile,
+            sparse_backend=args.sparse_backend,
         )
         for r in result["rows"][1:]:
             print(
@@ -215,8 +266,44 @@ def cmd_bench(args) -> int:
                 f"decode speed-up {[round(x, 2) for x in r['decode_speedup']]}"
             )
     result["provenance"] = provenance(device)
-    if args.json:
+    if args.json == "-":
+        print(json.dumps(result, indent=1))
+    elif args.json:
         write_json_atomic(Path(args.json), result)
+    return 0
+
+
+def _bench_simulate(args) -> int:
+    """`bench memory --simulate`: simulated peak memory (no GPU), or the validation tables with --validate."""
+    from minillm import simulate
+    from minillm.results import write_json_atomic
+
+    if args.what != "memory":
+        raise ValueError("--simulate applies to `bench memory` only")
+    if args.validate:
+        out = simulate.write_validation(args.validate, table=not args.no_table)
+        rows = out["h100"] + out["cpu"]
+        print(simulate.validation_markdown(out["h100"], out["cpu"]) if args.json != "-" else json.dumps(rows))
+        return 0
+    wanted = set(args.methods or [])
+    shapes = [(args.batch or 10, args.seqlen or 128)] if args.batch or args.seqlen else list(simulate.SHAPES)
+    dtype = args.dtype or "float16"
+    if args.model:  # one model: the in-memory steps, or the streamed ones for the 70B shape (unless --methods says)
+        default = simulate.STREAMED_STEPS if args.model == simulate.STREAMED_MODEL else simulate.STEPS
+        pool = simulate.STEPS + simulate.STREAMED_STEPS if wanted else default
+        steps = [s for s in pool if not wanted or {s["label"], s["method"]} & wanted]
+        rows = simulate.simulate_table([args.model], shapes, steps, dtype, streamed=False)
+    else:
+        steps = [s for s in simulate.STEPS if not wanted or {s["label"], s["method"]} & wanted]
+        rows = simulate.simulate_table(simulate.MODELS, shapes, steps, dtype, streamed=not wanted)
+    if args.json == "-":
+        print(json.dumps(rows))
+    else:
+        if args.json:
+            write_json_atomic(Path(args.json), {"simulated": True, "rows": rows})
+        for r in rows:
+            peak = f"{r['peak_gib']:8.2f} GiB" if "peak_gib" in r else f"not simulable: {r['error']}"
+            print(f"{r['model']:>18} {r['batch']:>3}x{r['seqlen']:<5} {r['label']:>20}: {peak} (simulated)")
     return 0
 
 
@@ -240,7 +327,12 @@ def cmd_recover(args) -> int:
     import minillm
     from minillm.data import calibration_windows
     from minillm.recover import recover
+    from minillm.results import check_output_dir
 
+    check_output_dir(args.out, args.overwrite)
+    if Path(args.out).resolve() == Path(args.directory).resolve():
+        raise ValueError(f"--out {args.out} is the input directory; recovery leaves its input untouched")
+    _device(args.device)
     model, tok = minillm.load_pruned(args.directory, device=args.device)
     plan = model.minillm_plan
     if tok is None:
@@ -271,7 +363,7 @@ def cmd_recover(args) -> int:
         "seed": args.seed + 1,
     }
     plan.recovery.append(record)
-    minillm.save_pruned(merged, plan, args.out, tokenizer=tok)
+    minillm.save_pruned(merged, plan, args.out, tokenizer=tok, overwrite=args.overwrite)
     print(json.dumps({k: record[k] for k in ("method", "steps", "first_loss", "last_loss", "time_s")}, indent=1))
     return 0
 
@@ -286,7 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--method", required=True, help="fms, bonsai, taylor, wanda_sp, flap, magnitude, random")
     pr.add_argument("--sparsity", type=float, required=True, help="fraction of prunable parameters to remove")
     pr.add_argument("--out", required=True, type=Path, help="output directory (pruning.json + model.safetensors)")
-    pr.add_argument("--calib-samples", type=int, default=10)
+    pr.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out even when it is a non-empty directory not written by minillm",
+    )
+    pr.add_argument("--calib-samples", type=positive_int, default=10)
     pr.add_argument("--calib-seqlen", type=int, default=64)
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument(
@@ -332,12 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="perplexity on Pride and Prejudice and/or zero-shot accuracy")
     ev.add_argument("model", help="a pruned directory, registry name, local directory or Hub id")
     ev.add_argument("--ppl", action="store_true")
-    ev.add_argument("--ppl-seqlen", type=int, default=512)
-    ev.add_argument("--ppl-windows", type=int, default=8)
+    ev.add_argument("--ppl-seqlen", type=positive_int, default=512)
+    ev.add_argument("--ppl-windows", type=positive_int, default=8)
     ev.add_argument("--zeroshot", action="store_true")
     ev.add_argument("--tasks", nargs="*", help="bundled task names (default: all)")
-    ev.add_argument("--limit", type=int, help="examples per task")
-    ev.add_argument("--batch-size", type=int, default=4)
+    ev.add_argument("--limit", type=positive_int, help="examples per task")
+    ev.add_argument("--batch-size", type=positive_int, default=4)
     ev.add_argument("--json", help="also write the result (with provenance) to this file")
     ev.add_argument("--dtype")
     ev.add_argument("--device")
@@ -346,11 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser("bench", help="peak memory of pruning steps, latency of pruned models")
     be.add_argument("what", choices=("memory", "latency", "memory-step"))
-    be.add_argument("--model", default="smollm2-135m")
+    be.add_argument("--model", help="registry name, directory or Hub id (default smollm2-135m; with --simulate: "
+                    "the 7B-class shapes and the streamed 70B shape)")
     be.add_argument("--methods", nargs="*", help="memory: methods to compare with the dense forward pass")
     be.add_argument("--method", default="dense", help="memory-step: one method (internal)")
-    be.add_argument("--batch", type=int, default=10)
-    be.add_argument("--seqlen", type=int, default=128)
+    be.add_argument("--batch", type=int, help="default 10 (with --simulate: 10 x 128 and 4 x 2048)")
+    be.add_argument("--seqlen", type=int, help="default 128")
     be.add_argument("--sparsity", type=float, default=0.2)
     be.add_argument("--options", default="{}", help="memory-step: method options as JSON (internal)")
     be.add_argument("--sparsities", type=float, nargs="*", default=[0.2, 0.5])
@@ -361,9 +459,28 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--repeats", type=int, default=20)
     be.add_argument("--round-to", type=int, default=1)
     be.add_argument("--include-24", action="store_true", help="latency: add a semi-structured 2:4 copy")
-    be.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    be.add_argument(
+        "--compile",
+        choices=("none", "all"),
+        default="none",
+        help="latency: prefill and decode both eager or both compiled",
+    )
+    be.add_argument(
+        "--sparse-backend", choices=("auto", "cutlass", "cusparselt"), default="auto", help="latency: 2:4 kernels"
+    )
+    be.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default float32 (simulated: float16)")
     be.add_argument("--device")
-    be.add_argument("--json", help="write the result record here")
+    be.add_argument("--json", nargs="?", const="-", help="write the result record here (no path: print JSON)")
+    be.add_argument(
+        "--simulate", action="store_true", help="memory: predict the peak GPU memory without a GPU (fake tensors)"
+    )
+    be.add_argument(
+        "--validate",
+        nargs="?",
+        const="figures/simulated/memory_sim.md",
+        help="with --simulate: write the validation tables (H100 reference figures, CPU records) to this markdown",
+    )
+    be.add_argument("--no-table", action="store_true", help="with --validate: skip the table of every step")
     be.set_defaults(func=cmd_bench)
 
     ex = sub.add_parser("experiment", help="compute the missing records of one experiment of a profile")
@@ -376,6 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
     rc = sub.add_parser("recover", help="LoRA fine-tuning of a pruned directory (optionally KL to the parent)")
     rc.add_argument("directory", type=Path, help="a directory written by prune (left untouched)")
     rc.add_argument("--out", type=Path, required=True)
+    rc.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out even when it is a non-empty directory not written by minillm",
+    )
     rc.add_argument("--rank", type=int, default=8)
     rc.add_argument("--alpha", type=float, default=16.0)
     rc.add_argument("--dropout", type=float, default=0.05)
@@ -399,9 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from minillm.results import terminate_as_exit
+
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
+        with terminate_as_exit():  # SIGTERM runs the clean-up of temporary directories
+            return args.func(args)
+    except (ValueError, FileNotFoundError, OSError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

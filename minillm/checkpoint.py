@@ -22,10 +22,14 @@ PLAN_FILE = "pruning.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def save_pruned(model: nn.Module, plan: PruningPlan, directory: str | Path, tokenizer=None) -> Path:
-    """Write `directory` atomically (a crash leaves either the old directory or the complete new one)."""
+def save_pruned(
+    model: nn.Module, plan: PruningPlan, directory: str | Path, tokenizer=None, overwrite: bool = False
+) -> Path:
+    """Write `directory` atomically (a crash leaves either the old directory or the complete new one). A non-empty
+    directory that is not a previous minillm output is refused unless `overwrite`; so are the current directory and
+    its parents."""
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
         model.config.save_pretrained(tmp)
         save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "minillm": "pruned"})
         if tokenizer is not None:
@@ -41,33 +45,68 @@ def _add_compensation_biases(model: nn.Module, state: dict) -> None:
         if key.endswith(".bias") and key not in model.state_dict():
             lin = modules.get(key[: -len(".bias")])
             if isinstance(lin, nn.Linear) and lin.bias is None:
-                lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype))
+                lin.bias = nn.Parameter(
+                    torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device)
+                )
 
 
 def load_pruned(
     directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
 ) -> tuple[nn.Module, object]:
-    """Rebuild a model written by `save_pruned`: returns (stock HF model, tokenizer or None)."""
+    """Rebuild a model written by `save_pruned`: returns (stock HF model, tokenizer or None). The model is built
+    directly on `device` (default cpu) in `dtype` without random initialisation (the saved weights replace it)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
 
     directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory (expected one written by minillm.save_pruned)")
     plan = PruningPlan.load(directory / PLAN_FILE)
     weights = directory / WEIGHTS_FILE
     if not weights.exists():
         raise FileNotFoundError(f"{weights} is missing")
-    config = AutoConfig.from_pretrained(directory)
-    state = load_file(str(weights))
+    config_file = directory / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} is missing")
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError) as e:
+        raise PlanError(f"{config_file}: cannot read the model configuration ({e})") from None
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
+        raise PlanError(f"{weights}: cannot read the weights, the file is truncated or corrupt ({e})") from None
+    if not state:
+        raise PlanError(f"{weights}: the file holds no tensors")
     dtype = dtype or next(iter(state.values())).dtype
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.device(device or "cpu"), no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # init_weights (skipped) ties them: a tied pair is one tensor before loading either name
     adapter = get_adapter(model)
-    if plan.architecture.get("num_layers") not in (None, len(adapter.layers())):
-        raise PlanError(
-            f"{directory / PLAN_FILE}: plan is for {plan.architecture['num_layers']} layers, the config "
-            f"has {len(adapter.layers())}"
-        )
-    apply_keep(model, adapter, plan.layers)
+    described = adapter.describe()
+    differing = {
+        k: (v, described[k]) for k, v in plan.architecture.items() if k in described and described[k] != v
+    }
+    if differing:
+        detail = ", ".join(f"{k}: {a!r} in {PLAN_FILE} vs {b!r} in config.json" for k, (a, b) in differing.items())
+        raise PlanError(f"{directory}: {PLAN_FILE} and {config_file.name} describe different models ({detail})")
+    try:
+        apply_keep(model, adapter, plan.layers)
+    except PlanError as e:
+        raise PlanError(f"{directory / PLAN_FILE} does not fit {config_file}: {e}") from None
     _add_compensation_biases(model, state)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    expected = model.state_dict()
+    wrong = [
+        f"{k}: {tuple(v.shape)} in the file, {tuple(expected[k].shape)} expected"
+        for k, v in state.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if wrong:
+        raise PlanError(
+            f"{weights}: tensor shapes do not match the pruned architecture of {directory / PLAN_FILE} "
+            f"({len(wrong)} tensors, e.g. {'; '.join(wrong[:3])}); were the weights copied from another model?"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied_spec = getattr(model, "_tied_weights_keys", None) or {}
     # safetensors keeps one name of a tied pair; either side may be the missing one
@@ -75,7 +114,7 @@ def load_pruned(
     real_missing = [k for k in missing if k not in tied]
     if real_missing or unexpected:
         raise PlanError(
-            f"{directory}: weights do not match the pruned architecture (missing {real_missing[:5]}, "
+            f"{weights}: weights do not match the pruned architecture (missing {real_missing[:5]}, "
             f"unexpected {unexpected[:5]})"
         )
     model.tie_weights()

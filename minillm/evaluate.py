@@ -36,7 +36,8 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, pro
     model.train(was_training)
     mean = total_nll / total_tokens
     return {
-        "ppl": math.exp(mean) if mean < 700 else float("inf"),
+        # NaN stays NaN (a broken model), only a finite but huge loss overflows to inf
+        "ppl": float("nan") if math.isnan(mean) else math.exp(mean) if mean < 700 else float("inf"),
         "nll": mean,
         "tokens": total_tokens,
         "n_windows": int(windows.shape[0]),
@@ -87,6 +88,8 @@ def zeroshot(
     """Zero-shot accuracy on the bundled cloze tasks, fully offline. Returns {task: {"metric", "value",
     "stderr", "chance", "n"}} plus "average" of the declared metrics. `tasks` are names from tasks.json (all when
     None); `limit` caps examples per task."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit (examples per task) must be a positive integer or None, got {limit!r}")
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")
     import lm_eval

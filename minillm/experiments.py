@@ -19,7 +19,8 @@ from .evaluate import perplexity, zeroshot
 from .measure import peak_memory
 from .models import load_model
 from .prune import prune, score
-from .results import REPO_ROOT, load_record, save_record
+from .profiles import ProfileError, validate_profile
+from .results import REPO_ROOT, config_diff, load_record, save_record, temporary_directory
 from .scores import get_method
 
 log = logging.getLogger(__name__)
@@ -28,18 +29,44 @@ RESULTS_DIR = REPO_ROOT / "results"
 
 
 def load_profile(name: str) -> dict:
+    """Read configs/<name>.yaml and check it against the schema (minillm.profiles) before anything runs."""
     path = CONFIG_DIR / f"{name}.yaml"
     if not path.exists():
+        import difflib
+
         known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"no profile {name!r} ({path}); known profiles: {', '.join(known)}")
-    cfg = yaml.safe_load(path.read_text())
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise FileNotFoundError(f"no profile {name!r} ({path}){hint}; known profiles: {', '.join(known)}")
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ProfileError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ProfileError(f"{path}: expected a mapping of sections, got {type(cfg).__name__}")
     cfg["profile"] = name
+    cfg["dtype"] = check_dtype(cfg.get("dtype", "float32"), f"profile {name!r}")
+    validate_profile(cfg, str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path))
     return cfg
 
 
+PROFILE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_dtype(value, where: str = "profile") -> str:
+    """The `dtype` a profile loads its model in: one of PROFILE_DTYPES (default float32)."""
+    if value not in PROFILE_DTYPES:
+        raise ValueError(f"{where}: dtype must be one of {PROFILE_DTYPES}, got {value!r}")
+    return value
+
+
 def check_profile(name: str) -> dict:
-    """Fail early with a clear message when a profile cannot run here (Hub unreachable, no CUDA)."""
-    cfg = load_profile(name)
+    """Fail early with a clear message when a profile cannot run here (unknown or invalid profile, Hub unreachable,
+    no CUDA)."""
+    try:
+        cfg = load_profile(name)
+    except (FileNotFoundError, ProfileError) as e:
+        raise SystemExit(f"error: {e}") from None
     if cfg.get("requires_hub"):
         import os
         import urllib.request
@@ -70,8 +97,10 @@ def _record_file(profile: str, experiment: str, label: str, sparsity: float, suf
 
 
 def _load(cfg: dict):
-    """The profile's model on the profile's device (cpu unless the profile says otherwise)."""
-    return load_model(cfg["model"], device=cfg.get("device", "cpu"))
+    """The profile's model on the profile's device (cpu unless the profile says otherwise), in its dtype."""
+    import torch
+
+    return load_model(cfg["model"], dtype=getattr(torch, cfg.get("dtype", "float32")), device=cfg.get("device", "cpu"))
 
 
 def _calibration_settings(exp: dict, entry: dict) -> tuple[int, int, int]:
@@ -137,17 +166,11 @@ def run_accuracy(cfg: dict, force: bool = False, experiment: str = "accuracy", p
     exp = cfg[experiment]
     records = []
     dense_file = _record_file(profile, experiment, "dense", 0.0)
-    if force or load_record(dense_file) is None:
+    if force or not is_current(dense_file, _dense_config(cfg, exp)):
         model, tok = _load(cfg)
         t0 = time.perf_counter()
         metrics = _evaluate(model, tok, exp, 0.0)
-        save_record(
-            dense_file,
-            experiment,
-            {"model": cfg["model"], "method": "dense", "sparsity": 0.0, "label": "dense", "eval": _eval_cfg(exp)},
-            metrics,
-            time.perf_counter() - t0,
-        )
+        save_record(dense_file, experiment, _dense_config(cfg, exp), metrics, time.perf_counter() - t0)
     records.append(load_record(dense_file))
     for entry in exp["methods"]:
         records += _run_method(cfg, exp, entry, force, experiment, progress)
@@ -158,13 +181,51 @@ def _eval_cfg(exp: dict) -> dict:
     return {"perplexity": exp["perplexity"], "zeroshot": exp.get("zeroshot")}
 
 
+def _dense_config(cfg: dict, exp: dict) -> dict:
+    return {"model": cfg["model"], "method": "dense", "sparsity": 0.0, "label": "dense", "eval": _eval_cfg(exp)}
+
+
+def _method_config(cfg: dict, exp: dict, entry: dict, sparsity: float) -> dict:
+    """The effective configuration of one (method entry, sparsity) record: what the record's `config` must equal
+    for the record to be reused."""
+    return {
+        "model": cfg["model"],
+        "method": entry["method"],
+        "label": entry["label"],
+        "sparsity": sparsity,
+        "options": dict(entry.get("options", {})),
+        "prune_options": {**exp.get("prune_options", {}), **entry.get("prune_options", {})},
+        "calibration": describe_calibration(*_calibration_settings(exp, entry)),
+        "seed": entry.get("seed", 0),
+        "eval": _eval_cfg(exp),
+    }
+
+
+def is_current(path: Path, config: dict, record: dict | None = None) -> bool:
+    """Whether the record at `path` exists and was made with exactly `config` (its stored `config`, which records
+    without a `config_hash` also carry, is compared, so records made before hashes existed stay valid). A record
+    made with another configuration is reported with the differing keys and is not reused."""
+    record = load_record(path) if record is None else record
+    if record is None:
+        return False
+    diff = config_diff(record.get("config"), config)
+    if diff:
+        log.warning(
+            "%s was made with another configuration than the profile's (%s); it is recomputed",
+            path,
+            "; ".join(diff[:8]) + (f"; ... {len(diff) - 8} more" if len(diff) > 8 else ""),
+        )
+        return False
+    return True
+
 def _run_method(cfg, exp, entry, force, experiment, progress) -> list[dict]:
     profile, label, method = cfg["profile"], entry["label"], entry["method"]
     options = dict(entry.get("options", {}))
     prune_options = {**exp.get("prune_options", {}), **entry.get("prune_options", {})}
     sparsities = entry.get("sparsities", exp["sparsities"])
     files = {s: _record_file(profile, experiment, label, s) for s in sparsities}
-    todo = [s for s in sparsities if force or load_record(files[s]) is None]
+    configs = {s: _method_config(cfg, exp, entry, s) for s in sparsities}
+    todo = [s for s in sparsities if force or not is_current(files[s], configs[s])]
     if todo:
         base, tok = _load(cfg)
         calib, calib_info = _calibration(tok, exp, entry)
@@ -193,17 +254,7 @@ def _run_method(cfg, exp, entry, force, experiment, progress) -> list[dict]:
                 )
             prune_time = time.perf_counter() - t0
             metrics = _evaluate(model, tok, exp, s)
-            config = {
-                "model": cfg["model"],
-                "method": method,
-                "label": label,
-                "sparsity": s,
-                "options": options,
-                "prune_options": prune_options,
-                "calibration": calib_info,
-                "seed": entry.get("seed", 0),
-                "eval": _eval_cfg(exp),
-            }
+            config = configs[s]
             timing = {"prune_time_s": prune_time, "prune_peak_memory_in_process": mem.to_json()}
             if shared_scores is not None:
                 timing.update(
@@ -223,10 +274,99 @@ def _run_method(cfg, exp, entry, force, experiment, progress) -> list[dict]:
     return [load_record(files[s]) for s in sparsities]
 
 
+def expected_records(cfg: dict, experiment: str) -> dict[Path, dict]:
+    """Every record file a profile's experiment consists of, with the configuration it must have been made with."""
+    profile = cfg["profile"]
+    if experiment not in cfg:
+        return {}
+    exp = cfg[experiment]
+    out: dict[Path, dict] = {}
+    if experiment in ("accuracy", "ablations"):
+        out[_record_file(profile, experiment, "dense", 0.0)] = _dense_config(cfg, exp)
+        for entry in exp["methods"]:
+            for s in entry.get("sparsities", exp["sparsities"]):
+                out[_record_file(profile, experiment, entry["label"], s)] = _method_config(cfg, exp, entry, s)
+    elif experiment == "recovery":
+        for _, entry, item_exp, s, kl, path in _recovery_items(cfg):
+            out[path] = _recovery_config(cfg, cfg["accuracy"], item_exp, entry, s, kl)
+    elif experiment == "memory":
+        for model in exp["models"]:
+            for batch, seqlen in exp["shapes"]:
+                out[_memory_file(profile, exp, model, batch, seqlen)] = _memory_config(cfg, model, batch, seqlen)
+    elif experiment == "latency":
+        for model in exp["models"]:
+            for round_to in exp.get("round_to", [1]):
+                out[_latency_file(profile, exp, model, round_to)] = _latency_config(cfg, model, round_to)
+    return out
+
+
 def collect(profile: str, experiment: str) -> list[dict]:
-    """Every record of one experiment of a profile, sorted by file name."""
+    """The records of one experiment that the profile names and that were made with the profile's configuration,
+    sorted by file name. Records of labels the profile no longer has, or made with another configuration, are left
+    out (with a warning for the latter). A profile without a configs/ file (tests) reads every record."""
     folder = results_dir(profile, experiment)
-    return [load_record(p) for p in sorted(folder.glob("*.json"))] if folder.exists() else []
+    if not folder.exists():
+        return []
+    try:
+        cfg = load_profile(profile)
+    except FileNotFoundError:
+        return [load_record(p) for p in sorted(folder.glob("*.json"))]
+    wanted = expected_records(cfg, experiment)
+    out = []
+    for path in sorted(folder.glob("*.json")):
+        if path in wanted:
+            record = load_record(path)
+            if is_current(path, wanted[path], record):
+                out.append(record)
+        else:
+            log.info("%s: not named by profile %r, left out of the report", path, profile)
+    return out
+
+
+def check_records(profile: str) -> None:
+    """Fail with a clear message when a profile has no records to render (make figures)."""
+    try:
+        load_profile(profile)
+    except (FileNotFoundError, ProfileError) as e:
+        raise SystemExit(f"error: {e}") from None
+    folder = RESULTS_DIR / profile
+    if not any(p.name != "run_times.json" for p in folder.glob("*/*.json")):
+        raise SystemExit(
+            f"error: no records in {folder} to render figures from; compute them first with "
+            f"`make reproduce PROFILE={profile}`"
+        )
+
+
+def _memory_file(profile: str, exp: dict, model: str, batch: int, seqlen: int) -> Path:
+    return results_dir(profile, "memory") / f"{model}_{batch}x{seqlen}_{exp['dtype']}.json"
+
+
+def _memory_config(cfg: dict, model: str, batch: int, seqlen: int) -> dict:
+    exp = cfg["memory"]
+    return {
+        "model": model,
+        "batch": batch,
+        "seqlen": seqlen,
+        "dtype": exp["dtype"],
+        "device": cfg.get("device", "cpu"),
+        "methods": exp["methods"],
+    }
+
+
+def _latency_file(profile: str, exp: dict, model: str, round_to: int) -> Path:
+    return results_dir(profile, "latency") / f"{model}_{exp['dtype']}_round{round_to}.json"
+
+
+def _latency_config(cfg: dict, model: str, round_to: int) -> dict:
+    exp = cfg["latency"]
+    return {
+        "model": model,
+        "dtype": exp["dtype"],
+        "device": cfg.get("device", "cpu"),
+        "round_to": round_to,
+        **{k: exp[k] for k in ("sparsities", "prefill", "decode")},
+        **({"compile": exp["compile"]} if "compile" in exp else {}),  # absent in older profiles and their records
+    }
 
 
 def run_memory(cfg: dict, force: bool = False) -> list[dict]:
@@ -238,21 +378,15 @@ def run_memory(cfg: dict, force: bool = False) -> list[dict]:
     out = []
     for model in exp["models"]:
         for batch, seqlen in exp["shapes"]:
-            path = results_dir(profile, "memory") / f"{model}_{batch}x{seqlen}_{exp['dtype']}.json"
-            if force or load_record(path) is None:
+            path = _memory_file(profile, exp, model, batch, seqlen)
+            config = _memory_config(cfg, model, batch, seqlen)
+            if force or not is_current(path, config):
                 t0 = time.perf_counter()
                 res = bench_memory(model, exp["methods"], batch, seqlen, exp["dtype"], device)
                 save_record(
                     path,
                     "memory",
-                    {
-                        "model": model,
-                        "batch": batch,
-                        "seqlen": seqlen,
-                        "dtype": exp["dtype"],
-                        "device": device,
-                        "methods": exp["methods"],
-                    },
+                    config,
                     res,
                     time.perf_counter() - t0,
                     device=device,
@@ -270,8 +404,9 @@ def run_latency(cfg: dict, force: bool = False) -> list[dict]:
     out = []
     for model in exp["models"]:
         for round_to in exp.get("round_to", [1]):
-            path = results_dir(profile, "latency") / f"{model}_{exp['dtype']}_round{round_to}.json"
-            if force or load_record(path) is None:
+            path = _latency_file(profile, exp, model, round_to)
+            config = _latency_config(cfg, model, round_to)
+            if force or not is_current(path, config):
                 t0 = time.perf_counter()
                 res = bench_latency(
                     model,
@@ -285,17 +420,12 @@ def run_latency(cfg: dict, force: bool = False) -> list[dict]:
                     device,
                     round_to,
                     include_24=exp.get("include_24", False),
+                    compile=exp.get("compile", "none"),
                 )
                 save_record(
                     path,
                     "latency",
-                    {
-                        "model": model,
-                        "dtype": exp["dtype"],
-                        "device": device,
-                        "round_to": round_to,
-                        **{k: exp[k] for k in ("sparsities", "prefill", "decode")},
-                    },
+                    config,
                     res,
                     time.perf_counter() - t0,
                     device=device,
@@ -309,38 +439,59 @@ def run_recovery(cfg: dict, force: bool = False, progress: bool = False) -> list
     recover with LoRA (optionally with KL to the parent) and evaluate again. One record per (label, sparsity, kl)."""
     from .recover import recover
 
-    exp, profile = cfg["recovery"], cfg["profile"]
-    acc = cfg["accuracy"]
-    by_label = {e["label"]: e for e in acc["methods"]}
     out = []
-    for item in exp["methods"]:
-        # a label, or {label, sparsities, kl_weights, train, tag}: train overrides the experiment's training settings
-        # (the tag, e.g. "steps200", keeps its records apart from the default ones)
-        item = {"label": item} if isinstance(item, str) else dict(item)
-        label = item["label"]
-        if label not in by_label:
-            raise ValueError(f"recovery entry {label!r} is not an accuracy method label of profile {profile!r}")
-        entry = by_label[label]
-        if "train" in item and not item.get("tag"):
-            raise ValueError(f"recovery entry {label!r} overrides train settings and needs a 'tag' for its records")
-        item_exp = {**exp, "train": {**exp["train"], **item.get("train", {})}}
-        kls = item.get("kl_weights", exp["kl_weights"])
-        suffix = f"_{item['tag']}" if item.get("tag") else ""
-        for s in item.get("sparsities", exp["sparsities"]):
-            files = {kl: _record_file(profile, "recovery", label, s, f"_kl{kl:g}{suffix}") for kl in kls}
-            todo = [kl for kl, f in files.items() if force or load_record(f) is None]
-            if todo:
-                _recover_one(cfg, acc, item_exp, entry, s, todo, files, recover, progress)
-            out += [load_record(files[kl]) for kl in kls]
+    groups: dict = {}
+    for index, entry, item_exp, s, kl, path in _recovery_items(cfg):
+        groups.setdefault((index, s), (entry, item_exp, s, {}))[3][kl] = path
+    for entry, item_exp, s, files in groups.values():
+        configs = {kl: _recovery_config(cfg, cfg["accuracy"], item_exp, entry, s, kl) for kl in files}
+        todo = [kl for kl, f in files.items() if force or not is_current(f, configs[kl])]
+        if todo:
+            _recover_one(cfg, cfg["accuracy"], item_exp, entry, s, todo, files, recover, progress)
+        out += [load_record(f) for f in files.values()]
     return out
 
 
-def _recover_one(cfg, acc, exp, entry, sparsity, kl_weights, files, recover, progress) -> None:
-    import tempfile
+def _recovery_items(cfg: dict):
+    """(item index, accuracy entry, item's experiment settings, sparsity, kl weight, record file) for every recovery
+    record of a profile. An item is a label, or {label, sparsities, kl_weights, train, tag}: train overrides the
+    experiment's training settings (the tag, e.g. "steps200", keeps its records apart from the default ones)."""
+    exp, profile = cfg["recovery"], cfg["profile"]
+    by_label = {e["label"]: e for e in cfg["accuracy"]["methods"]}
+    for index, raw in enumerate(exp["methods"]):
+        item = {"label": raw} if isinstance(raw, str) else dict(raw)
+        label = item["label"]
+        if label not in by_label:
+            raise ValueError(f"recovery entry {label!r} is not an accuracy method label of profile {profile!r}")
+        if "train" in item and not item.get("tag"):
+            raise ValueError(f"recovery entry {label!r} overrides train settings and needs a 'tag' for its records")
+        item_exp = {**exp, "train": {**exp["train"], **item.get("train", {})}}
+        suffix = f"_{item['tag']}" if item.get("tag") else ""
+        for s in item.get("sparsities", exp["sparsities"]):
+            for kl in item.get("kl_weights", exp["kl_weights"]):
+                yield index, by_label[label], item_exp, s, kl, _record_file(
+                    profile, "recovery", label, s, f"_kl{kl:g}{suffix}"
+                )
 
+
+def _recovery_config(cfg: dict, acc: dict, exp: dict, entry: dict, sparsity: float, kl: float) -> dict:
+    return {
+        "model": cfg["model"],
+        "method": entry["method"],
+        "label": entry["label"],
+        "sparsity": sparsity,
+        "options": entry.get("options", {}),
+        "prune_options": {**acc.get("prune_options", {}), **entry.get("prune_options", {})},
+        "kl_weight": kl,
+        "train": exp["train"],
+        "eval": _eval_cfg(exp),
+    }
+
+
+def _recover_one(cfg, acc, exp, entry, sparsity, kl_weights, files, recover, progress) -> None:
     from .checkpoint import load_pruned, save_pruned
 
-    label, method = entry["label"], entry["method"]
+    label = entry["label"]
     prune_options = {**acc.get("prune_options", {}), **entry.get("prune_options", {})}
     base, tok = _load(cfg)
     calib_info = describe_calibration(*_calibration_settings(acc, entry))
@@ -355,7 +506,8 @@ def _recover_one(cfg, acc, exp, entry, sparsity, kl_weights, files, recover, pro
     train = exp["train"]
     windows = calibration_windows(tok, train["windows"], train["seqlen"], seed=train.get("seed", 1))
     teacher = None
-    with tempfile.TemporaryDirectory(prefix="minillm-recovery-") as tmp:
+    # removed on exit, on errors and on SIGTERM (a killed run must not leave a model copy in /tmp)
+    with temporary_directory(prefix="minillm-recovery-") as tmp:
         save_pruned(base, plan, tmp, tokenizer=tok)
         for kl in kl_weights:
             model, _ = load_pruned(tmp, device=cfg.get("device", "cpu"))
@@ -375,21 +527,10 @@ def _recover_one(cfg, acc, exp, entry, sparsity, kl_weights, files, recover, pro
                 progress=progress,
             )
             after = _evaluate(merged, tok, exp, sparsity)
-            config = {
-                "model": cfg["model"],
-                "method": method,
-                "label": label,
-                "sparsity": sparsity,
-                "options": entry.get("options", {}),
-                "prune_options": prune_options,
-                "kl_weight": kl,
-                "train": train,
-                "eval": _eval_cfg(exp),
-            }
             save_record(
                 files[kl],
                 "recovery",
-                config,
+                _recovery_config(cfg, acc, exp, entry, sparsity, kl),
                 {"before": before, "after": after, "recovery": rec},
                 prune_time + rec["time_s"],
                 extra={"plan": _plan_summary(plan), "plan_source": plan.options.get("plan_source", "pruned here")},

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .device import is_oom
+
 GIB = 1024**3
 # glibc settings for CPU memory measurements (see memory_in_subprocess)
 CPU_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -54,18 +56,21 @@ def _rss() -> int:
 @contextmanager
 def peak_memory(device: str | torch.device = "cpu", interval_s: float = 0.002):
     """Context manager yielding a PeakMemory that is filled in when the block exits."""
+    from .device import backend
+
     dev = torch.device(device)
     result = PeakMemory(str(dev))
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        result.baseline_bytes = torch.cuda.memory_allocated(dev)
+    cuda = backend()
+    if cuda.is_cuda(dev):
+        cuda.synchronize(dev)
+        cuda.reset_peak(dev)
+        result.baseline_bytes = cuda.memory_allocated(dev)
         try:
             yield result
         finally:
-            torch.cuda.synchronize(dev)
-            result.peak_bytes = torch.cuda.max_memory_allocated(dev)
-            result.reserved_bytes = torch.cuda.max_memory_reserved(dev)
+            cuda.synchronize(dev)
+            result.peak_bytes = cuda.max_memory_allocated(dev)
+            result.reserved_bytes = cuda.max_memory_reserved(dev)
         return
     result.baseline_bytes = peak = _rss()
     stop = threading.Event()
@@ -129,13 +134,35 @@ def memory_step(
             model(input_ids=tokens[:1, :8])
         gc.collect()
     t0 = time.perf_counter()
-    with peak_memory(dev) as mem:
-        if method == "dense":
-            with torch.no_grad():
-                model(input_ids=tokens)
-        else:
-            prune(model, method, sparsity, tokens, progress=False, **(options or {}))
+    try:
+        with peak_memory(dev) as mem:
+            if method == "dense":
+                with torch.no_grad():
+                    model(input_ids=tokens)
+            else:
+                prune(model, method, sparsity, tokens, progress=False, **(options or {}))
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        return oom_result(method, dev, weights, e)
     return {"method": method, "wall_time_s": time.perf_counter() - t0, "weights_bytes": weights, **mem.to_json()}
+
+
+def oom_result(method: str, device: torch.device, weights_bytes: int, exc: BaseException) -> dict:
+    """An out-of-memory step is a result: the device, its capacity and the error, instead of a peak."""
+    from .device import backend
+
+    cuda = backend()
+    capacity = cuda.total_memory(device) if cuda.is_cuda(device) else None
+    return {
+        "method": method,
+        "oom": True,
+        "device": str(device),
+        "capacity_bytes": capacity,
+        "capacity_gib": round(capacity / GIB, 2) if capacity else None,
+        "weights_bytes": weights_bytes,
+        "error": [f"out of memory: {str(exc).splitlines()[0][:300]}"],
+    }
 
 
 def child_env(device: str) -> dict:
@@ -238,9 +265,13 @@ def bench_memory(
 def _timed(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
     import time
 
+    from .device import backend
+
+    cuda = backend()
+
     def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if cuda.is_cuda(device):
+            cuda.synchronize(device)
 
     for _ in range(warmup):
         fn()
@@ -260,6 +291,20 @@ def _summary(times: list[float]) -> dict:
     return {"median_s": med, "iqr_s": q3 - q1, "q1_s": q1, "q3_s": q3, "repeats": len(times)}
 
 
+COMPILE_POLICIES = ("none", "all")
+
+
+def _generate_compile_kwargs(policy: str) -> dict:
+    """`generate` keyword arguments that make its compilation follow the policy on every device."""
+    if policy == "none":
+        return {"disable_compile": True}
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=False)
+    config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+    return {"compile_config": config}
+
+
 @torch.no_grad()
 def latency(
     model: torch.nn.Module,
@@ -270,19 +315,31 @@ def latency(
     repeats: int = 20,
     warmup: int = 3,
     static_cache: bool = True,
+    compile: str = "none",
 ) -> dict:
-    """Prefill time per (batch, length) and decode tokens/s (greedy, fixed number of new tokens) per batch size."""
+    """Prefill time per (batch, length) and decode tokens/s (greedy, fixed number of new tokens) per batch size.
+
+    compile: 'none' runs prefill and decode eagerly everywhere (transformers' automatic compilation of static-cache
+    decoding on CUDA is switched off), 'all' compiles both on every device. The policy is in the result, so a
+    compiled run is never compared with an uncompiled one."""
+    if compile not in COMPILE_POLICIES:
+        raise ValueError(f"compile must be one of {COMPILE_POLICIES}, got {compile!r}")
     dev = next(model.parameters()).device
     vocab = int(model.config.vocab_size)
     gen = torch.Generator().manual_seed(0)
-    out = {"prefill": [], "decode": []}
+    out = {"prefill": [], "decode": [], "compile": compile}
+    forward = model
+    if compile == "all":
+        torch._dynamo.reset()  # every variant starts from an empty cache: no recompile limit across variants
+        forward = torch.compile(model)
     for b, t in prefill:
         ids = torch.randint(0, vocab, (b, t), generator=gen).to(dev)
-        s = _summary(_timed(lambda ids=ids: model(input_ids=ids, use_cache=False), dev, warmup, repeats))
+        s = _summary(_timed(lambda ids=ids: forward(input_ids=ids, use_cache=False), dev, warmup, repeats))
         out["prefill"].append({"batch": b, "seqlen": t, **s, "tokens_per_s": b * t / s["median_s"]})
     for b in decode_batches:
         ids = torch.randint(0, vocab, (b, prompt), generator=gen).to(dev)
         kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        kwargs.update(_generate_compile_kwargs(compile))
         if static_cache:
             kwargs["cache_implementation"] = "static"
         s = _summary(_timed(lambda ids=ids: model.generate(ids, **kwargs), dev, 1, max(3, repeats // 4)))
@@ -312,13 +369,18 @@ def bench_latency(
     round_to: int = 1,
     method: str = "random",
     include_24: bool = False,
+    compile: str = "none",
+    sparse_backend: str = "auto",
 ) -> dict:
     """Dense and uniformly pruned copies of one model, timed in the same process. Latency depends on the kept
     shapes only, so the pruned copies use `method` (default random scores) with per-layer uniform allocation.
-    `include_24` adds a semi-structured 2:4 copy (magnitude), on sparse kernels where the GPU has them."""
+    `include_24` adds a semi-structured 2:4 copy (magnitude), on sparse kernels where the GPU has them
+    (`sparse_backend`: 'auto', 'cutlass' or 'cusparselt'); a failed conversion or a failed timing of the sparse
+    copy is recorded in its row (`semi_structured.reason`, `error`) and the run goes on. `compile`: see `latency`."""
+    from .device import backend
     from .models import load_model
     from .prune import prune
-    from .scores.nm_sparsity import to_semi_structured
+    from .scores.nm_sparsity import stored_parameters, to_semi_structured
 
     torch_dtype = getattr(torch, dtype)
     variants = [("dense", 0.0)] + [("structured", s) for s in sparsities] + ([("2:4", 0.5)] if include_24 else [])
@@ -335,15 +397,23 @@ def bench_latency(
         elif kind == "2:4":
             plan = prune(model, "magnitude_24", 0.5, None, progress=False)
             row["achieved_sparsity"] = plan.history[0]["weight_sparsity"]
-            row["semi_structured"] = to_semi_structured(model)
+            row["semi_structured"] = to_semi_structured(model, sparse_backend)
         row["params"] = count_parameters(model)
-        row.update(latency(model, prefill, decode_batches, prompt, new_tokens, repeats))
+        row["params_stored"] = stored_parameters(model)
+        try:
+            row.update(latency(model, prefill, decode_batches, prompt, new_tokens, repeats, compile=compile))
+        except Exception as e:  # noqa: BLE001 - the sparse kernels can fail at the first matmul; record it
+            if kind != "2:4":
+                raise
+            row.update({"prefill": [], "decode": [], "compile": compile, "error": f"{type(e).__name__}: {e}"[:500]})
         rows.append(row)
         del model
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        backend().empty_cache()
     dense = rows[0]
     for r in rows[1:]:
+        if r.get("error"):
+            r["prefill_speedup"], r["decode_speedup"] = [], []
+            continue
         r["prefill_speedup"] = [d["median_s"] / p["median_s"] for d, p in zip(dense["prefill"], r["prefill"])]
         r["decode_speedup"] = [p["tokens_per_s"] / d["tokens_per_s"] for d, p in zip(dense["decode"], r["decode"])]
     return {
@@ -353,5 +423,7 @@ def bench_latency(
         "round_to": round_to,
         "method": method,
         "attn_implementation": attn_impl,
+        "compile": compile,
+        "sparse_backend": sparse_backend,
         "rows": rows,
     }

@@ -96,6 +96,16 @@ SHAPES: dict[str, Callable] = {
         rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
     ),
+    "llama2-70b-shape": lambda: _llama(
+        vocab_size=32000,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    ),
     "opt-6.7b-shape": lambda: _opt(
         vocab_size=50272,
         hidden_size=4096,
@@ -245,7 +255,7 @@ def _convert_gguf(name: str, gguf: Path, source: str, extra_files: tuple[Path, .
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "SOURCE.txt").write_text(source)
@@ -304,11 +314,13 @@ PRETRAINED: dict[str, Callable[[], Path]] = {DEFAULT_MODEL: smollm2_checkpoint, 
 def _from_pretrained(path: str, dtype, device, attn_implementation, **kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if device is not None and torch.device(device).type != "cpu" and kw.get("device_map") is None:
+        # straight onto the accelerator in the target dtype (no fp32 copy in CPU memory first); CPU loading is
+        # unchanged (its memory records assume transformers' default CPU loading)
+        kw["device_map"] = str(torch.device(device))
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype or torch.float32, attn_implementation=attn_implementation, **kw
     )
-    if device is not None and kw.get("device_map") is None:
-        model.to(device)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
@@ -342,6 +354,12 @@ def load_model(
             from .checkpoint import load_pruned
 
             return load_pruned(path, dtype=dtype, device=device)
+        if not (path / "config.json").exists():
+            contents = sorted(p.name for p in path.iterdir())[:5]
+            raise FileNotFoundError(
+                f"{path} is not a model directory: it has neither pruning.json (written by minillm.save_pruned) nor "
+                f"config.json (a transformers checkpoint); it contains {contents or 'nothing'}"
+            )
         model, tok = _from_pretrained(str(path), dtype, device, attn_implementation, **from_pretrained_kwargs)
         model.minillm_source = str(path)
         return model, tok

@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,14 @@ FORMAT_VERSION = 1
 
 class PlanError(ValueError):
     """A pruning plan (or pruning.json) that is malformed or does not fit the model."""
+
+
+def plan_checksum(architecture: Any, layers: list) -> str:
+    """SHA-256 of the architecture and the kept indices (canonical JSON), stored in pruning.json and checked on load:
+    swapped indices or an edited architecture field are caught even when every count still fits."""
+    layers = [lk.to_json() if isinstance(lk, LayerKeep) else lk for lk in layers]
+    text = json.dumps({"architecture": architecture, "layers": layers}, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass
@@ -67,11 +77,20 @@ class PruningPlan:
     history: list[dict] = field(default_factory=list)
     recovery: list[dict] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
+    # earlier pruning steps of a model pruned more than once (oldest first): method, sparsity, options, history, ...
+    previous_steps: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["layers"] = [lk.to_json() for lk in self.layers]
-        return {"format_version": FORMAT_VERSION, **d}
+        return {"format_version": FORMAT_VERSION, **d, "checksum": plan_checksum(self.architecture, self.layers)}
+
+    def step_summary(self) -> dict:
+        """This plan's own step (everything but the kept indices), as kept in `previous_steps` of a later plan."""
+        d = asdict(self)
+        for key in ("layers", "previous_steps", "base_model", "base_revision", "architecture"):
+            d.pop(key)
+        return d
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
@@ -90,6 +109,18 @@ class PruningPlan:
         if not isinstance(d["layers"], list):
             raise PlanError(f"{where}: 'layers' must be a list")
         layers = [LayerKeep.from_json(x, f"{where}: layers[{i}]") for i, x in enumerate(d["layers"])]
+        if "checksum" in d:
+            if d["checksum"] != plan_checksum(d["architecture"], d["layers"]):
+                raise PlanError(
+                    f"{where}: checksum mismatch: the kept indices or the architecture were changed after the file "
+                    "was written (re-create it with minillm.save_pruned)"
+                )
+        else:
+            warnings.warn(
+                f"{where}: no checksum (written by an older minillm); the kept indices cannot be verified",
+                UserWarning,
+                stacklevel=2,
+            )
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "layers"}
         return cls(layers=layers, **known)
 

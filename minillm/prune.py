@@ -6,6 +6,7 @@ import contextlib
 import copy
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -42,7 +43,17 @@ def original_prunable_params(model: nn.Module) -> int:
     return model.minillm_original_params
 
 
-def check_calibration(calib: torch.Tensor | None, method: str, needed: bool, vocab_size: int) -> None:
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings cover (None for ALiBi models such as BLOOM)."""
+    if getattr(config, "model_type", None) == "bloom":
+        return None
+    n = getattr(config, "max_position_embeddings", None)
+    return int(n) if n else None
+
+
+def check_calibration(
+    calib: torch.Tensor | None, method: str, needed: bool, vocab_size: int, max_len: int | None = None
+) -> None:
     if not needed:
         return
     if calib is None:
@@ -54,6 +65,11 @@ def check_calibration(calib: torch.Tensor | None, method: str, needed: bool, voc
         )
     if int(calib.max()) >= vocab_size or int(calib.min()) < 0:
         raise ValueError(f"calibration token ids must lie in [0, {vocab_size})")
+    seqlen = int(calib.shape[1])
+    if seqlen < 2:
+        raise ValueError(f"calibration windows need seqlen >= 2 (a next-token loss needs two tokens), got {seqlen}")
+    if max_len is not None and seqlen > max_len:
+        raise ValueError(f"calibration seqlen {seqlen} exceeds the model's {max_len} positions")
 
 
 def apply_selections(model: nn.Module, selections) -> None:
@@ -129,7 +145,7 @@ def prune(
     adapter = get_adapter(model)
     mod = get_method(method)
     check_options(mod, method, method_options)
-    check_calibration(calib, method, mod.NEEDS_CALIBRATION, int(model.config.vocab_size))
+    check_calibration(calib, method, mod.NEEDS_CALIBRATION, int(model.config.vocab_size), max_positions(model.config))
     alloc = AllocationConfig(
         allocation or getattr(mod, "DEFAULT_ALLOCATION", "uniform"),
         attention_units,
@@ -140,6 +156,10 @@ def prune(
     alloc.validate(len(adapter.layers()))
     original = original_prunable_params(model)
     kept_units(model, adapter)
+    current = 1.0 - prunable_params(adapter) / original if original else 0.0
+    if prunable_params(adapter) < (1.0 - sparsity) * original:  # every method, Bonsai's rounds included
+        raise ValueError(f"the model already has sparsity {current:.4f} >= the requested {sparsity}")
+    previous = getattr(model, "minillm_plan", None)
     if compensate_bias is None:
         compensate_bias = getattr(mod, "DEFAULT_COMPENSATE_BIAS", False)
     if compensate_bias and (hasattr(mod, "run") or not mod.NEEDS_CALIBRATION):
@@ -172,8 +192,34 @@ def prune(
         )
     history[-1]["total_time_s"] = time.perf_counter() - t0
     plan = make_plan(model, method, sparsity, options, seed, calibration, history)
+    if isinstance(previous, PruningPlan):  # a model pruned before (in memory or by load_pruned): keep every step
+        plan.previous_steps = [*previous.previous_steps, previous.step_summary()]
+    model.minillm_plan = plan
     log.info("pruned with %s: achieved sparsity %.4f (requested %.4f)", method, plan.achieved_sparsity, sparsity)
+    _warn_surprises(plan, sparsity, round_to)
     return plan
+
+
+def _warn_surprises(plan: PruningPlan, sparsity: float, round_to: int) -> None:
+    """Warn about results a user would not expect from the request: every unit gone, or (with rounding of kept
+    widths) an achieved sparsity far from the requested one."""
+    pattern = (plan.history[0] if plan.history else {}).get("pattern", "structured")
+    if pattern != "structured":  # N:M patterns zero weights inside dense matrices; nothing is removed
+        return
+    if plan.prunable_params_original and plan.prunable_params_kept == 0:
+        warnings.warn(
+            f"sparsity {sparsity} removed every attention head and MLP channel of every layer: the model is "
+            "reduced to embeddings, norms and the LM head",
+            UserWarning,
+            stacklevel=3,
+        )
+    elif round_to > 1 and abs(plan.achieved_sparsity - sparsity) > max(0.03, 0.15 * sparsity):
+        warnings.warn(
+            f"round_to={round_to}: achieved sparsity {plan.achieved_sparsity:.4f} is far from the requested "
+            f"{sparsity} (kept widths rounded to multiples of {round_to})",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _score_and_remove(
@@ -185,11 +231,6 @@ def _score_and_remove(
         history = mod.run(ctx, sparsity, original, alloc, **method_options)
     else:
         to_remove = prunable_params(adapter) - (1.0 - sparsity) * original
-        if to_remove < 0:
-            raise ValueError(
-                f"the model already has sparsity {1 - prunable_params(adapter) / original:.4f} "
-                f">= the requested {sparsity}"
-            )
         was_training = model.training
         model.eval()
         if scores is None:
@@ -221,7 +262,7 @@ def score(
     if not hasattr(mod, "score"):
         raise ValueError(f"method {method!r} has no separate scoring step")
     check_options(mod, method, method_options)
-    check_calibration(calib, method, mod.NEEDS_CALIBRATION, int(model.config.vocab_size))
+    check_calibration(calib, method, mod.NEEDS_CALIBRATION, int(model.config.vocab_size), max_positions(model.config))
     was_training = model.training
     model.eval()
     try:

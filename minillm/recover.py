@@ -57,6 +57,56 @@ def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Ten
     return (t.exp() * (t - s)).sum(-1).mean()
 
 
+# After the last update, the first training batch's loss may be at most this many times its loss before training
+# (a run that learned something lowers it; lr 1e6 raises it by orders of magnitude).
+DIVERGENCE_FACTOR = 2.0
+# ... and no adapter's update (scale * B @ A) may exceed this many times the norm of the weight it adapts (a sane run
+# changes weights by a few percent; lr 1e6 by a factor of 1e7, which a model that is uniform already hides in its
+# loss).
+MAX_UPDATE_RATIO = 100.0
+
+
+@torch.no_grad()
+def _check_after_training(peft_model, params, order, train_windows, batch_size, device, bf16, losses) -> float:
+    """The loss is computed before each update, so the last update is never checked in the loop: check that the
+    trained parameters are finite and that the cross-entropy of the first batch did not blow up, before merging."""
+    bad = [i for i, p in enumerate(params) if not torch.isfinite(p).all()]
+    if bad:
+        raise FloatingPointError(
+            f"recovery diverged: {len(bad)} LoRA parameter tensors hold NaN or inf after the last step; nothing was "
+            "merged or saved (lower the learning rate)"
+        )
+    worst, where = 0.0, None
+    for name, module in peft_model.named_modules():
+        if "default" in getattr(module, "lora_A", {}) and hasattr(module, "base_layer"):
+            delta = module.get_delta_weight("default").float()
+            ratio = float(delta.norm() / module.base_layer.weight.float().norm().clamp_min(1e-12))
+            if not math.isfinite(ratio) or ratio > worst:
+                worst, where = ratio, name
+            if not math.isfinite(ratio):
+                break
+    if not math.isfinite(worst) or worst > MAX_UPDATE_RATIO:
+        raise FloatingPointError(
+            f"recovery diverged: the LoRA update of {where} is {worst:.3g} times the norm of the weight it adapts; "
+            "nothing was merged or saved (lower the learning rate)"
+        )
+    was_training = peft_model.training
+    peft_model.eval()
+    idx = order[torch.arange(0, batch_size) % order.numel()]
+    batch = train_windows[idx].to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = peft_model(input_ids=batch).logits[:, :-1]
+    ce = float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)))
+    peft_model.train(was_training)
+    before = losses[0]["ce"]
+    if not math.isfinite(ce) or ce > DIVERGENCE_FACTOR * before + 1.0:
+        raise FloatingPointError(
+            f"recovery diverged: after the last step the first batch's loss is {ce:.4g} (it was {before:.4g} before "
+            "training); nothing was merged or saved (lower the learning rate)"
+        )
+    return ce
+
+
 def recover(
     model: nn.Module,
     train_windows: torch.Tensor,
@@ -125,6 +175,7 @@ def recover(
             bar.set_postfix(loss=f"{value:.3f}")
         if not math.isfinite(value):
             raise FloatingPointError(f"recovery diverged at step {step} (loss {value}); lower the learning rate")
+    final_loss = _check_after_training(peft_model, params, order, train_windows, batch_size, device, bf16, losses)
     merged = peft_model.merge_and_unload()
     merged.eval()
     for p in merged.parameters():
@@ -145,6 +196,7 @@ def recover(
         "bf16": bf16,
         "seed": seed,
         "first_loss": losses[0]["loss"],
+        "final_check_loss": final_loss,
         "last_loss": losses[-1]["loss"],
         "mean_loss_first_10pct": sum(x["loss"] for x in losses[: max(1, steps // 10)]) / max(1, steps // 10),
         "mean_loss_last_10pct": sum(x["loss"] for x in losses[-max(1, steps // 10) :]) / max(1, steps // 10),

@@ -148,10 +148,23 @@ def memory_frame(records: list[dict]) -> pd.DataFrame:
                     "peak_gib": x.get("peak_gib"),
                     "ratio": x.get("ratio_to_dense_forward"),
                     "increase_gib": x.get("increase_gib"),
+                    "status": memory_status(x),
+                    "capacity_gib": x.get("capacity_gib"),
                     "error": "; ".join(x.get("error", [])) or None,
                 }
             )
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    if "status" in df:
+        df["status"] = df["status"].fillna("ok")
+    return df
+
+
+def memory_status(x: dict) -> str:
+    """'ok', 'out of memory (N GiB device)' or 'failed': an out-of-memory step is a result and stays in tables."""
+    if x.get("oom"):
+        cap = x.get("capacity_gib")
+        return f"out of memory ({cap:g} GiB device)" if cap else "out of memory"
+    return "failed" if x.get("error") else "ok"
 
 
 def plot_memory(df: pd.DataFrame, title: str = ""):
@@ -160,8 +173,13 @@ def plot_memory(df: pd.DataFrame, title: str = ""):
     groups = list(df.groupby(["model", "shape"], sort=False))
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
     for ax, ((model, shape), g) in zip(axes[0], groups):
+        oom = g[g.get("status", pd.Series(dtype=str)).fillna("").str.startswith("out of memory")]
         g = g.dropna(subset=["peak_gib"])
         bars = ax.bar(g["method"], g["peak_gib"], color=["0.5" if m == "dense forward" else "C0" for m in g["method"]])
+        for _, row in oom.iterrows():  # out of memory: a hatched bar up to the device's capacity, labelled
+            height = row.get("capacity_gib") or (g["peak_gib"].max() if len(g) else 1.0)
+            ax.bar([row["method"]], [height], color="none", edgecolor="C3", hatch="//")
+            ax.annotate("OOM", (row["method"], height), ha="center", va="bottom", fontsize=8, color="C3")
         for bar, ratio in zip(bars, g["ratio"]):
             ax.annotate(
                 f"x{ratio:.2f}",

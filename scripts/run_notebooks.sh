@@ -14,6 +14,26 @@ if [ "$#" -eq 0 ]; then
   echo "no notebooks given" >&2
   exit 1
 fi
+# Stop the whole tree of the running notebook (papermill and its kernel, which runs in its own session) when this
+# script is interrupted or killed: otherwise the kernel keeps computing and writing records as an orphan.
+child=""
+kill_tree() {
+  local pid=$1 c
+  for c in $(pgrep -P "$pid" 2>/dev/null || true); do
+    kill_tree "$c"
+  done
+  kill -TERM "$pid" 2>/dev/null || true
+}
+on_signal() {
+  trap - INT TERM HUP
+  if [ -n "$child" ]; then
+    echo "== interrupted: stopping papermill (pid $child) and its kernel" >&2
+    kill_tree "$child"
+    wait "$child" 2>/dev/null || true
+  fi
+  exit 130
+}
+trap on_signal INT TERM HUP
 records_before=$( (find "results/$PROFILE" -name "*.json" ! -name "run_times*.json" 2>/dev/null || true) | wc -l)
 times=()
 run_start=$(date +%s)
@@ -21,8 +41,17 @@ for nb in "$@"; do
   name=$(basename "$nb")
   echo "== $name (profile $PROFILE)"
   start=$(date +%s)
+  # in the background, so that the trap runs as soon as a signal arrives (bash defers traps while a foreground
+  # child runs)
   "$PYTHON" -m papermill --cwd notebooks -k python3 -p profile "$PROFILE" -p no_compute "$NO_COMPUTE" \
-    "$nb" "$out/$name" --log-output --no-progress-bar
+    "$nb" "$out/$name" --log-output --no-progress-bar &
+  child=$!
+  status=0
+  wait "$child" || status=$?
+  child=""
+  if [ "$status" -ne 0 ]; then
+    exit "$status"
+  fi
   secs=$(( $(date +%s) - start ))
   times+=("$name=$secs")
   echo "== $name done in $secs s"

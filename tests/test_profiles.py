@@ -35,3 +35,23 @@ def test_profile_is_complete_and_consistent(name):
         if exp == "memory":
             for m in cfg[exp]["methods"]:
                 check_options(get_method(m["method"]), m["method"], m.get("options", {}))
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_profile_declares_a_valid_dtype(name):
+    from minillm.experiments import PROFILE_DTYPES
+
+    assert load_profile(name)["dtype"] in PROFILE_DTYPES
+
+
+def test_an_invalid_profile_dtype_is_refused(tmp_path, monkeypatch):
+    import minillm.experiments as ex
+
+    (tmp_path / "bad.yaml").write_text("model: tiny-llama\ndtype: fp8\n")
+    monkeypatch.setattr(ex, "CONFIG_DIR", tmp_path)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        ex.load_profile("bad")
+
+
+def test_the_paper_profile_does_not_run_7b_in_fp32():
+    assert load_profile("paper")["dtype"] in ("bfloat16", "float16")

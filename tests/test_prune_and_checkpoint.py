@@ -122,6 +122,10 @@ def test_plan_indices_out_of_range(tiny, tmp_path):
     minillm.save_pruned(model, plan, tmp_path / "p")
     d = json.loads((tmp_path / "p" / "pruning.json").read_text())
     d["layers"][0]["mlp"]["kept_channels"] = [0, 1, 999]
+    # a consistent checksum (the file was written wrong, not edited afterwards): the range check still applies
+    from minillm.plan import plan_checksum
+
+    d["checksum"] = plan_checksum(d["architecture"], d["layers"])
     (tmp_path / "p" / "pruning.json").write_text(json.dumps(d))
     with pytest.raises(PlanError, match="channel indices must be distinct and in"):
         minillm.load_pruned(tmp_path / "p")

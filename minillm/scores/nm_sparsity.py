@@ -60,26 +60,48 @@ def check(sparsity: float, n: int, m: int) -> None:
         )
 
 
-def to_semi_structured(model: nn.Module) -> dict:
-    """Convert every 2:4-sparse prunable linear to torch's semi-structured sparse format, in place. Needs a CUDA GPU
-    with sparse tensor cores (compute capability >= 8.0) and fp16/bf16 weights; elsewhere nothing changes and the
-    reason is returned."""
+def to_semi_structured(model: nn.Module, sparse_backend: str = "auto") -> dict:
+    """Convert every 2:4-sparse prunable linear to torch's semi-structured sparse format, in place, on an explicitly
+    chosen kernel library (`minillm.device.semi_structured_backend`: CUTLASS on sm80-sm89, cuSPARSELt on Hopper and
+    later). Needs a CUDA GPU with sparse tensor cores and fp16/bf16 weights. Never raises for an unsupported setup:
+    when nothing can be converted, or a conversion fails, every weight stays dense and the reason is returned
+    ({"converted", "backend", "reason"})."""
     from ..adapters import get_adapter
+    from ..device import backend, semi_structured_backend
 
+    cuda = backend()
     weight = next(model.parameters())
-    if weight.device.type != "cuda":
-        return {"converted": 0, "reason": "semi-structured sparse kernels need a CUDA GPU; weights stay dense"}
-    if torch.cuda.get_device_capability(weight.device)[0] < 8:
-        return {"converted": 0, "reason": "this GPU has no sparse tensor cores (compute capability < 8.0)"}
+    out = {"converted": 0, "backend": None, "reason": None}
+    if not cuda.is_cuda(weight.device):
+        return {**out, "reason": "semi-structured sparse kernels need a CUDA GPU; weights stay dense"}
+    capability = tuple(cuda.capability(weight.device))
+    chosen = semi_structured_backend(capability, cuda.cusparselt_available(), sparse_backend)
+    if chosen is None:
+        why = "no sparse tensor cores (compute capability < 8.0)" if capability[0] < 8 else (
+            f"no usable 2:4 kernel library for sm{capability[0]}{capability[1]} (requested {sparse_backend!r}; "
+            "CUTLASS kernels cover sm80-sm89 only, cuSPARSELt is not available)"
+        )
+        return {**out, "reason": f"{why}; weights stay dense"}
     if weight.dtype not in (torch.float16, torch.bfloat16):
-        return {"converted": 0, "reason": f"sparse kernels need fp16/bf16 weights, got {weight.dtype}"}
-    from torch.sparse import to_sparse_semi_structured
-
+        return {**out, "backend": chosen, "reason": f"sparse kernels need fp16/bf16 weights, got {weight.dtype}"}
     adapter = get_adapter(model)
-    converted = 0
-    for layer in adapter.layers():
-        for lin in adapter.linears(layer):
-            if lin.weight.numel():
-                lin.weight = nn.Parameter(to_sparse_semi_structured(lin.weight.detach()), requires_grad=False)
-                converted += 1
-    return {"converted": converted, "reason": None}
+    linears = [lin for layer in adapter.layers() for lin in adapter.linears(layer) if lin.weight.numel()]
+    try:  # convert everything first, then swap in: a failure leaves the model dense and usable
+        sparse = [cuda.to_semi_structured(lin.weight.detach(), chosen) for lin in linears]
+    except Exception as e:  # noqa: BLE001 - any failure of torch's conversion is recorded, not fatal
+        return {**out, "backend": chosen, "reason": f"conversion failed on {chosen}: {type(e).__name__}: {e}"[:500]}
+    for lin, w in zip(linears, sparse):
+        lin.weight = nn.Parameter(w, requires_grad=False)
+    return {**out, "converted": len(linears), "backend": chosen}
+
+
+def stored_parameters(model: nn.Module) -> int:
+    """Parameters actually stored: non-zero entries (a 2:4 model keeps half of its pruned linears' weights),
+    beside `measure.count_parameters`, the logical size."""
+    total = 0
+    for p in model.parameters():
+        try:
+            total += int(torch.count_nonzero(p.detach()))
+        except (RuntimeError, NotImplementedError, TypeError):  # semi-structured tensors: n of every m are stored
+            total += p.numel() // 2
+    return total

@@ -1,0 +1,216 @@
+"""CUDA branches exercised on CPU through a fake backend (minillm.device): 2:4 kernel choice and failed conversion
+on Hopper, out-of-memory steps recorded and shown, the latency compile policy recorded."""
+
+import pytest
+import torch
+
+import minillm
+from minillm import device as mdevice
+from minillm import measure, report
+from minillm.scores.nm_sparsity import stored_parameters, to_semi_structured
+
+
+class FakeCuda(mdevice.Cuda):
+    """Claims the CPU as a GPU of the given compute capability and capacity."""
+
+    def __init__(self, capability=(9, 0), cusparselt=True, convert_error=None, total=80 * 10**9):
+        self.cap, self.sparselt, self.convert_error, self.total = capability, cusparselt, convert_error, total
+        self.requested_backends = []
+
+    def is_cuda(self, device):
+        return torch.device(device).type == "cpu"
+
+    def available(self):
+        return True
+
+    def synchronize(self, device):
+        pass
+
+    def reset_peak(self, device):
+        pass
+
+    def memory_allocated(self, device):
+        return 0
+
+    def max_memory_allocated(self, device):
+        return 1
+
+    def max_memory_reserved(self, device):
+        return 1
+
+    def total_memory(self, device):
+        return self.total
+
+    def capability(self, device):
+        return self.cap
+
+    def name(self, device):
+        return "Fake H100"
+
+    def empty_cache(self):
+        pass
+
+    def cusparselt_available(self):
+        return self.sparselt
+
+    def to_semi_structured(self, weight, sparse_backend):
+        self.requested_backends.append(sparse_backend)
+        if self.convert_error:
+            raise self.convert_error
+        return weight
+
+
+@pytest.fixture
+def fake_cuda():
+    installed = []
+
+    def install(**kw):
+        fake = FakeCuda(**kw)
+        installed.append(mdevice.use(fake))
+        return fake
+
+    yield install
+    if installed:
+        mdevice.use(installed[0])
+
+
+@pytest.mark.parametrize(
+    "capability,cusparselt,requested,expected",
+    [
+        ((9, 0), True, "auto", "cusparselt"),
+        ((9, 0), False, "auto", None),  # Hopper: CUTLASS kernels do not exist for sm90
+        ((9, 0), True, "cutlass", None),
+        ((8, 0), False, "auto", "cutlass"),
+        ((8, 6), True, "auto", "cusparselt"),
+        ((8, 0), True, "cutlass", "cutlass"),
+        ((7, 5), True, "auto", None),
+    ],
+)
+def test_semi_structured_backend_choice(capability, cusparselt, requested, expected):
+    assert mdevice.semi_structured_backend(capability, cusparselt, requested) == expected
+
+
+def _pruned_24(tiny):
+    model = tiny("tiny-llama", dtype=torch.float16)
+    minillm.prune(model, "magnitude_24", 0.5, None, progress=False)
+    return model
+
+
+def test_hopper_conversion_failure_is_recorded_and_weights_stay_dense(tiny, fake_cuda):
+    fake = fake_cuda(capability=(9, 0), convert_error=RuntimeError("CUTLASS kernel not available for sm90"))
+    model = _pruned_24(tiny)
+    before = [p.detach().clone() for p in model.parameters()]
+    out = to_semi_structured(model)
+    assert out["converted"] == 0 and out["backend"] == "cusparselt" and "conversion failed" in out["reason"]
+    assert fake.requested_backends and set(fake.requested_backends) == {"cusparselt"}
+    assert all(type(p.data) is torch.Tensor and torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    # the 2:4 model stores half of its linear weights
+    linear = sum(lin.weight.numel() for layer in model.model.layers for lin in (layer.mlp.up_proj,))
+    assert stored_parameters(model) < measure.count_parameters(model) - linear // 2
+
+
+def test_hopper_without_cusparselt_says_why(tiny, fake_cuda):
+    fake_cuda(capability=(9, 0), cusparselt=False)
+    out = to_semi_structured(_pruned_24(tiny))
+    assert out["converted"] == 0 and "sm90" in out["reason"]
+
+
+def test_conversion_on_a_supported_gpu_uses_the_chosen_backend(tiny, fake_cuda):
+    fake = fake_cuda(capability=(8, 0), cusparselt=False)
+    out = to_semi_structured(_pruned_24(tiny))
+    assert out["converted"] > 0 and out["backend"] == "cutlass" and out["reason"] is None
+    assert set(fake.requested_backends) == {"cutlass"}
+
+
+def test_latency_goes_on_after_a_failed_24_conversion(fake_cuda):
+    fake_cuda(capability=(9, 0), convert_error=RuntimeError("boom"))
+    res = measure.bench_latency(
+        "tiny-llama", [], [(1, 8)], [1], 4, 2, repeats=2, dtype="float32", device="cpu", include_24=True
+    )
+    assert res["compile"] == "none"
+    row = res["rows"][-1]
+    assert row["variant"] == "2:4" and row["semi_structured"]["converted"] == 0
+    assert row["prefill"] and row["params_stored"] < row["params"]
+
+
+def test_latency_records_the_compile_policy(tiny):
+    model = tiny("tiny-llama")
+    out = measure.latency(model, [(1, 8)], [1], 4, 2, repeats=2, warmup=1)
+    assert out["compile"] == "none"
+    with pytest.raises(ValueError):
+        measure.latency(model, [(1, 8)], [1], 4, 2, compile="sometimes")
+    assert measure._generate_compile_kwargs("none") == {"disable_compile": True}
+    assert measure._generate_compile_kwargs("all")["compile_config"]._compile_all_devices
+
+
+def test_out_of_memory_is_a_result(monkeypatch, fake_cuda):
+    fake_cuda(total=80 * 10**9)
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("minillm.prune"), "prune", oom)
+    res = measure.memory_step("tiny-llama", "taylor", 2, 8, warmup=False)
+    assert res["oom"] is True and res["capacity_gib"] == pytest.approx(74.51, abs=0.01)
+    assert "out of memory" in res["error"][0]
+
+
+def test_report_keeps_out_of_memory_rows():
+    record = {
+        "provenance": {"device": "NVIDIA H100 80GB HBM3"},
+        "metrics": {
+            "model": "llama3-8b-shape",
+            "batch": 4,
+            "seqlen": 2048,
+            "dtype": "float16",
+            "dense_forward": {"peak_gib": 25.9, "increase_gib": 10.9},
+            "methods": [
+                {"label": "fms", "peak_gib": 16.0, "ratio_to_dense_forward": 0.62, "increase_gib": 1.0},
+                {"label": "taylor", "oom": True, "capacity_gib": 79.19, "error": ["out of memory: ..."]},
+            ],
+        },
+    }
+    df = report.memory_frame([record])
+    assert list(df["method"]) == ["dense forward", "fms", "taylor"]
+    assert df.loc[df["method"] == "taylor", "status"].item() == "out of memory (79.19 GiB device)"
+    fig = report.plot_memory(df)
+    labels = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert "OOM" in labels
+
+
+def test_hub_and_local_models_load_straight_onto_the_accelerator(monkeypatch, tmp_path):
+    """A non-CPU device becomes from_pretrained's device_map (no fp32 CPU copy first); the dtype is passed through."""
+    import transformers
+
+    from minillm import models
+
+    seen = {}
+
+    def fake_from_pretrained(path, **kw):
+        seen.update(kw)
+        return models.build_random("tiny-llama")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", staticmethod(fake_from_pretrained))
+    models._from_pretrained(str(tmp_path), torch.bfloat16, "cuda:1", None)
+    assert seen["device_map"] == "cuda:1" and seen["dtype"] == torch.bfloat16
+    seen.clear()
+    models._from_pretrained(str(tmp_path), None, "cpu", None)
+    assert "device_map" not in seen
+
+
+def test_load_pruned_builds_in_the_target_dtype_without_random_init(tiny, tmp_path, monkeypatch):
+    model = tiny("tiny-llama")
+    plan = minillm.prune(model, "magnitude", 0.3, None, progress=False)
+    minillm.save_pruned(model, plan, tmp_path / "p")
+    calls = []
+    monkeypatch.setattr(torch.nn.init, "normal_", lambda *a, **k: calls.append(1))
+    loaded, _ = minillm.load_pruned(tmp_path / "p", dtype=torch.bfloat16)
+    assert not calls  # no random initialisation of the full model
+    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        got = loaded.float()(input_ids=ids).logits
+    assert torch.allclose(ref, got, atol=0.1, rtol=0.05)

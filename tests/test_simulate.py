@@ -1,0 +1,85 @@
+"""The peak-memory simulator (minillm.simulate): tracker semantics, every step under fake tensors, the CLI
+contract, and the validation against the H100 reference figures and the committed CPU records."""
+
+import json
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from minillm import simulate
+from minillm.__main__ import main
+
+MIB = 2**20
+
+
+def test_tracker_counts_live_storages_and_frees_them():
+    with FakeTensorMode():
+        tracker = simulate.StorageTracker()
+        with tracker:
+            a = torch.empty(MIB // 4, dtype=torch.float32)  # 1 MiB
+            b = a.view(2, -1)  # a view shares the storage: not counted twice
+            c = torch.empty(MIB // 2, dtype=torch.float16)  # 1 MiB
+            assert tracker.current_bytes == 2 * MIB
+            del a, b, c
+            assert tracker.current_bytes == 0
+            d = torch.empty(3, dtype=torch.float32)  # rounded up to 512 bytes, as CUDA's caching allocator does
+            assert tracker.current_bytes == 512
+            del d
+    assert tracker.peak_bytes == 2 * MIB
+
+
+def test_every_step_simulates_on_a_tiny_gqa_model():
+    rows = {
+        r["label"]: r
+        for r in simulate.simulate_table(
+            ["tiny-llama-gqa"], [(2, 16)], simulate.STEPS, "float32", streamed=False
+        )
+    }
+    for label, r in rows.items():
+        assert "error" not in r, (label, r.get("error"))
+        assert r["simulated"] is True and r["peak_gib"] > r["weights_gib"] > 0, label
+        assert r["materialised_attention"] == 0, label
+        assert any("flash_attention" in k for k in r["attention_kernels"]), label
+    # gradients of every parameter cost more than a forward pass
+    assert rows["backprop"]["peak_gib"] > rows["dense"]["peak_gib"]
+    assert rows["taylor"]["peak_gib"] > rows["wanda_sp"]["peak_gib"]
+
+
+def test_streamed_scoring_holds_less_than_the_whole_model():
+    step = {"label": "fms-gates", "method": "fms", "options": {"queries": 1, "space": "gates"}}
+    whole = simulate.simulate_step("tiny-llama-gqa", step, 1, 8, "float32")
+    streamed = simulate.simulate_step("tiny-llama-gqa", dict(step, stream=True), 1, 8, "float32")
+    assert streamed["streamed"] and not whole["streamed"]
+    layers = whole["weights_bytes"] - streamed["weights_bytes"]  # decoder layers stay on the host when streamed
+    assert layers > 0.5 * whole["weights_bytes"]
+    # the device holds at most one decoder layer (of three) at a time
+    assert streamed["peak_bytes"] < whole["peak_bytes"] - 0.6 * layers
+
+
+def test_cli_prints_a_json_list_of_steps(capsys):
+    argv = ["bench", "memory", "--simulate", "--json", "--model", "tiny-llama", "--batch", "2", "--seqlen", "8"]
+    assert main([*argv, "--methods", "dense", "backprop", "fms-gates"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in rows] == ["dense", "backprop", "fms"]
+    for r in rows:
+        assert r["simulated"] is True and r["peak_gib"] > 0
+        assert (r["model"], r["batch"], r["seqlen"], r["dtype"]) == ("tiny-llama", 2, 8, "float16")
+
+
+@pytest.mark.slow
+def test_h100_reference_figures_within_2_percent():
+    """DESIGN.md section 6: every H100 figure predicted within 2% by the same simulation (no per-shape constants)."""
+    rows = simulate.validate_h100()
+    assert len(rows) == len(simulate.REFERENCE_H100) == 8
+    for r in rows:
+        assert abs(r["simulated_gib"] / r["reference_gib"] - 1) <= 0.02, r
+
+
+@pytest.mark.slow
+def test_committed_cpu_records_within_15_percent():
+    rows = simulate.validate_cpu()
+    assert {r["step"] for r in rows} == set(simulate.CPU_LABELS)
+    assert len(rows) == 8
+    for r in rows:
+        assert abs(r["error_pct"]) <= 15, r
