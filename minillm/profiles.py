@@ -257,9 +257,9 @@ PROFILE = {
 
 
 def check_model_name(name: str, where: str = "model") -> None:
-    """`model:` must be the embedded model, an existing local model directory, or a Hub id 'org/name'; the shape and
+    """`model:` must be an installed pretrained model (SmolLM2, Gemma 3), an existing local model directory, or a Hub id 'org/name'; the shape and
     tiny registry names have no tokenizer, so they cannot drive the text experiments."""
-    from .models import DEFAULT_MODEL, SHAPES, registry_names
+    from .models import DEFAULT_MODEL, PRETRAINED, SHAPES, registry_names
 
     if name in SHAPES:
         raise ProfileError(
@@ -267,7 +267,7 @@ def check_model_name(name: str, where: str = "model") -> None:
             f"recovery experiments need text (use {DEFAULT_MODEL!r}, a local model directory or a Hub id; shape "
             "models belong under memory.models / latency.models)"
         )
-    if name == DEFAULT_MODEL:
+    if name in PRETRAINED:  # the pretrained models installed by the set-up
         return
     path = Path(name)
     if path.is_dir():
