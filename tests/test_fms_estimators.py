@@ -181,3 +181,36 @@ def test_estimator_options_are_checked(tiny):
         minillm.score(tiny("tiny-llama"), "fms", _calib(), estimator="jvp", progress=False)
     with pytest.raises(ValueError, match="shortlist"):
         minillm.score(tiny("tiny-llama"), "fms", _calib(), estimator="ablation", shortlist=2.0, progress=False)
+
+
+# --- the fms_diagnostics experiment ----------------------------------------------------------------------------
+
+
+def test_fms_diagnostics_experiment_on_smoke_sizes(tmp_path, monkeypatch):
+    """The smoke profile's section, on a tiny random model (random tokens instead of text): three records whose
+    numbers obey what they must by construction."""
+    from minillm import diagnostics, experiments
+
+    monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path)
+    cfg = experiments.load_profile("smoke")
+    section = copy.deepcopy(cfg["fms_diagnostics"])
+    section["seeds"] = [0, 1]
+    section["estimators"]["fms-ablation-all"] = {"estimator": "ablation", "shortlist": 1.0}
+    section["oracle"]["channels"] = 10_000  # every channel
+    cfg = {"profile": "t", "model": "tiny-llama-gqa3", "device": "cpu", "fms_diagnostics": section}
+    acc, crit, orc = experiments.run_fms_diagnostics(cfg)
+    assert (tmp_path / "t" / "fms_diagnostics" / "oracle.json").exists()
+    rows = acc["metrics"]["rows"]
+    assert {r["n"] for r in rows} == set(section["queries"]) and {r["seed"] for r in rows} == {0, 1}
+    assert all(-1 <= r["cosine"] <= 1 and 0 <= r["bottom_overlap"] <= 1 for r in rows)
+    assert all(r["theory"] == pytest.approx((r["n"] / (r["n"] + r["d"])) ** 0.5) for r in rows)
+    by = {r["criterion"]: r for r in orc["metrics"]["rows"]}
+    # the exact ablation of every unit *is* the oracle
+    assert by["fms-ablation-all"]["attention"] == pytest.approx(1.0)
+    assert by["fms-ablation-all"]["channels"] == pytest.approx(1.0)
+    labels = {r["criterion"] for r in crit["metrics"]["rows"]}
+    assert {"fms-exact-grad (backprop)", "fms-g1", "fms-noise-g", "taylor (backprop)", "fms-spsa-gates-n2"} <= labels
+    assert all(r["uses_backprop"] == ("backprop" in r["criterion"]) for r in crit["metrics"]["rows"])
+    tables = diagnostics.frames([acc, crit, orc])
+    assert set(tables) == {"accuracy", "criteria", "oracle"}
+    assert experiments.run_fms_diagnostics(cfg) == [acc, crit, orc]  # resumed from the records
