@@ -21,12 +21,12 @@ structured variants, An et al. 2024).
   unit of layer l re-runs only layers l..L-1 (the earlier layers replay their cached output), and `batch_tokens`
   tokens of ablations run as one batch (each copy of the calibration rows carries its own mask). Cost: with U_l
   measured units in layer l, sum_l U_l (L - l) / L full forward passes' worth of compute (SmolLM2-135M with
-  shortlist 0.5: 30 x (3 + 768) ablations, about 11,600 forward-equivalents), peak memory the dense forward on a
+  shortlist 0.5: 30 x (3 + 768) ablations, about 12,000 forward-equivalents), peak memory the dense forward on a
   batch of `batch_tokens` tokens plus the cached layer outputs (L x calibration tokens x hidden).
 * ``allocation``: the prior ranks units inside each (layer, attention | MLP) block, and SPSA estimates only the
   2L block gates (one scalar scaling each layer's attention output and MLP output), where n >> d is affordable:
   the cosine of the estimate with the block-gate gradient is about sqrt(n / (n + 2L)), 0.82 at n = 128 for 30
-  layers, instead of 0.04 over 46,000 unit gates. A unit's score is |dL/dgate_block| times its share of the
+  layers, instead of 0.04 over 46,350 unit gates. A unit's score is |dL/dgate_block| times its share of the
   block's prior (a first-order loss change of removing that share of the block), so scores are comparable across
   blocks and layers: use it with `allocation='global'`, which lets it set per-layer attention and MLP ratios (under
   per-layer uniform allocation only the within-block order, the prior's, matters). Cost: 2n forward passes plus
