@@ -576,3 +576,24 @@ def _reuse_accuracy_plan(base, acc_file: Path, entry: dict, prune_options: dict,
         calib_info,
         record["plan"].get("history"),
     )
+
+
+def run_fms_diagnostics(cfg: dict, force: bool = False, progress: bool = False) -> list[dict]:
+    """Issue 17: why the forward-only FMS gradient fails (minillm/diagnostics.py). One record per part
+    (accuracy, criteria, oracle) under results/<profile>/fms_diagnostics/; a profile without the section has none."""
+    from . import diagnostics
+
+    exp = cfg.get("fms_diagnostics")
+    if not exp:
+        return []
+    folder = results_dir(cfg["profile"], "fms_diagnostics")
+    parts = ("accuracy", "criteria", "oracle")
+    if force or any(load_record(folder / f"{p}.json") is None for p in parts):
+        t0 = time.perf_counter()
+        _, tok = _load(cfg)
+        out = diagnostics.run(lambda: _load(cfg), tok, exp, progress)
+        wall = time.perf_counter() - t0
+        for p in parts:
+            config = {"model": cfg["model"], "part": p, "section": exp, "calibration": out["calibration"]}
+            save_record(folder / f"{p}.json", "fms_diagnostics", config, out[p], wall, device=cfg.get("device", "cpu"))
+    return [load_record(folder / f"{p}.json") for p in parts]

@@ -241,6 +241,22 @@ LATENCY = {
     "repeats": _int(1),
     "compile": _str(("none", "all")),
 }
+FMS_DIAGNOSTICS = {  # issue 17, minillm/diagnostics.py
+    "calibration": (CALIBRATION, REQUIRED),
+    "perplexity": (PERPLEXITY, REQUIRED),
+    "sparsities": (_list(SPARSITY, min_len=1), REQUIRED),
+    "allocations": _list(_str(("uniform", "global")), min_len=1),
+    "prune_options": {"attention_units": _str(("auto", "kv_group", "query_head"))},
+    "eps": _float(0.0, lo_open=True),
+    "overlap_p": _float(0.0, 1.0, lo_open=True),
+    "seeds": _list(_int(0), min_len=1),
+    "queries": (_list(_int(1), min_len=1), REQUIRED),
+    "criteria_queries": _list(_int(1)),
+    "weight_queries": _list(_int(1)),
+    "estimators": lambda v, w: None if isinstance(v, dict) else _raise(f"{w}: must be a mapping, got {v!r}"),
+    "oracle": {"channels": _int(0), "seed": _int()},
+    "batch_tokens": _int(1),
+}
 PROFILE = {
     "description": _str(),
     "model": (_str(), REQUIRED),
@@ -253,6 +269,7 @@ PROFILE = {
     "recovery": RECOVERY,
     "memory": MEMORY,
     "latency": LATENCY,
+    "fms_diagnostics": FMS_DIAGNOSTICS,
 }
 
 

@@ -180,7 +180,11 @@ def prune(
     ctx = ScoringContext(model, adapter, calib, attention_units, seed, progress)
     t0 = time.perf_counter()
     if has_offloaded(model) and (
-        hasattr(mod, "run") or method == "taylor" or method_options.get("space") != "gates" and method == "fms"
+        hasattr(mod, "run")
+        or method == "taylor"
+        or method == "fms"
+        and method_options.get("space") != "gates"
+        and method_options.get("estimator", "spsa") == "spsa"
     ):
         # these read or perturb weights inside their forward passes or remove units between rounds
         log.info("loading accelerate-offloaded weights into CPU memory before %s", method)

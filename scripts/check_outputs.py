@@ -22,18 +22,24 @@ EXPECTED = [
 ]
 
 
+# notebook 07, for profiles with an fms_diagnostics section
+DIAGNOSTICS = ["fms_diagnostics_accuracy.csv", "fms_diagnostics_criteria.csv", "fms_diagnostics_oracle.csv"]
+
+
 def main(profile: str) -> int:
     folder = ROOT / "figures" / profile
+    config = ROOT / "configs" / f"{profile}.yaml"
+    expected = EXPECTED + (DIAGNOSTICS if config.exists() and "\nfms_diagnostics:" in config.read_text() else [])
     missing = [
         name.format(p=profile)
-        for name in EXPECTED
+        for name in expected
         if not (folder / name.format(p=profile)).exists() or (folder / name.format(p=profile)).stat().st_size == 0
     ]
     executed = sorted((ROOT / "notebooks" / "executed" / profile).glob("*.ipynb"))
     if missing:
         print(f"missing outputs in {folder}: {', '.join(missing)}")
         return 1
-    print(f"all {len(EXPECTED)} expected outputs present in {folder}; {len(executed)} executed notebooks")
+    print(f"all {len(expected)} expected outputs present in {folder}; {len(executed)} executed notebooks")
     return 0
 
 

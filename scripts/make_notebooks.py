@@ -275,6 +275,44 @@ display(Markdown(df.to_markdown(index=False, floatfmt=".3f")))
 fig = report.plot_recovery(df, f"perplexity before and after recovery ({profile} profile)")
 report.save_figure(fig, out / "recovery")"""),
     ],
+    "07_fms_diagnostics.ipynb": [
+        md("""# 07 FMS diagnostics: is the criterion or the estimator at fault?
+
+Not a table of either paper: the evidence behind issue 17. MINI-LLM's FMS score multiplies |W| x ||X|| by a
+gradient estimated with SPSA; with n queries in d dimensions that estimate's cosine with the true gradient is about
+sqrt(n / (n + d)), so at affordable n the ranking is mostly |W| x ||X|| plus noise. Three tables (gate space, one
+gate per head output and MLP channel):
+
+* **estimator accuracy vs n**: cosine of the SPSA gate gradient with the exact one (computed with backprop, a
+  diagnostic), Spearman of SPSA-FMS unit scores with exact-gradient FMS, overlap of the bottom-p units, beside the
+  theoretical sqrt(n / (n + d));
+* **criterion vs estimator**: perplexity after pruning (no recovery, no bias compensation, same calibration tokens)
+  with FMS using the exact gradient (labelled backprop), g = 1, g replaced by noise of the same distribution (the
+  exact gradient's entries permuted), SPSA at several n, backprop Taylor, Wanda-SP and FLAP's score, and the
+  forward-only estimators of `fms` (`estimator=ablation`, `estimator=allocation`);
+* **oracle**: Spearman of each criterion with the exact loss change of removing each unit alone (every attention
+  unit, a random sample of channels).
+
+Expect: the cosine to follow the sqrt(n / (n + d)) curve (about 0.04 at n = 64 for SmolLM2); SPSA-FMS close to
+FMS with g = 1 or noise, and far from exact-gradient FMS; the exact ablation estimator closest to the oracle by
+construction on the units it measures. The smoke profile's sizes are tiny: its numbers mean nothing."""),
+        code(PARAMS),
+        code(SETUP),
+        code("""from minillm import diagnostics
+if "fms_diagnostics" not in cfg:
+    print(f"profile {profile!r} has no fms_diagnostics section: nothing to compute or render")
+elif not no_compute:
+    experiments.run_fms_diagnostics(cfg, force=bool(force))"""),
+        code("""tables = diagnostics.frames(experiments.collect(profile, "fms_diagnostics"))
+for name in ("accuracy", "criteria", "oracle"):
+    if name in tables:
+        report.save_table(tables[name], out / f"fms_diagnostics_{name}")
+        display(Markdown(f"**{name}**"))
+        display(Markdown(tables[name].to_markdown(index=False, floatfmt=".4g")))"""),
+        code("""if "accuracy" in tables:
+    fig = diagnostics.plot_accuracy(tables["accuracy"], f"SPSA gate-gradient accuracy vs n ({profile} profile)")
+    report.save_figure(fig, out / "fms_diagnostics_accuracy")"""),
+    ],
 }
 
 

@@ -13,6 +13,18 @@ down column; OPT and BLOOM equivalents). Options:
   gates and the channel gates with separate sets of n queries each (2n queries in all).
 * sign: 'abs_mean' takes |g| of the averaged estimate per weight; 'group' keeps signs and takes the absolute value
   of the whole unit's sum (with one query, abs_mean reduces the gradient to |pi| * |z|, i.e. Wanda times noise).
+* precision: 'fp32' (default) runs the SPSA forward passes of a bf16 / fp16 model in fp32 arithmetic
+  (`minillm.precision.fp32_forward`: temporary fp32 copies of one module's parameters at a time, weights untouched),
+  so that a gate 1 + eps z and the loss difference it causes survive; 'native' computes in the model's dtype (the
+  behaviour before issue 17). Measured on tiny-llama, gate space, pure |dL/dgate|, 64 queries, same seeds, Spearman
+  with the fp32 model's estimate: bf16 -0.04 native vs 0.997 fp32, fp16 0.57 vs 0.997 (a larger eps also helps
+  native bf16: 0.82 at eps = 1e-2, 0.96 at 3e-2). No effect on fp32 models.
+* estimator: 'spsa' (the paper's, default) or a forward-only alternative from fms_estimators.py: 'ablation' (the
+  exact loss change of removing each attention unit and each shortlisted channel, measured with forward passes;
+  options shortlist, batch_tokens) or 'allocation' (the g = 1 prior ranks units inside each layer's attention and
+  MLP blocks, SPSA with n >> d estimates the 2L block-gate derivatives that scale them; use with
+  allocation='global'). space, sign and combination apply to 'spsa' only; queries and eps to 'spsa' and
+  'allocation'. Costs and citations are in fms_estimators.py.
 * combination: 'product' (above), 'additive' |W| ||X|| + alpha |W g|, or 'taylor' |W g| (LLM-Pruner's Element1 with
   a zeroth-order gradient). In gate space, 'taylor' scores a unit by |dL/dgate| alone and 'product' (the default)
   multiplies that by the unit's activation-weighted magnitude sum |W| ||X||.
@@ -23,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from ..allocate import LayerScores
+from ..precision import PRECISIONS, fp32_forward
 from .common import (
     ScoringContext,
     all_members,
@@ -32,6 +45,8 @@ from .common import (
     pool_attention,
     pool_layer,
 )
+from . import fms_estimators
+from .fms_estimators import ESTIMATORS
 from .spsa import GateSpace, WeightSpace, estimate
 
 NEEDS_CALIBRATION = True
@@ -48,9 +63,15 @@ def score(
     sign: str = "abs_mean",
     combination: str = "product",
     alpha: float = 1.0,
+    precision: str = "fp32",
+    estimator: str = "spsa",
+    shortlist: float = 0.5,
+    batch_tokens: int = 4096,
 ) -> list[LayerScores]:
     for name, value, allowed in (
+        ("estimator", estimator, ESTIMATORS),
         ("space", space, SPACES),
+        ("precision", precision, PRECISIONS),
         ("sign", sign, SIGNS),
         ("combination", combination, COMBINATIONS),
     ):
@@ -59,6 +80,8 @@ def score(
     members = all_members(ctx.adapter)
     stats = collect_input_stats(ctx, {k: m.linear for k, (_, m) in members.items()})
     loss = lambda: calibration_loss(ctx)  # noqa: E731
+    if estimator != "spsa":
+        return fms_estimators.score(ctx, estimator, stats, queries, eps, precision, shortlist, batch_tokens, loss)
     if space.startswith("gates"):
         # 'gates-split' estimates head gates and channel gates with separate query sets (n each): the ~10^2 head
         # gates then get an estimate not drowned by the ~10^4 channel gates' noise
@@ -66,7 +89,8 @@ def score(
         grads = {}
         for j, kind in enumerate(kinds):
             gates = GateSpace(ctx.adapter, kind)
-            est = estimate(gates, loss, queries, eps, ctx.seed + j, ctx.progress)
+            with fp32_forward(ctx.model, precision == "fp32"):
+                est = estimate(gates, loss, queries, eps, ctx.seed + j, ctx.progress)
             ctx.state.setdefault("spsa", []).append(est)
             for b, (i, k, _) in enumerate(gates.blocks):
                 grads[(i, k)] = est.gradient(gates, b).double().cpu()
@@ -76,7 +100,8 @@ def score(
     linears = [m.linear for _, m in members.values()]
     weights = WeightSpace(linears, noise_device=ctx.device)
     block_of = {id(lin): b for b, lin in enumerate(weights.linears)}
-    est = estimate(weights, loss, queries, eps, ctx.seed, ctx.progress)
+    with fp32_forward(ctx.model, precision == "fp32"):
+        est = estimate(weights, loss, queries, eps, ctx.seed, ctx.progress)
     ctx.state["spsa"] = est
     out = []
     for i, layer in enumerate(ctx.adapter.layers()):

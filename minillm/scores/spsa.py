@@ -86,7 +86,8 @@ class WeightSpace(PerturbationSpace):
                 module.weight.data = module._minillm_original
                 del module._minillm_original
 
-            handles += [lin.register_forward_pre_hook(pre), lin.register_forward_hook(post)]
+            # prepended: an enclosing precision.fp32_forward restores its own swap after this one
+            handles += [lin.register_forward_pre_hook(pre), lin.register_forward_hook(post, prepend=True)]
         try:
             yield
         finally:
