@@ -191,9 +191,29 @@ def run_time_line(profile: str) -> list[str]:
     ]
 
 
+def pending_lines(profile: str) -> list[str]:
+    """Records the profile names that are not committed yet (results/<profile>/pending.json), with the reason."""
+    import json
+
+    path = ROOT / "results" / profile / "pending.json"
+    if not path.exists():
+        return []
+    p = json.loads(path.read_text())
+    return [
+        f"## pending records ({profile} profile)",
+        "",
+        f"Not committed: {p['reason']}. `{p['command']}` computes them (it resumes from the committed records). "
+        "Tables and figures of this profile leave them out until then:",
+        "",
+        *[f"* `results/{profile}/{r}`" for r in p["records"]],
+        "",
+    ]
+
+
 def main() -> None:
     out = [HEADER]
     for profile in ("cpu", "cpu-full", "gpu"):
+        out += pending_lines(profile)
         out += run_time_line(profile)
         out += accuracy_section(profile, "accuracy") + accuracy_section(profile, "ablations")
         out += memory_section(profile) + latency_section(profile) + recovery_section(profile)

@@ -201,17 +201,28 @@ def test_new_records_carry_the_hash_of_their_configuration(fake_compute):
 @pytest.mark.parametrize("profile", ["cpu", "cpu-full"])
 def test_every_committed_record_is_current_under_its_unchanged_profile(profile):
     """Nothing of the committed results is recomputed by accident: each record the profile names exists and matches
-    the profile's effective configuration, and no record is left over."""
+    the profile's effective configuration, and no record is left over. Records whose method changed and which have
+    not been recomputed yet are listed, with the reason, in results/<profile>/pending.json; a listed record must be
+    absent (a stale one is deleted, not kept) and `make reproduce` computes it."""
     cfg = experiments.load_profile(profile)
+    pending_file = experiments.RESULTS_DIR / profile / "pending.json"
+    pending = set()
+    if pending_file.exists():
+        listed = json.loads(pending_file.read_text())
+        assert listed["reason"] and listed["records"]
+        pending = {experiments.RESULTS_DIR / profile / r for r in listed["records"]}
     for exp in ("accuracy", "ablations", "recovery", "memory", "latency"):
         wanted = experiments.expected_records(cfg, exp)
         assert wanted, (profile, exp)
         for path, config in wanted.items():
+            if path in pending:
+                assert not path.exists(), f"{path} is listed as pending but exists: recomputed? remove it from the list"
+                continue
             assert path.exists(), path
             assert experiments.is_current(path, config), path
         on_disk = set(experiments.results_dir(profile, exp).glob("*.json"))
-        assert on_disk == set(wanted), sorted(p.name for p in on_disk ^ set(wanted))
-        assert len(experiments.collect(profile, exp)) == len(wanted)
+        assert on_disk == set(wanted) - pending, sorted(p.name for p in on_disk ^ (set(wanted) - pending))
+        assert len(experiments.collect(profile, exp)) == len(on_disk)
 
 
 def test_reports_read_only_records_the_profile_names(tmp_path, monkeypatch, fake_compute):
