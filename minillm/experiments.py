@@ -297,6 +297,9 @@ def expected_records(cfg: dict, experiment: str) -> dict[Path, dict]:
         for model in exp["models"]:
             for round_to in exp.get("round_to", [1]):
                 out[_latency_file(profile, exp, model, round_to)] = _latency_config(cfg, model, round_to)
+    elif experiment == "fms_diagnostics":
+        for part in DIAGNOSTICS_PARTS:
+            out[results_dir(profile, experiment) / f"{part}.json"] = _diagnostics_config(cfg, part)
     return out
 
 
@@ -578,22 +581,29 @@ def _reuse_accuracy_plan(base, acc_file: Path, entry: dict, prune_options: dict,
     )
 
 
+DIAGNOSTICS_PARTS = ("accuracy", "criteria", "oracle")
+
+
+def _diagnostics_config(cfg: dict, part: str) -> dict:
+    return {"model": cfg["model"], "part": part, "section": cfg["fms_diagnostics"]}
+
+
 def run_fms_diagnostics(cfg: dict, force: bool = False, progress: bool = False) -> list[dict]:
     """Issue 17: why the forward-only FMS gradient fails (minillm/diagnostics.py). One record per part
-    (accuracy, criteria, oracle) under results/<profile>/fms_diagnostics/; a profile without the section has none."""
+    (accuracy, criteria, oracle) under results/<profile>/fms_diagnostics/; a profile without the section has none.
+    Records made with another section are recomputed, like every other experiment's."""
     from . import diagnostics
 
     exp = cfg.get("fms_diagnostics")
     if not exp:
         return []
-    folder = results_dir(cfg["profile"], "fms_diagnostics")
-    parts = ("accuracy", "criteria", "oracle")
-    if force or any(load_record(folder / f"{p}.json") is None for p in parts):
+    wanted = expected_records(cfg, "fms_diagnostics")
+    if force or not all(is_current(path, config) for path, config in wanted.items()):
         t0 = time.perf_counter()
         _, tok = _load(cfg)
         out = diagnostics.run(lambda: _load(cfg), tok, exp, progress)
         wall = time.perf_counter() - t0
-        for p in parts:
-            config = {"model": cfg["model"], "part": p, "section": exp, "calibration": out["calibration"]}
-            save_record(folder / f"{p}.json", "fms_diagnostics", config, out[p], wall, device=cfg.get("device", "cpu"))
-    return [load_record(folder / f"{p}.json") for p in parts]
+        for (path, config), part in zip(wanted.items(), DIAGNOSTICS_PARTS):
+            extra = {"calibration": out["calibration"]}
+            save_record(path, "fms_diagnostics", config, out[part], wall, device=cfg.get("device", "cpu"), extra=extra)
+    return [load_record(path) for path in wanted]
