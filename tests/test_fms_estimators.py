@@ -80,30 +80,6 @@ def test_estimator_streamed_equals_in_memory(tiny, name, label, opts):
     assert a.layers == b.layers
 
 
-@pytest.mark.parametrize("label,opts", ESTIMATORS, ids=[e[0] for e in ESTIMATORS])
-def test_estimator_on_an_offloaded_model(tmp_path, label, opts):
-    from minillm.models import build_random
-    from minillm.offload import has_offloaded
-
-    build_random("tiny-llama").save_pretrained(tmp_path / "dense")
-    device_map = {
-        "model.embed_tokens": "cpu",
-        "model.layers.0": "cpu",
-        "model.layers.1": "disk",
-        "model.layers.2": "disk",
-        "model.norm": "cpu",
-        "model.rotary_emb": "cpu",
-        "lm_head": "cpu",
-    }
-    calib = _calib()
-    ref, _ = minillm.load_model(str(tmp_path / "dense"))
-    a = minillm.prune(ref, "fms", 0.3, calib, progress=False, **opts)
-    off, _ = minillm.load_model(str(tmp_path / "dense"), device_map=device_map, offload_folder=str(tmp_path / "off"))
-    assert has_offloaded(off)
-    b = minillm.prune(off, "fms", 0.3, calib, progress=False, **opts)
-    assert a.layers == b.layers
-
-
 @pytest.mark.parametrize("name", ["tiny-llama-gqa", "tiny-opt", "tiny-bloom"])
 def test_ablation_scores_are_the_measured_loss_changes(tiny, name):
     """Every measured unit's score is the loss change of removing it alone, measured here on the whole model with

@@ -15,6 +15,9 @@ METHODS = [
     ("fms", {"queries": 3}),
     ("bonsai", {"masks_per_round": 4, "prune_frac": 0.15}),
     ("wanda_24", {}),
+    # the forward-only FMS estimators score on the offloaded model without loading it first (issue 17)
+    ("fms", {"estimator": "ablation", "shortlist": 0.5, "batch_tokens": 256}),
+    ("fms", {"estimator": "allocation", "queries": 16, "eps": 1e-2}),
 ]
 
 
@@ -40,7 +43,7 @@ def _offloaded(path):
     return model
 
 
-@pytest.mark.parametrize("method,opts", METHODS, ids=[m + str(len(o)) for m, o in METHODS])
+@pytest.mark.parametrize("method,opts", METHODS, ids=[m + "-" + "-".join(f"{k}={v}" for k, v in o.items()) for m, o in METHODS])
 def test_offloaded_model_prunes_like_in_memory(checkpoint, tokens, method, opts):
     calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     sparsity = 0.5 if method == "wanda_24" else 0.3
