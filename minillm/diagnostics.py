@@ -188,7 +188,7 @@ def run(model_loader, tok, section: dict, progress: bool = False) -> dict:
     from .data import calibration_windows, describe_calibration, perplexity_windows
     from .evaluate import perplexity
     from .prune import prune, score
-    from .scores.common import collect_input_stats, all_members
+    from .scores.common import all_members, collect_input_stats
     from .scores.spsa import SPSAEstimate
 
     c = section["calibration"]

@@ -18,8 +18,8 @@ from .data import calibration_windows, describe_calibration, perplexity_windows
 from .evaluate import perplexity, zeroshot
 from .measure import peak_memory
 from .models import load_model
-from .prune import prune, score
 from .profiles import ProfileError, validate_profile
+from .prune import prune, score
 from .results import REPO_ROOT, config_diff, load_record, save_record, temporary_directory
 from .scores import get_method
 

@@ -1,9 +1,7 @@
 """Measurement: the memory probe sees allocations; the latency bench produces complete records."""
 
-import torch
 
-from minillm.measure import CPU_MALLOC_ENV, bench_latency, child_env, memory_in_subprocess, peak_memory
-
+from minillm.measure import CPU_MALLOC_ENV, bench_latency, child_env, memory_in_subprocess
 
 PROBE = """
 import json, torch

@@ -36,6 +36,7 @@ import torch
 
 from ..allocate import LayerScores
 from ..precision import PRECISIONS, fp32_forward
+from . import fms_estimators
 from .common import (
     ScoringContext,
     all_members,
@@ -45,7 +46,6 @@ from .common import (
     pool_attention,
     pool_layer,
 )
-from . import fms_estimators
 from .fms_estimators import ESTIMATORS
 from .spsa import GateSpace, WeightSpace, estimate
 
