@@ -91,6 +91,19 @@ def test_select_removals_respects_budget():
     assert sum(cost[k] for _, k, _ in chosen) <= 110
 
 
+def test_last_round_fills_its_budget_past_a_unit_that_does_not_fit():
+    """An attention unit (cost 100) lowest in beta stops the official prefix rule at once with a budget of 60; the
+    last round (`fill`) passes over it and spends the budget on channels (cost 3), lowest beta first."""
+    mods = _modules()
+    n = sum(m.candidates.numel() for m in mods)
+    beta = torch.arange(n, dtype=torch.float64)  # the attention candidates come first, so they are the lowest
+    assert select_removals(mods, beta, budget=60) == []
+    chosen = select_removals(mods, beta, budget=60, fill=True)
+    assert [k for _, k, _ in chosen] == ["mlp"] * 20
+    keys = [(m.layer, m.kind, u) for m in mods for u in m.candidates.tolist()]
+    assert chosen == [k for k in keys if k[1] == "mlp"][:20]
+
+
 def _calib():
     return torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(0))
 
