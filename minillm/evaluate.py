@@ -69,9 +69,7 @@ def _ppl(mean_nll: float) -> float:
     return float("nan") if math.isnan(mean_nll) else math.exp(mean_nll) if mean_nll < 700 else float("inf")
 
 
-def bootstrap_interval(
-    window_nll, window_tokens, iters: int = 1000, seed: int = 0, level: float = 0.95
-) -> list[float]:
+def bootstrap_interval(window_nll, window_tokens, iters: int = 1000, seed: int = 0, level: float = 0.95) -> list[float]:
     """Percentile bootstrap interval [lo, hi] of the perplexity over windows: `iters` resamples (with replacement,
     drawn by a numpy Generator seeded with `seed`) of the windows' NLL sums and token counts, each giving
     exp(sum of NLL / sum of tokens). One window gives [ppl, ppl]: no spread can be estimated from it."""

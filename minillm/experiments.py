@@ -263,6 +263,7 @@ def is_current(path: Path, config: dict, record: dict | None = None) -> bool:
         return False
     return True
 
+
 def _run_method(cfg, exp, entry, force, experiment, progress, sparsities, replicate=0) -> list[dict]:
     profile, label, method = cfg["profile"], entry["label"], entry["method"]
     options = dict(entry.get("options", {}))

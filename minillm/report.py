@@ -310,7 +310,10 @@ def plot_memory(df: pd.DataFrame, title: str = ""):
             ax.bar([i + width / 2 for i in x], g["increase_gib"], width=width, color=colours, alpha=0.45, hatch="//")
         for bar, ratio in zip(bars, g["ratio"]):
             ax.annotate(
-                f"x{ratio:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                f"x{ratio:.2f}",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
                 fontsize=7,
             )
         labels = list(g["method"])
