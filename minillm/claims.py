@@ -260,6 +260,12 @@ QUOTES = {  # /work/shared/reference/papers.md; quoted, never evidence
     '"At 50% sparsity Bonsai yields lower perplexity than FLAP" (secondary, unverified)',
 }
 
+GENERAL_RULE = (
+    "in general: one method is better than another only where their perplexity intervals (the range over two or "
+    "more seeds, else a bootstrap 95% interval over windows) do not overlap; a comparison where either side has one "
+    "seed and no interval is insufficient evidence; each method family is represented at each sparsity by its best "
+    "label there; memory is measured once per step and its interval is the stated ±10% tolerance"
+)
 RULES = {
     "mini_free": "best FMS label vs the best label of each gradient-free family (magnitude, Wanda-SP, FLAP) at "
     "every sparsity: better in all (intervals apart) -> supported; any baseline better -> not supported",
@@ -291,7 +297,7 @@ def assess(
                 "quoted": f"quoted: {QUOTES[key]}",
                 "evidence": evidence or "-",
                 "verdict": verdict,
-                "rule": RULES.get(key, "-"),
+                "rule": "-" if verdict.startswith("not testable") else RULES[key],
             }
         )
 
@@ -385,6 +391,9 @@ def claims_frame(profile: str) -> pd.DataFrame:
 
 def claims_markdown(df: pd.DataFrame) -> str:
     """The claims table as Markdown (claim, quoted, evidence, verdict), the rules below it."""
-    table = df[["paper", "claim", "quoted", "evidence", "verdict"]].to_markdown(index=False)
-    rules = "\n".join(f"* {c}: {r}" for c, r in zip(df["claim"], df["rule"]) if r != "-")
-    return table + "\n\nVerdict rules (minillm/claims.py):\n\n" + rules + "\n"
+    columns = ["paper", "claim", "quoted", "evidence", "verdict"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for _, row in df.iterrows():
+        lines.append("| " + " | ".join(str(row[c]).replace("|", "/") for c in columns) + " |")
+    rules = [f"* {GENERAL_RULE}"] + [f"* {c}: {r}" for c, r in zip(df["claim"], df["rule"]) if r != "-"]
+    return "\n".join([*lines, "", "Verdict rules (minillm/claims.py):", "", *rules, ""])
