@@ -402,7 +402,7 @@ def widths_frame(records: list[dict]) -> pd.DataFrame:
     rows = []
     for r in records:
         plan = r.get("plan")
-        if not plan:
+        if not plan or r["config"].get("replicate"):  # seed replicates: the widths of seed 0 are shown
             continue
         cfg, arch = r["config"], plan.get("architecture", {})
         for i, w in enumerate(plan["widths"]):
