@@ -116,6 +116,36 @@ def test_seed_replicates_get_their_own_names_and_shifted_seeds():
     assert set(only) - set(plain) == {"rnd_s10_seed1.json", "rnd_s20_seed1.json"}
 
 
+def test_run_accuracy_writes_one_record_per_seed_and_resumes(tmp_path, monkeypatch):
+    """tiny-llama, random calibration ids drawn from the calibration seed, a stub evaluation: replicate 1 of the
+    random method is its own record, pruned with the shifted seed (other kept units), and a second run reuses it."""
+    import minillm
+    from minillm.data import describe_calibration
+
+    monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(experiments, "_load", lambda cfg: (minillm.load_model("tiny-llama")[0], None))
+
+    def calibration(tok, exp, entry):
+        n, seqlen, seed = experiments._calibration_settings(exp, entry)
+        ids = torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+        return ids, describe_calibration(n, seqlen, seed)
+
+    calls = []
+    monkeypatch.setattr(experiments, "_calibration", calibration)
+    monkeypatch.setattr(experiments, "_evaluate", lambda *a: calls.append(a[-1]) or {"perplexity": {"ppl": 1.0}})
+    cfg = _cfg({"seeds": [0, 1], "seed_sparsities": [0.2], "sparsities": [0.2]})
+    cfg["accuracy"]["methods"] = cfg["accuracy"]["methods"][:1]
+    records = experiments.run_accuracy(cfg)
+    assert len(calls) == 3  # dense, seed 0, seed 1
+    by_name = {p.name: r for p, r in zip(experiments.expected_records(cfg, "accuracy"), records)}
+    assert sorted(by_name) == ["dense_s00.json", "rnd_s20.json", "rnd_s20_seed1.json"]
+    seed0, seed1 = by_name["rnd_s20.json"], by_name["rnd_s20_seed1.json"]
+    assert (seed1["config"]["seed"], seed1["config"]["calibration"]["seed"]) == (1, 6)
+    assert seed0["plan"]["layers"] != seed1["plan"]["layers"]
+    experiments.run_accuracy(cfg)
+    assert len(calls) == 3
+
+
 @pytest.mark.parametrize(
     ("accuracy_extra", "entry_extra", "message"),
     [
