@@ -114,7 +114,12 @@ def _pairs(groups: dict, family: str, others: tuple[str, ...]) -> list[tuple[flo
 
 
 def _evidence(pairs) -> str:
-    return "; ".join(f"{s:.0%}: {_describe(a)} vs {_describe(b)}: {outcome}" for s, a, b, outcome in pairs)
+    def outcome_text(a, b, outcome):
+        return {"a better": f"{a['label']} better", "b better": f"{b['label']} better"}.get(
+            outcome, "intervals overlap" if outcome == "overlap" else "no interval"
+        )
+
+    return "; ".join(f"{s:.0%}: {_describe(a)} vs {_describe(b)}: {outcome_text(a, b, o)}" for s, a, b, o in pairs)
 
 
 def verdict_better_than_all(pairs, family: str, others: tuple[str, ...]) -> str:
@@ -125,6 +130,9 @@ def verdict_better_than_all(pairs, family: str, others: tuple[str, ...]) -> str:
     outcomes = [p[3] for p in pairs]
     if "b better" in outcomes:
         return NOT_SUPPORTED
+    missing = [f for f in others if not any(b["family"] == f for _, _, b, _ in pairs)]
+    if missing:
+        return insufficient(f"no records of {', '.join(missing)} to compare with")
     if all(o == "a better" for o in outcomes):
         return SUPPORTED
     if "no interval" in outcomes:

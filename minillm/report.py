@@ -128,45 +128,52 @@ def zeroshot_chance(task_names) -> float:
 
 def _error_bars(g: pd.DataFrame, y: str):
     """Error bars of column `y` per row: the spread over seeds (std) where a row aggregates several seeds, else
-    the 95% interval (bootstrap for perplexity, 1.96 standard errors for zero-shot) where the record has one."""
+    the 95% interval (bootstrap for perplexity, 1.96 standard errors for zero-shot) where the record has one; None
+    when no row has either."""
     import numpy as np
 
-    lo, hi = np.zeros(len(g)), np.zeros(len(g))
     values = g[y].to_numpy(dtype=float)
+    lo, hi = np.full(len(g), np.nan), np.full(len(g), np.nan)
     if f"{y}_std" in g and "n_seeds" in g:
         std = g[f"{y}_std"].where(g["n_seeds"] > 1).to_numpy(dtype=float)
-        lo, hi = np.where(np.isnan(std), lo, std), np.where(np.isnan(std), hi, std)
-    interval = {"ppl": ("ppl_ci95_lo", "ppl_ci95_hi")}.get(y)
-    if interval and interval[0] in g:
-        use = (lo == 0) & g[interval[0]].notna().to_numpy()
-        lo = np.where(use, values - g[interval[0]].to_numpy(dtype=float), lo)
-        hi = np.where(use, g[interval[1]].to_numpy(dtype=float) - values, hi)
+        lo, hi = std.copy(), std.copy()
+    free = np.isnan(lo)
+    if y == "ppl" and "ppl_ci95_lo" in g:
+        lo = np.where(free, values - g["ppl_ci95_lo"].to_numpy(dtype=float), lo)
+        hi = np.where(free, g["ppl_ci95_hi"].to_numpy(dtype=float) - values, hi)
     if y == "zs_avg" and "zs_avg_se" in g:
-        use = (lo == 0) & g["zs_avg_se"].notna().to_numpy()
-        lo = np.where(use, 1.96 * g["zs_avg_se"].to_numpy(dtype=float), lo)
-        hi = np.where(use, 1.96 * g["zs_avg_se"].to_numpy(dtype=float), hi)
-    return None if not (lo.any() or hi.any()) else np.vstack([np.nan_to_num(lo), np.nan_to_num(hi)])
+        half = 1.96 * g["zs_avg_se"].to_numpy(dtype=float)
+        lo, hi = np.where(free, half, lo), np.where(free, half, hi)
+    if np.isnan(lo).all():
+        return None
+    return np.vstack([np.nan_to_num(lo), np.nan_to_num(hi)])
 
 
-def _method_lines(ax, df: pd.DataFrame, y: str) -> None:
+def _method_lines(ax, df: pd.DataFrame, y: str) -> bool:
+    """One line per method in its style (minillm.styles), with error bars where the frame has them, dodged
+    sideways a little so that bars at the same sparsity stay apart. Returns whether any error bar was drawn."""
     from .styles import method_style
 
-    for method in sorted(df.method.unique()):
+    methods = sorted(df.method.unique())
+    drawn = False
+    for i, method in enumerate(methods):
         g = df[df.method == method].dropna(subset=[y]).sort_values("sparsity")
         if g.empty:
             continue
-        style = method_style(method)
         n = int(g["n_seeds"].max()) if "n_seeds" in g and g["n_seeds"].notna().any() else 1
+        bars = _error_bars(g, y)
+        drawn |= bars is not None
         ax.errorbar(
-            g["sparsity"],
+            g["sparsity"] + 0.003 * (i - (len(methods) - 1) / 2),
             g[y],
-            yerr=_error_bars(g, y),
+            yerr=bars,
             label=method + (f" (n={n} seeds)" if n > 1 else ""),
             capsize=3,
             ms=5,
             lw=1.2,
-            **style,
+            **method_style(method),
         )
+    return drawn
 
 
 def ranking_markdown(df: pd.DataFrame, metric: str = "ppl") -> str:
@@ -204,7 +211,8 @@ def plot_accuracy(df: pd.DataFrame, title: str = ""):
     has_zs = "zs_avg" in df and df["zs_avg"].notna().any()
     fig, axes = plt.subplots(1, 2 if has_zs else 1, figsize=(13 if has_zs else 6.5, 4.6), squeeze=False)
     ax = axes[0, 0]
-    _method_lines(ax, pruned, "ppl")
+    if _method_lines(ax, pruned, "ppl"):
+        ax.set_title("error bars: std over seeds, else bootstrap 95% over windows", fontsize=8)
     if not dense.empty:
         ax.axhline(float(dense.ppl.iloc[0]), color="k", ls="--", lw=1, label="dense")
     ax.set_yscale("log")
@@ -213,7 +221,8 @@ def plot_accuracy(df: pd.DataFrame, title: str = ""):
     ax.legend(fontsize=6, ncol=2)
     if has_zs:
         ax2 = axes[0, 1]
-        _method_lines(ax2, pruned, "zs_avg")
+        if _method_lines(ax2, pruned, "zs_avg"):
+            ax2.set_title("error bars: std over seeds, else 1.96 standard errors", fontsize=8)
         if not dense.empty and pd.notna(dense.zs_avg.iloc[0]):
             ax2.axhline(float(dense.zs_avg.iloc[0]), color="k", ls="--", lw=1, label="dense")
         tasks = _zeroshot_tasks(df)

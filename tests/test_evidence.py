@@ -285,20 +285,26 @@ def _accuracy(fms, others):
 
 
 def test_claims_overlapping_intervals_are_insufficient_evidence():
-    recs = _accuracy((20.0, (18, 24)), {"wanda_sp": (22.0, (19, 25)), "taylor": (21.0, (20, 23))})
+    far = (900.0, (800, 1000))
+    recs = _accuracy(
+        (20.0, (18, 24)), {"wanda_sp": (22.0, (19, 25)), "taylor": (21.0, (20, 23)), "magnitude": far, "flap": far}
+    )
     rows = claims.assess(recs, [], [])
     assert _verdict(rows, FREE) == "insufficient evidence (intervals overlap in some comparison)"
     assert _verdict(rows, BACKPROP).startswith("insufficient evidence (intervals overlap")
 
 
 def test_claims_one_seed_without_interval_is_insufficient_evidence():
-    recs = _accuracy((20.0, None), {"wanda_sp": (2000.0, None)})
+    recs = _accuracy((20.0, None), {"wanda_sp": (2000.0, None), "magnitude": (3000.0, None), "flap": (99.0, None)})
     assert "one seed without an interval" in _verdict(claims.assess(recs, [], []), FREE)
 
 
 def test_claims_separated_intervals_decide():
-    better = _accuracy((20.0, (19, 21)), {"wanda_sp": (30.0, (28, 33)), "flap": (25.0, (22, 24.5))})
-    assert _verdict(claims.assess(better, [], []), FREE) == "supported"
+    baselines = {"wanda_sp": (30.0, (28, 33)), "flap": (25.0, (22, 24.5)), "magnitude": (90.0, (80, 99))}
+    assert _verdict(claims.assess(_accuracy((20.0, (19, 21)), baselines), [], []), FREE) == "supported"
+    del baselines["magnitude"]  # a gradient-free family without records: the claim is not tested against it
+    verdict = _verdict(claims.assess(_accuracy((20.0, (19, 21)), baselines), [], []), FREE)
+    assert verdict == "insufficient evidence (no records of magnitude to compare with)"
     worse = _accuracy((20.0, (19, 21)), {"wanda_sp": (30.0, (28, 33)), "flap": (15.0, (14, 16))})
     assert _verdict(claims.assess(worse, [], []), FREE) == "not supported"
     backprop_better = _accuracy((20.0, (19, 21)), {"taylor": (10.0, (9, 11))})
