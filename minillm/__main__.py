@@ -173,10 +173,14 @@ def cmd_eval(args) -> int:
     out: dict = {"model": args.model}
     if args.ppl:
         windows = perplexity_windows(tok, args.ppl_seqlen, args.ppl_windows)
-        out["perplexity"] = perplexity(model, windows, batch_size=args.batch_size, progress=not args.quiet)
+        out["perplexity"] = perplexity(
+            model, windows, batch_size=args.batch_size, progress=not args.quiet, bootstrap_iters=args.ppl_bootstrap
+        )
         out["perplexity"]["text"] = "austen/prideprejudice"
     if args.zeroshot:
-        out["zeroshot"] = zeroshot(model, tok, tasks=args.tasks, limit=args.limit, batch_size=args.batch_size)
+        out["zeroshot"] = zeroshot(
+            model, tok, tasks=args.tasks, limit=args.limit, batch_size=args.batch_size, stderr=args.stderr
+        )
     out["provenance"] = provenance(next(model.parameters()).device)
     print(json.dumps({k: v for k, v in out.items() if k != "provenance"}, indent=1))
     if args.json:
@@ -431,7 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ppl", action="store_true")
     ev.add_argument("--ppl-seqlen", type=positive_int, default=512)
     ev.add_argument("--ppl-windows", type=positive_int, default=8)
+    ev.add_argument(
+        "--ppl-bootstrap",
+        type=positive_int,
+        default=0,
+        metavar="ITERS",
+        help="add a bootstrap 95%% interval over windows (ppl_ci95) from this many resamples",
+    )
     ev.add_argument("--zeroshot", action="store_true")
+    ev.add_argument("--stderr", action="store_true", help="zero-shot standard errors from lm-eval")
     ev.add_argument("--tasks", nargs="*", help="bundled task names (default: all)")
     ev.add_argument("--limit", type=positive_int, help="examples per task")
     ev.add_argument("--batch-size", type=positive_int, default=4)

@@ -17,13 +17,26 @@ from .data import DATA_DIR, data_file, tokenizer_adds_bos
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> dict:
+def perplexity(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 4,
+    progress: bool = True,
+    bootstrap_iters: int = 0,
+    bootstrap_seed: int = 0,
+) -> dict:
     """exp of the token-weighted mean next-token NLL over `windows` (LongTensor [n, seqlen]); every window predicts
-    seqlen - 1 tokens. The loss is computed in fp32 whatever the model's dtype."""
+    seqlen - 1 tokens. The loss is computed in fp32 whatever the model's dtype.
+
+    With `bootstrap_iters` > 0 the result also holds `ppl_ci95`, a percentile bootstrap 95% interval over windows
+    (`bootstrap_interval`, from the same forward passes), and the per-window NLL sums it was drawn from."""
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [n, seqlen >= 2], got {tuple(windows.shape)}")
+    if isinstance(bootstrap_iters, bool) or not isinstance(bootstrap_iters, int) or bootstrap_iters < 0:
+        raise ValueError(f"bootstrap_iters must be a non-negative integer, got {bootstrap_iters!r}")
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
+    window_nll = []
     was_training = model.training
     model.eval()
     for start in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress, leave=False):
@@ -33,16 +46,52 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, pro
             nll = F.cross_entropy(logits[i, :-1].float(), batch[i, 1:], reduction="sum")
             total_nll += float(nll)
             total_tokens += batch.shape[1] - 1
+            window_nll.append(float(nll))
     model.train(was_training)
     mean = total_nll / total_tokens
-    return {
-        # NaN stays NaN (a broken model), only a finite but huge loss overflows to inf
-        "ppl": float("nan") if math.isnan(mean) else math.exp(mean) if mean < 700 else float("inf"),
+    out = {
+        "ppl": _ppl(mean),
         "nll": mean,
         "tokens": total_tokens,
         "n_windows": int(windows.shape[0]),
         "seqlen": int(windows.shape[1]),
     }
+    if bootstrap_iters:
+        tokens = [int(windows.shape[1]) - 1] * len(window_nll)
+        out["ppl_ci95"] = bootstrap_interval(window_nll, tokens, bootstrap_iters, bootstrap_seed)
+        out["bootstrap"] = {"iters": bootstrap_iters, "seed": bootstrap_seed, "unit": "window", "level": 0.95}
+        out["window_nll"] = window_nll
+    return out
+
+
+def _ppl(mean_nll: float) -> float:
+    # NaN stays NaN (a broken model), only a finite but huge loss overflows to inf
+    return float("nan") if math.isnan(mean_nll) else math.exp(mean_nll) if mean_nll < 700 else float("inf")
+
+
+def bootstrap_interval(window_nll, window_tokens, iters: int = 1000, seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval [lo, hi] of the perplexity over windows: `iters` resamples (with replacement,
+    drawn by a numpy Generator seeded with `seed`) of the windows' NLL sums and token counts, each giving
+    exp(sum of NLL / sum of tokens). One window gives [ppl, ppl]: no spread can be estimated from it."""
+    import numpy as np
+
+    nll = np.asarray(window_nll, dtype=np.float64)
+    tokens = np.asarray(window_tokens, dtype=np.float64)
+    if nll.ndim != 1 or nll.shape != tokens.shape or nll.size == 0:
+        raise ValueError(
+            f"window_nll and window_tokens must be equally long non-empty lists, got {nll.shape} and {tokens.shape}"
+        )
+    if (tokens <= 0).any():
+        raise ValueError("every window must have a positive token count")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be a positive integer, got {iters!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, nll.size, size=(iters, nll.size))
+    means = nll[idx].sum(axis=1) / tokens[idx].sum(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return [_ppl(float(lo)), _ppl(float(hi))]
 
 
 def load_task_specs() -> list[dict]:
@@ -72,6 +121,11 @@ def write_task_dir(directory: Path, specs: list[dict]) -> Path:
     return directory
 
 
+# passed to lm-eval when standard errors are asked for: any value > 0 turns them on; mean-aggregated metrics get the
+# closed form, so this only matters for bootstrappable metrics, which the bundled tasks do not declare
+STDERR_BOOTSTRAP_ITERS = 1000
+
+
 def _number(x):
     """lm-eval reports 'N/A' for a stderr it did not bootstrap."""
     return float(x) if isinstance(x, (int, float)) else None
@@ -84,10 +138,17 @@ def zeroshot(
     limit: int | None = None,
     batch_size: int = 8,
     seed: int = 0,
+    stderr: bool = False,
 ) -> dict:
     """Zero-shot accuracy on the bundled cloze tasks, fully offline. Returns {task: {"metric", "value",
     "stderr", "chance", "n"}} plus "average" of the declared metrics. `tasks` are names from tasks.json (all when
-    None); `limit` caps examples per task."""
+    None); `limit` caps examples per task.
+
+    `stderr`: ask lm-eval for standard errors (bootstrap_iters > 0). For the mean-aggregated acc and acc_norm of
+    these tasks lm-eval does not resample: it returns the closed form sample_std / sqrt(n) (ddof 1, i.e.
+    sqrt(p (1 - p) / (n - 1))), so this costs nothing. The result then also holds "average_stderr", the standard
+    error of the unweighted task mean, sqrt(sum of squared task stderrs) / number of tasks (tasks independent).
+    Without it lm-eval reports no stderr (None here), as records made before this option hold."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit (examples per task) must be a positive integer or None, got {limit!r}")
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -115,7 +176,7 @@ def zeroshot(
             task_manager=manager,
             limit=limit,
             num_fewshot=0,
-            bootstrap_iters=0,
+            bootstrap_iters=STDERR_BOOTSTRAP_ITERS if stderr else 0,
             log_samples=False,
             random_seed=seed,
             numpy_random_seed=seed,
@@ -133,8 +194,11 @@ def zeroshot(
             "n": int(res["n-samples"][t]["effective"]),
         }
     out["average"] = sum(v["value"] for v in out.values()) / len(names)
+    if stderr:
+        errors = [out[t]["stderr"] for t in names]
+        out["average_stderr"] = None if None in errors else math.sqrt(sum(e * e for e in errors)) / len(names)
     out["lm_eval_version"] = lm_eval.__version__ if hasattr(lm_eval, "__version__") else None
     return out
 
 
-__all__ = ["perplexity", "zeroshot", "load_task_specs", "DATA_DIR"]
+__all__ = ["perplexity", "bootstrap_interval", "zeroshot", "load_task_specs", "DATA_DIR"]

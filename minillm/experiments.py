@@ -96,6 +96,36 @@ def _record_file(profile: str, experiment: str, label: str, sparsity: float, suf
     return results_dir(profile, experiment) / f"{label}_s{round(sparsity * 100):02d}{suffix}.json"
 
 
+def replicate_suffix(replicate: int) -> str:
+    """The record-name suffix of seed replicate k: none for 0 (the record made before seeds existed), `_seed<k>`."""
+    return f"_seed{replicate}" if replicate else ""
+
+
+def seed_replicates(exp: dict, entry: dict) -> list[tuple[int, dict, list[float]]]:
+    """(replicate k, the method entry of replicate k, the sparsities it runs) for one accuracy or ablation entry.
+
+    The profile's `seeds` (the entry's own, else the section's; [0] when absent) list the replicates. Replicate 0 is
+    the entry itself at all its sparsities, so its records keep their names and configurations. Replicate k > 0
+    adds k to the calibration seed (a new draw of calibration windows) and to the method seed together, and runs
+    at the `seed_sparsities` (the entry's own, else the section's) that the entry runs, or at all of its
+    sparsities when none are given."""
+    sparsities = entry.get("sparsities", exp["sparsities"])
+    seeds = entry.get("seeds", exp.get("seeds", [0]))
+    chosen = entry.get("seed_sparsities", exp.get("seed_sparsities"))
+    out = [(0, entry, sparsities)]
+    _, _, calibration_seed = _calibration_settings(exp, entry)
+    for k in sorted(set(seeds) - {0}):
+        replicate = {
+            **entry,
+            "seed": entry.get("seed", 0) + k,
+            "calibration": {**entry.get("calibration", {}), "seed": calibration_seed + k},
+        }
+        runs = [s for s in sparsities if chosen is None or any(abs(s - c) < 1e-9 for c in chosen)]
+        if runs:
+            out.append((k, replicate, runs))
+    return out
+
+
 def _load(cfg: dict):
     """The profile's model on the profile's device (cpu unless the profile says otherwise), in its dtype."""
     import torch
@@ -146,11 +176,24 @@ def _plan_summary(plan) -> dict:
 def _evaluate(model, tok, cfg: dict, sparsity: float) -> dict:
     ppl_cfg = cfg["perplexity"]
     windows = perplexity_windows(tok, ppl_cfg["seqlen"], ppl_cfg["windows"])
-    metrics = {"perplexity": perplexity(model, windows, batch_size=ppl_cfg.get("batch_size", 4), progress=False)}
+    ppl = perplexity(
+        model,
+        windows,
+        batch_size=ppl_cfg.get("batch_size", 4),
+        progress=False,
+        bootstrap_iters=ppl_cfg.get("bootstrap_iters", 0),
+        bootstrap_seed=ppl_cfg.get("bootstrap_seed", 0),
+    )
+    metrics = {"perplexity": ppl}
     zs = cfg.get("zeroshot")
     if zs and any(abs(sparsity - s) < 1e-9 for s in zs.get("sparsities", [sparsity])):
         metrics["zeroshot"] = zeroshot(
-            model, tok, tasks=zs.get("tasks"), limit=zs.get("limit"), batch_size=zs.get("batch_size", 8)
+            model,
+            tok,
+            tasks=zs.get("tasks"),
+            limit=zs.get("limit"),
+            batch_size=zs.get("batch_size", 8),
+            stderr=zs.get("stderr", False),
         )
     return metrics
 
@@ -173,7 +216,8 @@ def run_accuracy(cfg: dict, force: bool = False, experiment: str = "accuracy", p
         save_record(dense_file, experiment, _dense_config(cfg, exp), metrics, time.perf_counter() - t0)
     records.append(load_record(dense_file))
     for entry in exp["methods"]:
-        records += _run_method(cfg, exp, entry, force, experiment, progress)
+        for replicate, replicate_entry, sparsities in seed_replicates(exp, entry):
+            records += _run_method(cfg, exp, replicate_entry, force, experiment, progress, sparsities, replicate)
     return records
 
 
@@ -185,9 +229,9 @@ def _dense_config(cfg: dict, exp: dict) -> dict:
     return {"model": cfg["model"], "method": "dense", "sparsity": 0.0, "label": "dense", "eval": _eval_cfg(exp)}
 
 
-def _method_config(cfg: dict, exp: dict, entry: dict, sparsity: float) -> dict:
+def _method_config(cfg: dict, exp: dict, entry: dict, sparsity: float, replicate: int = 0) -> dict:
     """The effective configuration of one (method entry, sparsity) record: what the record's `config` must equal
-    for the record to be reused."""
+    for the record to be reused. A seed replicate k > 0 (`seed_replicates`) also carries `replicate: k`."""
     return {
         "model": cfg["model"],
         "method": entry["method"],
@@ -198,6 +242,7 @@ def _method_config(cfg: dict, exp: dict, entry: dict, sparsity: float) -> dict:
         "calibration": describe_calibration(*_calibration_settings(exp, entry)),
         "seed": entry.get("seed", 0),
         "eval": _eval_cfg(exp),
+        **({"replicate": replicate} if replicate else {}),
     }
 
 
@@ -218,13 +263,14 @@ def is_current(path: Path, config: dict, record: dict | None = None) -> bool:
         return False
     return True
 
-def _run_method(cfg, exp, entry, force, experiment, progress) -> list[dict]:
+
+def _run_method(cfg, exp, entry, force, experiment, progress, sparsities, replicate=0) -> list[dict]:
     profile, label, method = cfg["profile"], entry["label"], entry["method"]
     options = dict(entry.get("options", {}))
     prune_options = {**exp.get("prune_options", {}), **entry.get("prune_options", {})}
-    sparsities = entry.get("sparsities", exp["sparsities"])
-    files = {s: _record_file(profile, experiment, label, s) for s in sparsities}
-    configs = {s: _method_config(cfg, exp, entry, s) for s in sparsities}
+    suffix = replicate_suffix(replicate)
+    files = {s: _record_file(profile, experiment, label, s, suffix) for s in sparsities}
+    configs = {s: _method_config(cfg, exp, entry, s, replicate) for s in sparsities}
     todo = [s for s in sparsities if force or not is_current(files[s], configs[s])]
     if todo:
         base, tok = _load(cfg)
@@ -284,8 +330,10 @@ def expected_records(cfg: dict, experiment: str) -> dict[Path, dict]:
     if experiment in ("accuracy", "ablations"):
         out[_record_file(profile, experiment, "dense", 0.0)] = _dense_config(cfg, exp)
         for entry in exp["methods"]:
-            for s in entry.get("sparsities", exp["sparsities"]):
-                out[_record_file(profile, experiment, entry["label"], s)] = _method_config(cfg, exp, entry, s)
+            for k, replicate_entry, sparsities in seed_replicates(exp, entry):
+                for s in sparsities:
+                    path = _record_file(profile, experiment, entry["label"], s, replicate_suffix(k))
+                    out[path] = _method_config(cfg, exp, replicate_entry, s, k)
     elif experiment == "recovery":
         for _, entry, item_exp, s, kl, path in _recovery_items(cfg):
             out[path] = _recovery_config(cfg, cfg["accuracy"], item_exp, entry, s, kl)

@@ -120,7 +120,10 @@ def _section(schema: dict, value: Any, where: str) -> None:
 SPARSITY = _float(0.0, 1.0, hi_open=True)
 CALIBRATION = {"n_samples": (_int(1), REQUIRED), "seqlen": (_int(2), REQUIRED), "seed": _int()}
 PERPLEXITY = {"seqlen": (_int(2), REQUIRED), "windows": (_int(1), REQUIRED), "batch_size": _int(1)}
+# issue 18: a percentile bootstrap 95% interval over windows beside `ppl` (no extra forward passes); absent: none
+EVAL_PERPLEXITY = {**PERPLEXITY, "bootstrap_iters": _int(1), "bootstrap_seed": _int(0)}
 ZEROSHOT = {
+    "stderr": _bool,  # issue 18: lm-eval's standard errors (closed form for acc / acc_norm); absent: none
     "limit": _int(1, none_ok=True),
     "batch_size": _int(1),
     "tasks": _list(_str(), min_len=1),
@@ -170,13 +173,19 @@ ACCURACY_ENTRY = _method_entry(
         "sparsities": _list(SPARSITY, min_len=1),
         "calibration": {"n_samples": _int(1), "seqlen": _int(2), "seed": _int()},
         "seed": _int(),
+        "seeds": _list(_int(0), min_len=1),
+        "seed_sparsities": _list(SPARSITY, min_len=1),
     }
 )
 ACCURACY = {
     "calibration": (CALIBRATION, REQUIRED),
-    "perplexity": (PERPLEXITY, REQUIRED),
+    "perplexity": (EVAL_PERPLEXITY, REQUIRED),
     "zeroshot": ZEROSHOT,
     "sparsities": (_list(SPARSITY, min_len=1), REQUIRED),
+    # issue 18: replicate k of a (method, sparsity) adds k to the calibration seed and to the method seed; 0 is the
+    # record without replicates; an entry's own `seeds` / `seed_sparsities` override these
+    "seeds": _list(_int(0), min_len=1),
+    "seed_sparsities": _list(SPARSITY, min_len=1),
     "prune_options": PRUNE_OPTIONS,
     "methods": (_list(ACCURACY_ENTRY, min_len=1), REQUIRED),
 }
@@ -213,7 +222,7 @@ RECOVERY = {
     "sparsities": (_list(SPARSITY, min_len=1), REQUIRED),
     "kl_weights": (_list(_float(0.0), min_len=1), REQUIRED),
     "train": ({**{k: (c, REQUIRED) for k, c in TRAIN.items() if k != "seed"}, "seed": _int()}, REQUIRED),
-    "perplexity": (PERPLEXITY, REQUIRED),
+    "perplexity": (EVAL_PERPLEXITY, REQUIRED),
     "zeroshot": ZEROSHOT,
 }
 DTYPE = _str(("float32", "float16", "bfloat16"))
@@ -309,6 +318,29 @@ def _check_memory_models(models: list[str], where: str, main_model: str) -> None
             check_model_name(m, f"{where}[{i}]")
 
 
+def _check_seeds(exp: dict, where: str) -> None:
+    """Seeds are distinct, and the sparsities they are restricted to are sparsities that run (an entry's own list
+    within its sparsities; the section's list within the union of its entries' sparsities)."""
+    runs_all = set()
+    for i, entry in enumerate(exp["methods"]):
+        runs = entry.get("sparsities", exp["sparsities"])
+        runs_all.update(runs)
+        seeds = entry.get("seeds", exp.get("seeds"))
+        if seeds is not None and len(set(seeds)) != len(seeds):
+            raise ProfileError(f"{where}.methods[{i}]: seeds of {entry['label']!r} repeat a value: {seeds}")
+        if seeds is not None and 0 not in seeds:
+            raise ProfileError(
+                f"{where}.methods[{i}]: seeds of {entry['label']!r} must include 0 (the record at every sparsity; "
+                f"the others are replicates), got {seeds}"
+            )
+        missing = [s for s in entry.get("seed_sparsities", []) if not any(abs(s - r) < 1e-9 for r in runs)]
+        if missing:
+            raise ProfileError(f"{where}.methods[{i}].seed_sparsities: {missing} not among its sparsities {runs}")
+    missing = [s for s in exp.get("seed_sparsities", []) if not any(abs(s - r) < 1e-9 for r in runs_all)]
+    if missing:
+        raise ProfileError(f"{where}.seed_sparsities: {missing} not among the methods' sparsities {sorted(runs_all)}")
+
+
 def validate_profile(cfg: Any, name: str = "profile") -> dict:
     """Check a profile against the schema; raise ProfileError naming the key and the problem. Returns `cfg`."""
     _section(PROFILE, cfg, name)
@@ -319,6 +351,7 @@ def validate_profile(cfg: Any, name: str = "profile") -> dict:
             dup = sorted({x for x in labels if labels.count(x) > 1})
             if dup:
                 raise ProfileError(f"{name}.{exp}.methods: duplicate labels {dup}")
+            _check_seeds(cfg[exp], f"{name}.{exp}")
     if "recovery" in cfg:
         known = {e["label"] for e in cfg.get("accuracy", {}).get("methods", [])}
         for i, item in enumerate(cfg["recovery"]["methods"]):

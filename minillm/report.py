@@ -43,7 +43,10 @@ def save_figure(fig, path_stem: Path) -> list[Path]:
 
 
 def accuracy_frame(records: list[dict]) -> pd.DataFrame:
-    """One row per (method label, sparsity): achieved sparsity, perplexity, zero-shot metric per task, average."""
+    """One row per record: method label, sparsity, achieved sparsity, perplexity, zero-shot metric per task and
+    average. Columns that only some profiles produce appear only when a record has them: `ppl_ci95_lo` /
+    `ppl_ci95_hi` (bootstrap interval over windows), `zs_avg_se` (standard error of the zero-shot average) and
+    `seed` (the seed replicate, when a record is one; `seed_summary` aggregates over it)."""
     rows = []
     for r in records:
         if r is None:
@@ -61,60 +64,185 @@ def accuracy_frame(records: list[dict]) -> pd.DataFrame:
             "achieved": achieved,
             "ppl": m["perplexity"]["ppl"],
         }
+        if "ppl_ci95" in m["perplexity"]:
+            row["ppl_ci95_lo"], row["ppl_ci95_hi"] = m["perplexity"]["ppl_ci95"]
         zs = m.get("zeroshot")
         if zs:
             for task, v in zs.items():
                 if isinstance(v, dict):
                     row[f"{task.removeprefix('bb_cloze_')} ({v['metric']})"] = v["value"]
             row["zs_avg"] = zs["average"]
+            if zs.get("average_stderr") is not None:
+                row["zs_avg_se"] = zs["average_stderr"]
+        if cfg.get("replicate"):
+            row["seed"] = cfg["replicate"]
         timing = r.get("timing", {})
         row["scoring_s"] = timing.get("scoring_time_s")
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
         return df
+    if "seed" in df:
+        df["seed"] = df["seed"].fillna(0).astype(int)
     return df.sort_values(["sparsity", "ppl"]).reset_index(drop=True)
 
 
-def plot_accuracy(df: pd.DataFrame, title: str = ""):
-    import matplotlib.pyplot as plt
-    import seaborn as sns
+def seed_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (method, pattern, sparsity) over seed replicates: the mean of every numeric column, the
+    sample standard deviation (ddof 1) of `ppl` and `zs_avg` across seeds (`ppl_std`, `zs_avg_std`; NaN for one
+    seed) and the number of seeds `n_seeds`. Bootstrap bounds become their envelope over seeds (lowest lo,
+    highest hi). A frame without a `seed` column (no replicates) is returned as it is."""
+    if df.empty or "seed" not in df:
+        return df
+    keys = ["method", "pattern", "sparsity"]
+    numeric = [c for c in df.columns if c not in keys + ["seed"] and pd.api.types.is_numeric_dtype(df[c])]
+    how = {c: "mean" for c in numeric}
+    how.update({c: f for c, f in (("ppl_ci95_lo", "min"), ("ppl_ci95_hi", "max")) if c in df})
+    grouped = df.groupby(keys, sort=False)
+    out = grouped.agg(how)
+    out["ppl_std"] = grouped["ppl"].std(ddof=1)
+    if "zs_avg" in df:
+        out["zs_avg_std"] = grouped["zs_avg"].std(ddof=1)
+    out["n_seeds"] = grouped["seed"].nunique()
+    return out.reset_index().sort_values(["sparsity", "ppl"]).reset_index(drop=True)
 
+
+def zeroshot_chance(task_names) -> float:
+    """Chance level of the zero-shot average: the mean over the tasks of 1 / number of choices (tasks.json); a
+    task whose examples have different numbers of choices ("variable") contributes its recorded `chance`, the
+    mean of 1 / choices over its examples."""
+    from .evaluate import load_task_specs
+
+    specs = {s["task"]: s for s in load_task_specs()}
+    names = list(task_names)
+    unknown = [t for t in names if t not in specs]
+    if unknown or not names:
+        raise ValueError(f"no chance level for tasks {unknown or names}; bundled: {', '.join(specs)}")
+
+    def chance(spec):
+        n = spec["n_choices"]
+        return 1 / n if isinstance(n, int) and n > 0 else float(spec["chance"])
+
+    return sum(chance(specs[t]) for t in names) / len(names)
+
+
+def _error_bars(g: pd.DataFrame, y: str):
+    """Error bars of column `y` per row: the spread over seeds (std) where a row aggregates several seeds, else
+    the 95% interval (bootstrap for perplexity, 1.96 standard errors for zero-shot) where the record has one; None
+    when no row has either."""
+    import numpy as np
+
+    values = g[y].to_numpy(dtype=float)
+    lo, hi = np.full(len(g), np.nan), np.full(len(g), np.nan)
+    if f"{y}_std" in g and "n_seeds" in g:
+        std = g[f"{y}_std"].where(g["n_seeds"] > 1).to_numpy(dtype=float)
+        lo, hi = std.copy(), std.copy()
+    free = np.isnan(lo)
+    if y == "ppl" and "ppl_ci95_lo" in g:
+        lo = np.where(free, values - g["ppl_ci95_lo"].to_numpy(dtype=float), lo)
+        hi = np.where(free, g["ppl_ci95_hi"].to_numpy(dtype=float) - values, hi)
+    if y == "zs_avg" and "zs_avg_se" in g:
+        half = 1.96 * g["zs_avg_se"].to_numpy(dtype=float)
+        lo, hi = np.where(free, half, lo), np.where(free, half, hi)
+    if np.isnan(lo).all():
+        return None
+    return np.vstack([np.nan_to_num(lo), np.nan_to_num(hi)])
+
+
+def _method_lines(ax, df: pd.DataFrame, y: str) -> bool:
+    """One line per method in its style (minillm.styles), with error bars where the frame has them, dodged
+    sideways a little so that bars at the same sparsity stay apart. Returns whether any error bar was drawn."""
+    from .styles import method_style
+
+    methods = sorted(df.method.unique())
+    drawn = False
+    for i, method in enumerate(methods):
+        g = df[df.method == method].dropna(subset=[y]).sort_values("sparsity")
+        if g.empty:
+            continue
+        n = int(g["n_seeds"].max()) if "n_seeds" in g and g["n_seeds"].notna().any() else 1
+        bars = _error_bars(g, y)
+        drawn |= bars is not None
+        ax.errorbar(
+            g["sparsity"] + 0.003 * (i - (len(methods) - 1) / 2),
+            g[y],
+            yerr=bars,
+            label=method + (f" (n={n} seeds)" if n > 1 else ""),
+            capsize=3,
+            ms=5,
+            lw=1.2,
+            **method_style(method),
+        )
+    return drawn
+
+
+def ranking_markdown(df: pd.DataFrame, metric: str = "ppl") -> str:
+    """Prose generated from the records: per sparsity, the methods from best to worst by `metric` (lowest
+    perplexity, or highest zero-shot average for "zs_avg"), with values, and whether the gaps are backed by
+    intervals or seeds. Nothing in it is typed by hand."""
+    if df.empty or metric not in df:
+        return "No records to summarise."
+    d = seed_summary(df)
+    d = d[d.method != "dense"].dropna(subset=[metric])
+    has_spread = any(c in d for c in ("ppl_ci95_lo", "zs_avg_se")) or ("n_seeds" in d and (d.n_seeds > 1).any())
+    lines = []
+    for sparsity, g in d.groupby("sparsity"):
+        g = g.sort_values(metric, ascending=metric == "ppl")
+        ranked = ", ".join(f"{m} {v:.4g}" for m, v in zip(g.method, g[metric]))
+        lines.append(f"* {sparsity:.0%} removed, {'perplexity' if metric == 'ppl' else metric} best first: {ranked}.")
+    note = (
+        "Intervals or seed spreads are in the table and figure; a gap counts only where they do not overlap."
+        if has_spread
+        else "These records have one seed and no intervals: the order above is measured once and may not survive "
+        "another calibration draw or seed."
+    )
+    return "\n".join(["Generated from this profile's records:", "", *lines, "", note])
+
+
+def plot_accuracy(df: pd.DataFrame, title: str = ""):
+    """Perplexity (log) and, when present, the zero-shot average against sparsity: one colour and marker per method
+    (minillm.styles), error bars from seeds or intervals where the records have them, the dense model as a dashed
+    line, chance as a dotted one, a legend in each panel. `df` is `accuracy_frame`'s or `seed_summary`'s."""
+    import matplotlib.pyplot as plt
+
+    df = seed_summary(df)
     dense = df[df.method == "dense"]
     pruned = df[df.method != "dense"]
     has_zs = "zs_avg" in df and df["zs_avg"].notna().any()
-    fig, axes = plt.subplots(1, 2 if has_zs else 1, figsize=(12 if has_zs else 6.5, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if has_zs else 1, figsize=(13 if has_zs else 6.5, 4.6), squeeze=False)
     ax = axes[0, 0]
-    order = sorted(pruned.method.unique())
-    palette = dict(zip(order, sns.color_palette("tab20", len(order))))  # one distinct colour per method, both panels
-    sns.lineplot(data=pruned, x="sparsity", y="ppl", hue="method", hue_order=order, palette=palette, marker="o", ax=ax)
+    if _method_lines(ax, pruned, "ppl"):
+        ax.set_title("error bars: std over seeds, else bootstrap 95% over windows", fontsize=8)
     if not dense.empty:
         ax.axhline(float(dense.ppl.iloc[0]), color="k", ls="--", lw=1, label="dense")
     ax.set_yscale("log")
     ax.set_xlabel("fraction of prunable parameters removed")
     ax.set_ylabel("perplexity, Pride and Prejudice (log)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2)
     if has_zs:
         ax2 = axes[0, 1]
-        zs = pruned.dropna(subset=["zs_avg"])
-        sns.lineplot(
-            data=zs,
-            x="sparsity",
-            y="zs_avg",
-            hue="method",
-            hue_order=order,
-            palette=palette,
-            marker="o",
-            ax=ax2,
-            legend=False,
-        )
+        if _method_lines(ax2, pruned, "zs_avg"):
+            ax2.set_title("error bars: std over seeds, else 1.96 standard errors", fontsize=8)
         if not dense.empty and pd.notna(dense.zs_avg.iloc[0]):
-            ax2.axhline(float(dense.zs_avg.iloc[0]), color="k", ls="--", lw=1)
+            ax2.axhline(float(dense.zs_avg.iloc[0]), color="k", ls="--", lw=1, label="dense")
+        tasks = _zeroshot_tasks(df)
+        if tasks:
+            ax2.axhline(zeroshot_chance(tasks), color="0.4", ls=":", lw=1.2, label="chance (mean of 1/choices)")
         ax2.set_xlabel("fraction of prunable parameters removed")
         ax2.set_ylabel("average zero-shot accuracy (cloze tasks)")
+        ax2.legend(fontsize=6, ncol=2)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def _zeroshot_tasks(df: pd.DataFrame) -> list[str]:
+    """The bundled task names behind the per-task columns of an accuracy frame ("hyperbaton (acc)" ->
+    "bb_cloze_hyperbaton")."""
+    from .evaluate import load_task_specs
+
+    known = {s["task"].removeprefix("bb_cloze_"): s["task"] for s in load_task_specs()}
+    return [known[c.split(" (")[0]] for c in df.columns if " (" in c and c.split(" (")[0] in known]
 
 
 # --- memory -------------------------------------------------------------------------------------------------------
@@ -168,29 +296,48 @@ def memory_status(x: dict) -> str:
 
 
 def plot_memory(df: pd.DataFrame, title: str = ""):
+    """Per (model, shape): each step's absolute peak (solid bar, ratio to the dense forward annotated) beside its
+    increase over the pre-step baseline (hatched bar), in the method's colour (minillm.styles); out-of-memory steps
+    as hatched outlines up to the device's capacity."""
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from .styles import method_style
 
     groups = list(df.groupby(["model", "shape"], sort=False))
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.4), squeeze=False)
+    has_increase = "increase_gib" in df and df["increase_gib"].notna().any()
+    width = 0.4 if has_increase else 0.8
     for ax, ((model, shape), g) in zip(axes[0], groups):
         oom = g[g.get("status", pd.Series(dtype=str)).fillna("").str.startswith("out of memory")]
-        g = g.dropna(subset=["peak_gib"])
-        bars = ax.bar(g["method"], g["peak_gib"], color=["0.5" if m == "dense forward" else "C0" for m in g["method"]])
-        for _, row in oom.iterrows():  # out of memory: a hatched bar up to the device's capacity, labelled
-            height = row.get("capacity_gib") or (g["peak_gib"].max() if len(g) else 1.0)
-            ax.bar([row["method"]], [height], color="none", edgecolor="C3", hatch="//")
-            ax.annotate("OOM", (row["method"], height), ha="center", va="bottom", fontsize=8, color="C3")
+        g = g.dropna(subset=["peak_gib"]).reset_index(drop=True)
+        x = list(range(len(g)))
+        colours = [method_style(m)["color"] for m in g["method"]]
+        shift = -width / 2 if has_increase else 0.0
+        bars = ax.bar([i + shift for i in x], g["peak_gib"], width=width, color=colours)
+        if has_increase:
+            ax.bar([i + width / 2 for i in x], g["increase_gib"], width=width, color=colours, alpha=0.45, hatch="//")
         for bar, ratio in zip(bars, g["ratio"]):
             ax.annotate(
                 f"x{ratio:.2f}",
                 (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                 ha="center",
                 va="bottom",
-                fontsize=8,
+                fontsize=7,
             )
+        labels = list(g["method"])
+        for _, row in oom.iterrows():  # out of memory: a hatched bar up to the device's capacity, labelled
+            height = row.get("capacity_gib") or (g["peak_gib"].max() if len(g) else 1.0)
+            ax.bar([len(labels)], [height], color="none", edgecolor="C3", hatch="//")
+            ax.annotate("OOM", (len(labels), height), ha="center", va="bottom", fontsize=8, color="C3")
+            labels.append(row["method"])
+        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
         ax.set_title(f"{model}, {shape}", fontsize=9)
-        ax.set_ylabel("peak memory of the step (GiB)")
-        ax.tick_params(axis="x", rotation=45, labelsize=8)
+        ax.set_ylabel("memory of the step (GiB)")
+        handles = [Patch(facecolor="0.6", label="absolute peak (x dense forward)")]
+        if has_increase:
+            handles.append(Patch(facecolor="0.6", alpha=0.45, hatch="//", label="increase over pre-step baseline"))
+        ax.legend(handles=handles, fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -213,7 +360,7 @@ def latency_frame(records: list[dict]) -> pd.DataFrame:
                             "model": m["model"],
                             "dtype": m["dtype"],
                             "round_to": m.get("round_to", 1),
-                            "variant": row.get("variant", "structured" if row["sparsity"] else "dense"),
+                            "variant": _latency_variant(row, m.get("device", "")),
                             "sparsity": row["sparsity"],
                             "kind": kind,
                             "shape": shape,
@@ -227,6 +374,17 @@ def latency_frame(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _latency_variant(row: dict, device: str) -> str:
+    """The row's variant; a 2:4 model whose weights stayed dense (no semi-structured kernels, e.g. on CPU) says so,
+    since its timing is a dense model's."""
+    variant = row.get("variant", "structured" if row["sparsity"] else "dense")
+    kernels = row.get("semi_structured")
+    if variant == "2:4" and kernels is not None and not kernels.get("converted"):
+        where = " on CPU" if str(device).startswith("cpu") else ""
+        return f"2:4 (dense kernels{where})"
+    return variant
+
+
 def plot_latency(df: pd.DataFrame, title: str = ""):
     import matplotlib.pyplot as plt
     import seaborn as sns
@@ -237,6 +395,7 @@ def plot_latency(df: pd.DataFrame, title: str = ""):
     fig, ax = plt.subplots(figsize=(7, 4))
     sns.barplot(data=d, x="setting", y="speedup", hue="model variant", ax=ax)
     ax.axhline(1.0, color="k", lw=1, ls="--")
+    ax.legend(fontsize=7, title="model variant", title_fontsize=7)
     ax.set_ylabel("speed-up over dense")
     ax.tick_params(axis="x", rotation=30)
     fig.suptitle(title)
@@ -252,7 +411,7 @@ def widths_frame(records: list[dict]) -> pd.DataFrame:
     rows = []
     for r in records:
         plan = r.get("plan")
-        if not plan:
+        if not plan or r["config"].get("replicate"):  # seed replicates: the widths of seed 0 are shown
             continue
         cfg, arch = r["config"], plan.get("architecture", {})
         for i, w in enumerate(plan["widths"]):

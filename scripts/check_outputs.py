@@ -9,6 +9,8 @@ EXPECTED = [
     "accuracy.md",
     "accuracy_vs_sparsity.png",
     "accuracy_vs_sparsity.pdf",
+    "claims.csv",
+    "claims.md",
     "ablations.csv",
     "ablation_fms_queries.png",
     "widths.csv",

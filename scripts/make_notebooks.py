@@ -106,21 +106,24 @@ Reproduces the shape of the papers' main tables (MINI-LLM: FMS against gradient-
 Taylor; Bonsai: against FLAP and Wanda-SP) on the embedded model: perplexity on *Pride and Prejudice* and zero-shot
 accuracy on the bundled cloze tasks for every method at each sparsity (fraction of prunable parameters removed).
 
-What to expect on SmolLM2-135M, without any recovery fine-tuning: it is a small, fragile model (a KV group is a
-third of a layer's attention), so perplexity rises steeply. In the committed cpu-full records (the `cpu` profile is a faster subset) FLAP and Bonsai hold up
-best, backprop Taylor follows, Wanda-SP and FMS degrade fast beyond 10%, and group-magnitude collapses; the
-semi-structured 2:4 rows (zeros inside dense matrices, nothing removed) are listed for the quality side of the
-2:4-vs-structured speed comparison. FLAP's lead comes from its bias compensation, not its score (notebook 04). The
-table lists every measured number; the figure plots them."""),
+What to look for, without any recovery fine-tuning: SmolLM2-135M is a small model (a KV group is a third of a
+layer's attention), so perplexity can rise steeply with sparsity; the order of the methods at each sparsity, and
+whether the gaps between them exceed the intervals or the spread over seeds where the profile asks for them, is what
+the comparison is about. The semi-structured 2:4 rows (zeros inside dense matrices, nothing removed) are listed for
+the quality side of the 2:4-vs-structured speed comparison. The table lists every measured number (the mean over
+seeds with their standard deviation and count where a method has several); the figure plots them; the summary
+under it and the claims table at the end are generated from this profile's records."""),
         code(PARAMS),
         code(SETUP),
         code("""if not no_compute:
     experiments.run_accuracy(cfg, force=bool(force))"""),
         code("""df = report.accuracy_frame(experiments.collect(profile, "accuracy"))
-report.save_table(df, out / "accuracy")
-display(Markdown(df.to_markdown(index=False, floatfmt=".3f")))"""),
+table = report.seed_summary(df)
+report.save_table(table, out / "accuracy")
+display(Markdown(table.to_markdown(index=False, floatfmt=".3f")))"""),
         code("""fig = report.plot_accuracy(df, f"{cfg['model']}: accuracy vs sparsity ({profile} profile)")
-report.save_figure(fig, out / "accuracy_vs_sparsity")"""),
+report.save_figure(fig, out / "accuracy_vs_sparsity")
+display(Markdown(report.ranking_markdown(df)))"""),
         md("""## Quoted from the papers' repositories (not measured here)
 
 LLaMA-7B, WikiText-2 perplexity with 128-token windows, 20% of parameters removed, no recovery. Source: the
@@ -128,6 +131,16 @@ LLM-Pruner repository's results figure (Element1 19.09, Vector 22.28, L2 582.41,
 repository's language-modelling figure (Wanda-SP 22.12, FLAP 14.62); dense 12.62. These are LLaMA-7B numbers on
 another text and cannot be compared with the SmolLM2 numbers above; they show what the ordering looked like at
 7B scale."""),
+        md("""## The papers' claims against this profile's records
+
+Each headline claim of MINI-LLM and Bonsai (in the papers' words, labelled quoted), the evidence found in this
+profile's accuracy, memory and latency records, and a verdict by the explicit rules of `minillm/claims.py` (listed
+under the table): "better" only where intervals or seed spreads do not overlap, one seed without an interval is
+insufficient evidence, and what this hardware cannot measure is marked not testable."""),
+        code("""from minillm import claims
+claims_df = claims.claims_frame(profile)
+report.save_table(claims_df, out / "claims")
+display(Markdown(claims.claims_markdown(claims_df)))"""),
     ],
     "02_memory.ipynb": [
         md("""# 02 Peak memory of the pruning step
@@ -140,11 +153,12 @@ On CPU the measure is the peak resident memory of the process (which includes th
 weights), taken after a small warm-up forward that pages in the memory-mapped weights, with glibc told to hand
 freed blocks of 64 KiB or more back to the system at once; without that, identical steps differed by up to 2x
 because freed tensors stayed in the heap. On a GPU it is `torch.cuda.max_memory_allocated`. The step includes the
-physical removal, which briefly holds the new, smaller weight matrices next to the old ones. Expect backprop Taylor
-clearly above the dense forward (a gradient for every scored weight) and the forward-only methods close to it; at
-long sequences they can be below it, because the dense forward materialises the full logits while the scoring loss
-applies the LM head in chunks. 7B-class GPU records (random weights; memory
-depends on shapes only) appear below when a GPU run produced them."""),
+physical removal, which briefly holds the new, smaller weight matrices next to the old ones. Each step is drawn
+twice: its absolute peak and its increase over the memory held just before it (the pre-step baseline). What to look
+for: backprop Taylor stores a gradient for every scored weight, the forward-only methods do not; at long sequences
+a forward-only step can even stay below the dense forward, which materialises the full logits while the scoring
+loss applies the LM head in chunks. 7B-class GPU records (random weights; memory depends on shapes only) appear
+below when a GPU run produced them."""),
         code(PARAMS),
         code(SETUP),
         code("""if not no_compute:
@@ -163,8 +177,8 @@ for p, df in frames.items():
 
 No GPU was available to this project, so the GPU peaks below are **simulated**: each step runs under fake tensors
 (shapes, no data) with a tracker of live tensor storage (`minillm/simulate.py`), fp16, random-weight shapes. The
-simulation is checked against the H100 figures of the design notes (black markers; every prediction within 2%) and
-against the CPU records above (within 15%). Dashed lines: the usable memory of 48 GB (A6000) and 80 GB (A100/H100)
+simulation is checked against the H100 figures of the design notes (black markers) and against the CPU records;
+the validation tables below give each prediction's error. Dashed lines: the usable memory of 48 GB (A6000) and 80 GB (A100/H100)
 cards. The 70B shape is scored with its decoder layers streamed one at a time to the GPU. Red crosses, when present,
 are the gpu profile's measured records. Regenerate with `python -m minillm bench memory --simulate --validate`."""),
         code("""from minillm import simulate
@@ -206,22 +220,23 @@ with the number of queries if the gradient matters. The perturbation space is co
 dimensions, as in the paper) versus one gate per head and channel (about 4.6 x 10^4 dimensions). Also: sign
 handling, eps, the per-weight combination, pruning only MLP channels, and Bonsai's number of masks per round.
 
-What the committed cpu-full records show (the `cpu` profile runs a smaller subset): at these query budgets the SPSA estimate is dominated by noise. Perplexity
-does not improve steadily with n in either space; gate space is usually better than weight space at 20%; sign
-handling and eps move results by large, irregular amounts. Bias compensation (folding the removed units' mean
-output into a bias, as FLAP does) helps every method far more than any FMS setting does."""),
+What to look for: whether perplexity improves steadily with n in each space (it should if the SPSA gradient carries
+signal at these budgets), how the two spaces compare, how much sign handling and eps move the results, and how the
+FMS settings compare with bias compensation (folding the removed units' mean output into a bias, as FLAP does).
+The summary under the table is generated from this profile's records."""),
         code(PARAMS),
         code(SETUP),
         code("""if not no_compute:
     experiments.run_accuracy(cfg, force=bool(force), experiment="ablations")"""),
         code("""import pandas as pd
-abl = report.accuracy_frame(experiments.collect(profile, "ablations"))
-main = report.accuracy_frame(experiments.collect(profile, "accuracy"))
+abl = report.seed_summary(report.accuracy_frame(experiments.collect(profile, "ablations")))
+main = report.seed_summary(report.accuracy_frame(experiments.collect(profile, "accuracy")))
 keep = main.method.str.startswith(("fms", "wanda_sp", "taylor", "bonsai")) & main.sparsity.isin(abl.sparsity.unique())
 main = main[keep]
 both = pd.concat([abl, main[abl.columns.intersection(main.columns)]]).sort_values(["sparsity", "ppl"])
 report.save_table(both, out / "ablations")
-display(Markdown(both.to_markdown(index=False, floatfmt=".3f")))"""),
+display(Markdown(both.to_markdown(index=False, floatfmt=".3f")))
+display(Markdown(report.ranking_markdown(both)))"""),
         code("""import matplotlib.pyplot as plt
 fms = both[both.method.str.match(r"fms-(weights|gates)-n\\d+$")].copy()
 if not fms.empty:

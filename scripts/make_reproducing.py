@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from minillm import experiments  # noqa: E402
+from minillm import claims, experiments  # noqa: E402
 
 TOLERANCE = {
     "ppl": "±3% relative (fp32 CPU; other BLAS/hardware: ±10%)",
@@ -70,13 +70,45 @@ def accuracy_section(profile: str, experiment: str) -> list[str]:
         hist = (r.get("plan") or {}).get("history") or [{}]
         achieved = hist[0].get("weight_sparsity", (r.get("plan") or {}).get("achieved_sparsity", 0.0))
         zs = m.get("zeroshot", {}).get("average")
-        name = f"results/{profile}/{experiment}/{cfg.get('label', cfg['method'])}_s{round(cfg['sparsity'] * 100):02d}"
+        name = (
+            f"results/{profile}/{experiment}/{cfg.get('label', cfg['method'])}_s{round(cfg['sparsity'] * 100):02d}"
+            f"{experiments.replicate_suffix(cfg.get('replicate', 0))}"
+        )
         lines.append(
             f"| {cfg.get('label', cfg['method'])} | {cfg['sparsity']:.2f} | {achieved:.4f} | "
-            f"{m['perplexity']['ppl']:.2f} | {'' if zs is None else f'{zs:.3f}'} | `{name}.json` | "
+            f"{_ppl_cell(m['perplexity'])} | {_zeroshot_cell(m.get('zeroshot', {}), zs)} | `{name}.json` | "
             f"{_prov(r)} |"
         )
     return lines + [""]
+
+
+def _ppl_cell(ppl: dict) -> str:
+    """Perplexity, with its bootstrap 95% interval over windows where the record has one."""
+    ci = ppl.get("ppl_ci95")
+    return f"{ppl['ppl']:.2f}" + ("" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
+
+
+def _zeroshot_cell(zs: dict, average) -> str:
+    """Zero-shot average, ± its standard error where the record has one."""
+    if average is None:
+        return ""
+    se = zs.get("average_stderr")
+    return f"{average:.3f}" + ("" if se is None else f" ± {se:.3f}")
+
+
+def claims_section(profile: str) -> list[str]:
+    """The papers' headline claims with the evidence in this profile's records and a verdict (minillm.claims)."""
+    if not any(experiments.collect(profile, e) for e in ("accuracy", "memory", "latency")):
+        return []
+    return [
+        f"## claims ({profile} profile)",
+        "",
+        "Each headline claim of the two papers (in their words, labelled quoted: claims under test, not results), "
+        f"the evidence in the {profile} records and a verdict by the rules listed below the table. Notebook 01 "
+        "renders the same table.",
+        "",
+        claims.claims_markdown(claims.claims_frame(profile)),
+    ]
 
 
 def memory_section(profile: str) -> list[str]:
@@ -217,6 +249,7 @@ def main() -> None:
         out += run_time_line(profile)
         out += accuracy_section(profile, "accuracy") + accuracy_section(profile, "ablations")
         out += memory_section(profile) + latency_section(profile) + recovery_section(profile)
+        out += claims_section(profile)
     (ROOT / "REPRODUCING.md").write_text("\n".join(out))
     print("wrote", ROOT / "REPRODUCING.md")
 

@@ -1,0 +1,366 @@
+"""Issue 18, evidence a reviewer can trust: bootstrap intervals, seed replicates, one style per method, the claims
+table's verdict rules. Fast: tiny models and synthetic records only."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from minillm import claims, experiments, report, styles
+from minillm.evaluate import bootstrap_interval, perplexity
+from minillm.profiles import ProfileError, validate_profile
+from minillm.results import REPO_ROOT
+
+# --- perplexity interval -----------------------------------------------------------------------------------------
+
+
+def test_bootstrap_interval_known_answers():
+    # identical windows: every resample has the same mean, the interval is the point
+    assert bootstrap_interval([20.0] * 5, [10] * 5, iters=200, seed=3) == pytest.approx([math.e**2] * 2)
+    # two windows of mean NLL 1 and 3: a resample's mean is 1, 2 or 3 (probabilities 1/4, 1/2, 1/4), so the 2.5%
+    # and 97.5% quantiles of 4000 resamples are 1 and 3
+    assert bootstrap_interval([10.0, 30.0], [10, 10], iters=4000, seed=0) == pytest.approx([math.e, math.e**3])
+    # token-weighted: windows of 1 and 3 tokens with NLL sums 1 and 9 -> resample means in {1, 2.5, 3}
+    lo, hi = bootstrap_interval([1.0, 9.0], [1, 3], iters=4000, seed=1)
+    assert (lo, hi) == pytest.approx((math.e, math.e**3))
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_estimate():
+    rng = np.random.default_rng(7)
+    nll = list(rng.uniform(300, 500, size=12))
+    tokens = [127] * 12
+    a = bootstrap_interval(nll, tokens, iters=500, seed=11)
+    assert a == bootstrap_interval(nll, tokens, iters=500, seed=11)
+    assert a != bootstrap_interval(nll, tokens, iters=500, seed=12)
+    point = math.exp(sum(nll) / sum(tokens))
+    assert a[0] < point < a[1]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (([1.0], [1, 2]), "equally long"),
+        (([], []), "non-empty"),
+        (([1.0], [0]), "positive token count"),
+        (([1.0], [1], 0), "positive integer"),
+        (([1.0], [1], 10, 0, 1.5), "level"),
+    ],
+)
+def test_bootstrap_interval_rejects_bad_input(args, message):
+    with pytest.raises(ValueError, match=message):
+        bootstrap_interval(*args)
+
+
+def test_perplexity_interval_comes_from_the_same_forward_passes(tiny):
+    model = tiny("tiny-llama")
+    windows = torch.randint(0, 128, (5, 12), generator=torch.Generator().manual_seed(0))
+    plain = perplexity(model, windows, batch_size=2, progress=False)
+    assert set(plain) == {"ppl", "nll", "tokens", "n_windows", "seqlen"}  # records without the option: unchanged
+    with_ci = perplexity(model, windows, batch_size=2, progress=False, bootstrap_iters=300, bootstrap_seed=4)
+    assert with_ci["ppl"] == plain["ppl"]
+    assert sum(with_ci["window_nll"]) / with_ci["tokens"] == pytest.approx(plain["nll"], rel=1e-12)
+    lo, hi = with_ci["ppl_ci95"]
+    assert lo <= plain["ppl"] <= hi
+    assert with_ci["ppl_ci95"] == bootstrap_interval(with_ci["window_nll"], [11] * 5, 300, 4)
+    with pytest.raises(ValueError, match="bootstrap_iters"):
+        perplexity(model, windows, progress=False, bootstrap_iters=-1)
+
+
+# --- seed replicates -----------------------------------------------------------------------------------------------
+
+
+def _cfg(accuracy_extra=None, entry_extra=None) -> dict:
+    entry = {"label": "rnd", "method": "random", **(entry_extra or {})}
+    return {
+        "profile": "t",
+        "model": "smollm2-135m",
+        "accuracy": {
+            "calibration": {"n_samples": 2, "seqlen": 32, "seed": 5},
+            "perplexity": {"seqlen": 64, "windows": 2},
+            "sparsities": [0.1, 0.2],
+            "methods": [entry, {"label": "mag", "method": "magnitude", "seed": 3}],
+            **(accuracy_extra or {}),
+        },
+    }
+
+
+def _names(cfg) -> dict[str, dict]:
+    return {p.name: c for p, c in experiments.expected_records(cfg, "accuracy").items()}
+
+
+def test_without_seeds_records_keep_their_names_and_configurations():
+    plain = _names(_cfg())
+    assert sorted(plain) == ["dense_s00.json", "mag_s10.json", "mag_s20.json", "rnd_s10.json", "rnd_s20.json"]
+    assert _names(_cfg({"seeds": [0]})) == plain
+    assert "replicate" not in plain["rnd_s20.json"]
+
+
+def test_seed_replicates_get_their_own_names_and_shifted_seeds():
+    cfg = _cfg({"seeds": [0, 1, 2], "seed_sparsities": [0.2]})
+    validate_profile(cfg)
+    names = _names(cfg)
+    plain = _names(_cfg())
+    assert set(names) - set(plain) == {
+        "rnd_s20_seed1.json",
+        "rnd_s20_seed2.json",
+        "mag_s20_seed1.json",
+        "mag_s20_seed2.json",
+    }
+    assert all(names[n] == plain[n] for n in plain)  # replicate 0 unchanged
+    rep = names["mag_s20_seed2.json"]
+    assert (rep["replicate"], rep["seed"], rep["calibration"]["seed"]) == (2, 3 + 2, 5 + 2)
+    # an entry's own seeds override the section's
+    only = _names(_cfg(entry_extra={"seeds": [0, 1]}))
+    assert set(only) - set(plain) == {"rnd_s10_seed1.json", "rnd_s20_seed1.json"}
+
+
+def test_run_accuracy_writes_one_record_per_seed_and_resumes(tmp_path, monkeypatch):
+    """tiny-llama, random calibration ids drawn from the calibration seed, a stub evaluation: replicate 1 of the
+    random method is its own record, pruned with the shifted seed (other kept units), and a second run reuses it."""
+    import minillm
+    from minillm.data import describe_calibration
+
+    monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(experiments, "_load", lambda cfg: (minillm.load_model("tiny-llama")[0], None))
+
+    def calibration(tok, exp, entry):
+        n, seqlen, seed = experiments._calibration_settings(exp, entry)
+        ids = torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+        return ids, describe_calibration(n, seqlen, seed)
+
+    calls = []
+    monkeypatch.setattr(experiments, "_calibration", calibration)
+    monkeypatch.setattr(experiments, "_evaluate", lambda *a: calls.append(a[-1]) or {"perplexity": {"ppl": 1.0}})
+    cfg = _cfg({"seeds": [0, 1], "seed_sparsities": [0.2], "sparsities": [0.2]})
+    cfg["accuracy"]["methods"] = cfg["accuracy"]["methods"][:1]
+    records = experiments.run_accuracy(cfg)
+    assert len(calls) == 3  # dense, seed 0, seed 1
+    by_name = {p.name: r for p, r in zip(experiments.expected_records(cfg, "accuracy"), records)}
+    assert sorted(by_name) == ["dense_s00.json", "rnd_s20.json", "rnd_s20_seed1.json"]
+    seed0, seed1 = by_name["rnd_s20.json"], by_name["rnd_s20_seed1.json"]
+    assert (seed1["config"]["seed"], seed1["config"]["calibration"]["seed"]) == (1, 6)
+    assert seed0["plan"]["layers"] != seed1["plan"]["layers"]
+    experiments.run_accuracy(cfg)
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize(
+    ("accuracy_extra", "entry_extra", "message"),
+    [
+        ({"seeds": [1, 2]}, None, "must include 0"),
+        ({"seeds": [0, 1, 1]}, None, "repeat"),
+        ({"seeds": [0, -1]}, None, ">= 0"),
+        (None, {"seeds": [0, 1], "seed_sparsities": [0.3]}, "not among its sparsities"),
+        ({"seeds": [0, 1], "seed_sparsities": [0.5]}, None, "not among the methods' sparsities"),
+        ({"seed": [0, 1]}, None, "did you mean 'seeds'"),
+    ],
+)
+def test_bad_seed_settings_are_named(accuracy_extra, entry_extra, message):
+    with pytest.raises(ProfileError, match=message):
+        validate_profile(_cfg(accuracy_extra, entry_extra))
+
+
+def test_interval_fields_are_validated():
+    cfg = _cfg()
+    cfg["accuracy"]["perplexity"]["bootstrap_iters"] = 0
+    with pytest.raises(ProfileError, match="bootstrap_iters: must be >= 1"):
+        validate_profile(cfg)
+    cfg = _cfg()
+    cfg["accuracy"]["zeroshot"] = {"stderr": "yes"}
+    with pytest.raises(ProfileError, match="stderr: must be true or false"):
+        validate_profile(cfg)
+
+
+@pytest.mark.parametrize("profile", ["cpu", "cpu-full"])
+def test_committed_records_stay_named_and_current(profile):
+    """The committed profiles ask for no seeds or intervals: every committed accuracy record is still expected under
+    its name and still current (nothing to recompute)."""
+    cfg = experiments.load_profile(profile)
+    for exp in ("accuracy", "ablations"):
+        wanted = experiments.expected_records(cfg, exp)
+        assert not any("_seed" in p.name for p in wanted)
+        for path in sorted((REPO_ROOT / "results" / profile / exp).glob("*.json")):
+            assert path in wanted, path
+            assert experiments.is_current(path, wanted[path]), path
+
+
+def test_seed_summary_aggregates_over_seeds():
+    df = pd.DataFrame(
+        [
+            {"method": "a", "pattern": "structured", "sparsity": 0.2, "ppl": 10.0, "zs_avg": 0.5, "seed": 0},
+            {"method": "a", "pattern": "structured", "sparsity": 0.2, "ppl": 14.0, "zs_avg": 0.7, "seed": 1},
+            {"method": "b", "pattern": "structured", "sparsity": 0.2, "ppl": 12.0, "zs_avg": 0.6, "seed": 0},
+        ]
+    )
+    out = report.seed_summary(df).set_index("method")
+    assert out.loc["a", "ppl"] == 12.0 and out.loc["a", "ppl_std"] == pytest.approx(math.sqrt(8))
+    assert out.loc["a", "zs_avg_std"] == pytest.approx(math.sqrt(0.02)) and out.loc["a", "n_seeds"] == 2
+    assert out.loc["b", "n_seeds"] == 1 and math.isnan(out.loc["b", "ppl_std"])
+    no_seeds = df[df.seed == 0].drop(columns="seed")
+    assert report.seed_summary(no_seeds) is no_seeds
+
+
+def _acc_record(label, method, sparsity, ppl, ci=None, replicate=0):
+    perplexity = {"ppl": ppl, **({"ppl_ci95": list(ci)} if ci else {})}
+    config = {"label": label, "method": method, "sparsity": sparsity, **({"replicate": replicate} if replicate else {})}
+    return {"config": config, "metrics": {"perplexity": perplexity}}
+
+
+def test_accuracy_frame_carries_intervals_and_seeds_only_when_present():
+    plain = report.accuracy_frame([_acc_record("a", "fms", 0.2, 10.0)])
+    assert not {"seed", "ppl_ci95_lo", "zs_avg_se"} & set(plain.columns)
+    df = report.accuracy_frame(
+        [_acc_record("a", "fms", 0.2, 10.0, (9, 11)), _acc_record("a", "fms", 0.2, 12.0, (11, 13), replicate=1)]
+    )
+    assert list(df.seed) == [0, 1] and list(df.ppl_ci95_hi) == [11, 13]
+    summary = report.seed_summary(df)
+    assert (summary.ppl_ci95_lo[0], summary.ppl_ci95_hi[0], summary.n_seeds[0]) == (9, 13, 2)
+
+
+def test_zeroshot_chance_is_the_mean_of_one_over_choices():
+    assert report.zeroshot_chance(["bb_cloze_hyperbaton", "bb_cloze_wikihow_step"]) == pytest.approx((0.5 + 0.25) / 2)
+    with pytest.raises(ValueError, match="no chance level"):
+        report.zeroshot_chance(["nope"])
+
+
+def test_2_4_latency_rows_without_sparse_kernels_are_labelled():
+    row = {"variant": "2:4", "sparsity": 0.5, "semi_structured": {"converted": 0, "reason": "needs CUDA"}}
+    assert report._latency_variant(row, "cpu") == "2:4 (dense kernels on CPU)"
+    assert report._latency_variant({**row, "semi_structured": {"converted": 84}}, "cuda") == "2:4"
+    assert report._latency_variant({"sparsity": 0.2}, "cpu") == "structured"
+
+
+# --- one style per method ------------------------------------------------------------------------------------------
+
+
+def _committed_labels() -> set[str]:
+    labels = set()
+    for path in sorted((REPO_ROOT / "configs").glob("*.yaml")):
+        cfg = experiments.load_profile(path.stem)
+        for exp in ("accuracy", "ablations", "memory"):
+            labels |= {m["label"] for m in cfg.get(exp, {}).get("methods", [])}
+    return labels
+
+
+def test_every_committed_label_has_its_own_colour_and_marker():
+    labels = _committed_labels() | {"dense", "dense forward"}
+    unlisted = sorted(x for x in labels if not styles.is_listed(x))
+    assert not unlisted, f"add these labels to minillm/styles.py VARIANTS: {unlisted}"
+    listed = [x for variants in styles.VARIANTS.values() for x in variants]
+    pairs = [(styles.method_style(x)["color"], styles.method_style(x)["marker"]) for x in listed]
+    assert len(set(pairs)) == len(pairs) == len(set(listed))
+
+
+def test_style_follows_the_family_and_is_stable():
+    assert styles.method_family("fms-gates-n16") == "fms"
+    assert styles.method_family("wanda_sp+comp") == "wanda_sp"
+    assert styles.method_family("magnitude_24") == "magnitude_24"
+    assert styles.method_family("my-label", method="taylor") == "taylor"
+    assert styles.method_style("taylor")["color"] == styles.FAMILY_COLOURS["taylor"]
+    new = styles.method_style("fms-gates-n999")
+    assert new == styles.method_style("fms-gates-n999") and new["marker"] in styles.MARKERS
+    with pytest.raises(ValueError, match="non-empty string"):
+        styles.method_style("")
+
+
+# --- claims --------------------------------------------------------------------------------------------------------
+
+
+def _verdict(rows, start):
+    (row,) = [r for r in rows if r["claim"].startswith(start)]
+    return row["verdict"]
+
+
+FREE = "better than gradient-free methods on a LLaMA"
+BACKPROP = "in some cases better than backprop"
+
+
+def _accuracy(fms, others):
+    """fms / others: {label-or-method: (ppl, ci or None)} at 20%."""
+    recs = [_acc_record("fms-x", "fms", 0.2, p, ci) for p, ci in [fms]]
+    recs += [_acc_record(m, m, 0.2, p, ci) for m, (p, ci) in others.items()]
+    return recs
+
+
+def test_claims_overlapping_intervals_are_insufficient_evidence():
+    far = (900.0, (800, 1000))
+    recs = _accuracy(
+        (20.0, (18, 24)), {"wanda_sp": (22.0, (19, 25)), "taylor": (21.0, (20, 23)), "magnitude": far, "flap": far}
+    )
+    rows = claims.assess(recs, [], [])
+    assert _verdict(rows, FREE) == "insufficient evidence (intervals overlap in some comparison)"
+    assert _verdict(rows, BACKPROP).startswith("insufficient evidence (intervals overlap")
+
+
+def test_claims_one_seed_without_interval_is_insufficient_evidence():
+    recs = _accuracy((20.0, None), {"wanda_sp": (2000.0, None), "magnitude": (3000.0, None), "flap": (99.0, None)})
+    assert "one seed without an interval" in _verdict(claims.assess(recs, [], []), FREE)
+
+
+def test_claims_separated_intervals_decide():
+    baselines = {"wanda_sp": (30.0, (28, 33)), "flap": (25.0, (22, 24.5)), "magnitude": (90.0, (80, 99))}
+    assert _verdict(claims.assess(_accuracy((20.0, (19, 21)), baselines), [], []), FREE) == "supported"
+    del baselines["magnitude"]  # a gradient-free family without records: the claim is not tested against it
+    verdict = _verdict(claims.assess(_accuracy((20.0, (19, 21)), baselines), [], []), FREE)
+    assert verdict == "insufficient evidence (no records of magnitude to compare with)"
+    worse = _accuracy((20.0, (19, 21)), {"wanda_sp": (30.0, (28, 33)), "flap": (15.0, (14, 16))})
+    assert _verdict(claims.assess(worse, [], []), FREE) == "not supported"
+    backprop_better = _accuracy((20.0, (19, 21)), {"taylor": (10.0, (9, 11))})
+    assert _verdict(claims.assess(backprop_better, [], []), BACKPROP) == "not supported"
+
+
+def test_claims_seed_spreads_count_as_intervals():
+    recs = [_acc_record("fms-x", "fms", 0.2, p, replicate=k) for k, p in enumerate((20.0, 21.0, 22.0))]
+    recs += [_acc_record("taylor", "taylor", 0.2, p, replicate=k) for k, p in enumerate((30.0, 31.0))]
+    groups = claims.accuracy_groups(recs)
+    assert groups[("fms-x", 0.2)]["interval"] == [20.0, 22.0] and groups[("fms-x", 0.2)]["n_seeds"] == 3
+    assert _verdict(claims.assess(recs, [], []), BACKPROP) == "supported"
+
+
+def _memory_record(steps):
+    methods = [
+        {"label": label, "method": method, "weights_bytes": 2**30, "increase_gib": inc, "peak_gib": 1 + inc}
+        for label, method, inc in steps
+    ]
+    return {
+        "metrics": {"model": "m", "batch": 1, "seqlen": 8, "methods": methods},
+        "provenance": {"device": "cpu (x)"},
+    }
+
+
+def test_claims_memory_rules():
+    # GiB counted: weights (1) + increase; taylor / bonsai = 4 / 1.3 = 3.1, interval [2.5, 3.8]
+    akin = _memory_record(
+        [
+            ("wanda_sp", "wanda_sp", 0.3),
+            ("fms-gates", "fms", 0.35),
+            ("taylor", "taylor", 3.0),
+            ("bonsai", "bonsai", 0.3),
+        ]
+    )
+    rows = claims.assess([], [akin], [])
+    assert _verdict(rows, "pruning memory akin") == "supported"
+    assert _verdict(rows, "2-3x less") == "supported"
+    # fms 2.5 (interval from 2.25) above wanda_sp 1.3 (up to 1.43); taylor / bonsai = 1.4 / 1.3, below 2 throughout
+    heavy = _memory_record(
+        [("wanda_sp", "wanda_sp", 0.3), ("fms-gates", "fms", 1.5), ("taylor", "taylor", 0.4), ("bonsai", "bonsai", 0.3)]
+    )
+    rows = claims.assess([], [heavy], [])
+    assert _verdict(rows, "pruning memory akin") == "not supported"
+    assert _verdict(rows, "2-3x less") == "not supported"
+
+
+def test_claims_speed_is_not_testable_without_sparse_kernels():
+    row = {"variant": "2:4", "sparsity": 0.5, "semi_structured": {"converted": 0, "reason": "needs a CUDA GPU"}}
+    latency = [{"metrics": {"model": "m", "rows": [row]}}]
+    verdict = _verdict(claims.assess([], [], latency), "about 2x faster")
+    assert verdict.startswith("not testable on this hardware (") and "CUDA" in verdict
+
+
+def test_claims_untestable_models_and_missing_records():
+    rows = claims.assess([], [], [])
+    assert _verdict(rows, "better than gradient-free methods on BLOOM").startswith("not testable")
+    assert _verdict(rows, "state-of-the-art").startswith("insufficient evidence (no sparsity with records")
+    assert all(r["quoted"].startswith("quoted: ") for r in rows)
