@@ -380,7 +380,7 @@ def bench_latency(
     from .device import backend
     from .models import load_model
     from .prune import prune
-    from .scores.nm_sparsity import stored_parameters, to_semi_structured
+    from .semi_structured import stored_parameters, to_semi_structured
 
     torch_dtype = getattr(torch, dtype)
     variants = [("dense", 0.0)] + [("structured", s) for s in sparsities] + ([("2:4", 0.5)] if include_24 else [])
