@@ -100,7 +100,7 @@ def cmd_prune(args) -> int:
     _device(args.stream_device)
     model, tok = minillm.load_model(args.model, dtype=_dtype(args.dtype), device=args.device)
     calib, calib_info = None, None
-    if method.NEEDS_CALIBRATION:
+    if method.spec.needs_calibration:
         longest = max_positions(model.config)
         if args.calib_seqlen < 2 or (longest is not None and args.calib_seqlen > longest):
             raise ValueError(
@@ -334,7 +334,7 @@ def cmd_recover(args) -> int:
         raise ValueError(f"--out {args.out} is the input directory; recovery leaves its input untouched")
     _device(args.device)
     model, tok = minillm.load_pruned(args.directory, device=args.device)
-    plan = model.minillm_plan
+    plan = minillm.pruning_state(model).plan
     if tok is None:
         raise SystemExit(f"{args.directory} has no tokenizer; recovery needs real text")
     windows = calibration_windows(tok, args.windows, args.seqlen, seed=args.seed + 1)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .adapters import get_adapter
+from .adapters import Adapter, get_adapter
 
 
 def _layers_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
@@ -37,11 +37,11 @@ def _move_outside(model: nn.Module, prefix: str, device: torch.device) -> None:
 
 
 @contextmanager
-def stream_layers(model: nn.Module, device: str | torch.device):
+def stream_layers(model: nn.Module, device: str | torch.device, adapter: Adapter | None = None):
     """Inside the block, forward passes run on `device` with one decoder layer resident at a time.
     Yields a dict counting the layer transfers (for tests and logs)."""
     device = torch.device(device)
-    layers = get_adapter(model).layers()
+    layers = (adapter or get_adapter(model)).layers()
     home = next(layers[0].parameters()).device
     prefix = _layers_prefix(model, layers)
     counts = {"to_device": 0}

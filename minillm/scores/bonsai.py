@@ -52,11 +52,11 @@ from tqdm.auto import tqdm
 
 from ..allocate import AllocationConfig, attention_keep, attention_unit_cost, is_balanced_gqa, n_attention_units
 from ..offload import loaded
-from ..surgery import GQAConstraintError, VirtualMasks, prunable_params, prune_layer
-from .common import ScoringContext, all_members, collect_input_stats, lm_loss, member_key
+from ..surgery import CurrentKeep, GQAConstraintError, VirtualMasks, prunable_params
+from . import MethodSpec
+from .common import ScoringContext, lm_loss, member_key
 
-NEEDS_CALIBRATION = True
-DEFAULT_ALLOCATION = "global"
+SPEC = MethodSpec(needs_calibration=True, scores_and_removes=True, default_allocation="global")
 PRIORS = ("wanda", "magnitude", "random")
 REGRESSIONS = ("adam", "lasso")
 #: the official regression grid (main.py: --sm_reg_weight, --sm_lr_factor, --sm_bsz, --sm_nepochs; patience 10)
@@ -89,9 +89,9 @@ def priors(ctx: ScoringContext, calib: torch.Tensor, kind: str, gen: torch.Gener
     adapter = ctx.adapter
     stats = {}
     if kind != "random":
+        # the round's windows on the current (already pruned) model: a context of its own, so its own statistics
         sub = ScoringContext(ctx.model, adapter, calib, ctx.attention_units, ctx.seed, False, ctx.batch_size)
-        members = all_members(adapter, "out")
-        stats = collect_input_stats(sub, {k: m.linear for k, (_, m) in members.items()})
+        stats = sub.input_stats("out")
     out = []
     for i, layer in enumerate(adapter.layers()):
         with loaded(layer):
@@ -528,4 +528,4 @@ def _apply_removals(ctx: ScoringContext, removals: list[tuple[int, str, int]]) -
             kept_q, kept_kv = attention_keep(ctx.unit(layer), shape, sorted(rem["attention"]))
         if rem["mlp"]:
             kept_ch = [c for c in range(adapter.n_channels(layer)) if c not in rem["mlp"]]
-        prune_layer(ctx.model, adapter, i, kept_q, kept_kv, kept_ch)
+        ctx.remove(i, CurrentKeep(kept_q, kept_kv, kept_ch))

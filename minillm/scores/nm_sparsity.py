@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import ScoringContext, all_members, collect_input_stats
+from .common import ScoringContext, all_members
 
 
 def nm_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
@@ -30,7 +30,7 @@ def nm_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
 
 def apply_nm(ctx: ScoringContext, use_activations: bool, n: int, m: int) -> dict:
     members = all_members(ctx.adapter)
-    stats = collect_input_stats(ctx, {k: mem.linear for k, (_, mem) in members.items()}) if use_activations else {}
+    stats = ctx.input_stats("all") if use_activations else {}
     zeros = total = 0
     with torch.no_grad():
         for key, (_, member) in members.items():
