@@ -155,10 +155,6 @@ def _evaluate(model, tok, cfg: dict, sparsity: float) -> dict:
     return metrics
 
 
-def method_entries(cfg: dict, experiment: str = "accuracy") -> list[dict]:
-    return cfg[experiment]["methods"]
-
-
 def run_accuracy(cfg: dict, force: bool = False, experiment: str = "accuracy", progress: bool = False) -> list[dict]:
     """Prune the profile's model with every configured method at every sparsity, evaluate, write records.
     Scores that do not depend on the sparsity are computed once per method and reused for each sparsity."""

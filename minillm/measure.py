@@ -1,8 +1,13 @@
-"""Measurement: peak memory of a step, parameter counts.
+"""Measurement: peak memory of a step, parameter counts, latency.
 
 CPU peak memory is the process's resident set size sampled every few milliseconds by a background thread during
 the step (the peak of the step itself, unlike ru_maxrss, which is the peak of the whole process lifetime). GPU peak
 memory is torch's max_memory_allocated / max_memory_reserved after a reset.
+
+Latency is timed by hand (`_timed`) rather than with `torch.utils.benchmark.Timer`: the Timer runs with one thread
+by default (CPU timings would not be those of the model as used, nor those of the committed records), reports
+blocks of runs rather than each repeat (the median and IQR here are over single calls), and synchronises through
+torch.cuda directly, while `minillm.device.backend` lets tests stand in a fake accelerator.
 """
 
 from __future__ import annotations

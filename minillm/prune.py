@@ -79,6 +79,10 @@ def check_calibration(
         raise ValueError(f"calibration seqlen {seqlen} exceeds the model's {max_len} positions")
 
 
+def _check_calibration_for(model: nn.Module, calib: torch.Tensor | None, what: str, needed: bool) -> None:
+    check_calibration(calib, what, needed, int(model.config.vocab_size), max_positions(model.config))
+
+
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module):
     """Scoring runs in eval mode (no dropout); the model's own mode comes back afterwards."""
@@ -121,9 +125,10 @@ def score(
     if m.spec.scores_and_removes:
         raise ValueError(f"method {method!r} has no separate scoring step")
     check_options(m, method, method_options)
-    check_calibration(calib, method, m.spec.needs_calibration, int(model.config.vocab_size), max_positions(model.config))
+    _check_calibration_for(model, calib, method, m.spec.needs_calibration)
+    ctx = ScoringContext(model, get_adapter(model), calib, attention_units, seed, progress)
     with _eval_mode(model):
-        return m.score(ScoringContext(model, get_adapter(model), calib, attention_units, seed, progress), **method_options)
+        return m.score(ctx, **method_options)
 
 
 def allocate_units(
@@ -162,7 +167,7 @@ def remove_units(
         raise ValueError(f"got keep sets for {len(keeps)} layers, the model has {len(adapter.layers())}")
     ctx = None
     if compensate_bias:
-        check_calibration(calib, "bias compensation", True, int(model.config.vocab_size), max_positions(model.config))
+        _check_calibration_for(model, calib, "bias compensation", True)
         ctx = ScoringContext(model, adapter, calib, progress=progress)
     _remove(model, adapter, pruning_state(model), keeps, ctx)
 
@@ -304,7 +309,7 @@ def _request(
     adapter = get_adapter(model)
     m = get_method(method)
     check_options(m, method, method_options)
-    check_calibration(calib, method, m.spec.needs_calibration, int(model.config.vocab_size), max_positions(model.config))
+    _check_calibration_for(model, calib, method, m.spec.needs_calibration)
     alloc = AllocationConfig(
         allocation or m.spec.default_allocation, attention_units, targets, tuple(skip_layers), round_to
     )

@@ -5,6 +5,11 @@ tables) moves to the execution device. Each decoder layer is moved to the device
 back right after, so the device holds one layer plus activations at a time. Forward-only methods (fms, bonsai,
 wanda_sp, flap, magnitude, random, the N:M baselines) run unchanged inside; backprop methods cannot (the backward
 pass would need every layer on the device again).
+
+accelerate's offload hooks (`cpu_offload`, `AlignDevicesHook`) move weights per module too, but between calls they
+leave parameters on the meta device behind a weights map, so every score that reads weights outside a forward pass
+and every physical removal would first have to load them (`minillm.offload`); two plain forward hooks keep real
+tensors in place and leave the model exactly as it was when the block ends.
 """
 
 from __future__ import annotations

@@ -154,7 +154,9 @@ def prune_layer(
 
 def check_range(kept: Sequence[int], n: int, what: str, layer_idx: int) -> None:
     if len(set(kept)) != len(kept) or any(not 0 <= i < n for i in kept):
-        raise UnitIndexError(f"layer {layer_idx}: kept {what} indices must be distinct and in [0, {n}), got {list(kept)}")
+        raise UnitIndexError(
+            f"layer {layer_idx}: kept {what} indices must be distinct and in [0, {n}), got {list(kept)}"
+        )
 
 
 def _prune_attention(

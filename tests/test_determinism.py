@@ -31,7 +31,14 @@ CASES = [
         0.3,
         ("31b031c4c148201e", 191.432),
     ),
-    ("tiny-llama", "wanda_sp", {}, {"compensate_bias": True, "allocation": "global"}, 0.3, ("4419069e73cb9357", 192.288)),
+    (
+        "tiny-llama",
+        "wanda_sp",
+        {},
+        {"compensate_bias": True, "allocation": "global"},
+        0.3,
+        ("4419069e73cb9357", 192.288),
+    ),
     ("tiny-llama", "wanda_24", {}, {}, 0.5, ("0bb8f75a720429f0", 191.317)),
 ]
 

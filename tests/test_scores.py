@@ -6,12 +6,11 @@ from torch import nn
 
 import minillm
 from minillm.adapters import get_adapter
-from minillm.surgery import CurrentKeep
 from minillm.compensate import compensate
 from minillm.scores import flap, magnitude, taylor, wanda_sp
 from minillm.scores.common import ScoringContext, calibration_loss, lm_loss
 from minillm.scores.spsa import GateSpace, WeightSpace, estimate
-from minillm.surgery import VirtualMasks
+from minillm.surgery import CurrentKeep, VirtualMasks
 
 METHODS = [
     ("random", {}),

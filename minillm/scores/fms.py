@@ -49,7 +49,6 @@ from .fms_estimators import ESTIMATORS
 from .spsa import GateSpace, WeightSpace, estimate
 
 
-
 def _perturbs_weights(options: dict) -> bool:
     """Only the weight-space SPSA estimate perturbs weights; gate spaces and the other estimators use hooks."""
     return options.get("estimator", "spsa") == "spsa" and not options.get("space", "weights").startswith("gates")
@@ -88,19 +87,26 @@ def score(
     if estimator != "spsa":
         return fms_estimators.score(ctx, estimator, stats, queries, eps, precision, shortlist, batch_tokens, loss)
     if space.startswith("gates"):
-        # 'gates-split' estimates head gates and channel gates with separate query sets (n each): the ~10^2 head
-        # gates then get an estimate not drowned by the ~10^4 channel gates' noise
-        kinds = [("heads", "channels")] if space == "gates" else [("heads",), ("channels",)]
-        grads = {}
-        for j, kind in enumerate(kinds):
-            gates = GateSpace(ctx.adapter, kind)
-            with fp32_forward(ctx.model, precision == "fp32"):
-                est = estimate(gates, loss, queries, eps, ctx.seed + j, ctx.progress)
-            for b, (i, k, _) in enumerate(gates.blocks):
-                grads[(i, k)] = est.gradient(gates, b).double().cpu()
-        return [
-            _gate_scores(ctx, grads, stats, i, layer, sign, combination) for i, layer in enumerate(ctx.adapter.layers())
-        ]
+        return _gate_space_scores(ctx, stats, loss, queries, eps, space, sign, combination, precision)
+    return _weight_space_scores(ctx, stats, loss, queries, eps, sign, combination, alpha, precision)
+
+
+def _gate_space_scores(ctx, stats, loss, queries, eps, space, sign, combination, precision) -> list[LayerScores]:
+    # 'gates-split' estimates head gates and channel gates with separate query sets (n each): the ~10^2 head
+    # gates then get an estimate not drowned by the ~10^4 channel gates' noise
+    kinds = [("heads", "channels")] if space == "gates" else [("heads",), ("channels",)]
+    grads = {}
+    for j, kind in enumerate(kinds):
+        gates = GateSpace(ctx.adapter, kind)
+        with fp32_forward(ctx.model, precision == "fp32"):
+            est = estimate(gates, loss, queries, eps, ctx.seed + j, ctx.progress)
+        for b, (i, k, _) in enumerate(gates.blocks):
+            grads[(i, k)] = est.gradient(gates, b).double().cpu()
+    layers = ctx.adapter.layers()
+    return [_gate_scores(ctx, grads, stats, i, layer, sign, combination) for i, layer in enumerate(layers)]
+
+
+def _weight_space_scores(ctx, stats, loss, queries, eps, sign, combination, alpha, precision) -> list[LayerScores]:
     linears = [m.linear for _, m in all_members(ctx.adapter).values()]
     weights = WeightSpace(linears, noise_device=ctx.device)
     block_of = {id(lin): b for b, lin in enumerate(weights.linears)}
