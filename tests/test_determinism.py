@@ -75,3 +75,15 @@ def test_repeated_pruning_and_shared_scores_reproduce_pinned_kept_sets():
 
 
 EXPECTED_REPEATED = ("394278aad24b7a39", 224.18)
+
+
+def test_the_three_public_steps_give_the_one_call_result():
+    """score -> allocate_units -> remove_units (+ make_plan) is what prune does: the same kept sets and outputs."""
+    model, _ = minillm.load_model("tiny-llama-gqa", dtype=torch.float32)
+    scores = minillm.score(model, "wanda_sp", _calib(), progress=False)
+    keeps = minillm.allocate_units(model, scores, 0.3)
+    assert all(isinstance(k, minillm.CurrentKeep) for k in keeps)
+    minillm.remove_units(model, keeps)
+    plan = minillm.make_plan(model, "wanda_sp", 0.3, {}, 0, None)
+    assert fingerprint(model, plan) == CASES[2][-1]
+    assert minillm.pruning_state(model).kept == plan.layers
