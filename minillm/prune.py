@@ -271,9 +271,19 @@ def prune(
     this).
     Returns the PruningPlan (kept heads/channels per layer in original indices, options, seed, timing).
     """
+    alloc = AllocationConfig(allocation, attention_units, targets, tuple(skip_layers), round_to)
     req = _request(
-        model, method, sparsity, calib, method_options, allocation, attention_units, targets, skip_layers, round_to,
-        seed, progress, scores, stream_device, compensate_bias,
+        model,
+        method,
+        sparsity,
+        calib,
+        method_options,
+        alloc,
+        seed=seed,
+        progress=progress,
+        precomputed=scores is not None,
+        stream_device=stream_device,
+        compensate_bias=compensate_bias,
     )
     previous = req.state.plan
     t0 = time.perf_counter()
@@ -301,18 +311,27 @@ def prune(
 
 
 def _request(
-    model, method, sparsity, calib, method_options, allocation, attention_units, targets, skip_layers, round_to,
-    seed, progress, scores, stream_device, compensate_bias,
+    model: nn.Module,
+    method: str,
+    sparsity: float,
+    calib: torch.Tensor | None,
+    method_options: dict,
+    alloc: AllocationConfig,
+    *,
+    seed: int,
+    progress: bool,
+    precomputed: bool,
+    stream_device: str | None,
+    compensate_bias: bool | None,
 ) -> _Request:
-    """Validate a `prune` call before anything is computed; every refusal names what to change."""
+    """Validate a `prune` call before anything is computed; every refusal names what to change. `alloc` comes with
+    allocation None for the method's declared default."""
     sparsity = check_sparsity(sparsity)
     adapter = get_adapter(model)
     m = get_method(method)
     check_options(m, method, method_options)
     _check_calibration_for(model, calib, method, m.spec.needs_calibration)
-    alloc = AllocationConfig(
-        allocation or m.spec.default_allocation, attention_units, targets, tuple(skip_layers), round_to
-    )
+    alloc.allocation = alloc.allocation or m.spec.default_allocation
     alloc.validate(len(adapter.layers()))
     state = pruning_state(model).track(adapter)
     _params_to_remove(state, adapter, sparsity)
@@ -320,22 +339,22 @@ def _request(
         compensate_bias = m.spec.default_compensate_bias
     if compensate_bias and (m.spec.scores_and_removes or not m.spec.needs_calibration):
         raise ValueError(f"bias compensation needs calibration activations and one removal step; not with {method!r}")
-    if scores is not None and m.spec.scores_and_removes:
+    if precomputed and m.spec.scores_and_removes:
         raise ValueError(f"method {method!r} scores and removes in rounds; precomputed scores do not apply")
     if stream_device is not None and m.spec.needs_backward:
         raise ValueError(f"layer streaming supports forward-only methods; {method!r} needs a backward pass")
     recorded = {
         "compensate_bias": bool(compensate_bias),
         "allocation": alloc.allocation,
-        "attention_units": attention_units,
-        "targets": targets,
-        "skip_layers": list(skip_layers),
-        "round_to": round_to,
+        "attention_units": alloc.attention_units,
+        "targets": alloc.targets,
+        "skip_layers": list(alloc.skip_layers),
+        "round_to": alloc.round_to,
         **method_options,
     }
     if stream_device is not None:
         recorded["stream_device"] = str(stream_device)
-    ctx = ScoringContext(model, adapter, calib, attention_units, seed, progress, pruning=state)
+    ctx = ScoringContext(model, adapter, calib, alloc.attention_units, seed, progress, pruning=state)
     return _Request(m, method_options, sparsity, adapter, state, ctx, alloc, bool(compensate_bias), recorded)
 
 
