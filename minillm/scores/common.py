@@ -38,7 +38,7 @@ class ScoringContext:
         """fp32 input statistics over the calibration tokens, by `member_key`, of every prunable linear
         (`members='all'`) or of the output projections only (`'out'`: o_proj / down_proj and equivalents). One
         pass over the calibration data on the first request, cached for the life of this context: the model must
-        not change in between (removal or a new round gets a new context). 'out' is served from 'all' when that
+        not change in between (`remove` drops them). 'out' is served from 'all' when that
         exists (a linear's statistics do not depend on which others are observed)."""
         if members not in ("all", "out"):
             raise ValueError(f"members must be 'all' or 'out', got {members!r}")
@@ -55,6 +55,7 @@ class ScoringContext:
         if self.pruning is None:
             raise RuntimeError("this scoring context cannot remove units (it was not made by minillm.prune)")
         self.pruning.remove(self.adapter, layer_idx, keep)
+        self._stats.clear()  # they describe the model before the removal
 
     def unit(self, layer: nn.Module) -> str:
         return resolve_attention_unit(self.attention_units, self.adapter.attention_shape(layer))
