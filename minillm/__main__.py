@@ -369,7 +369,9 @@ def cmd_recover(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minillm", description=__doc__)
+    # the console script is `minillm`; `python -m minillm` runs this module as __main__.py
+    prog = "python -m minillm" if Path(sys.argv[0]).name == "__main__.py" else "minillm"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
