@@ -144,6 +144,25 @@ def test_masks_have_the_official_structure_and_drop_frequencies():
         assert (ours - peer).abs().max() < 0.03, (m.kind, float((ours - peer).abs().max()))
 
 
+def test_small_modules_draw_each_candidate_with_probability_half():
+    """Deviation (bonsai.py docstring, "Small modules"): where the official count floor(p N) + 1 reaches a module's
+    number of candidates (3 KV groups: 1 candidate), the official rule would drop every candidate in every random
+    mask, making the attention columns of all layers identical. Ours draws each such candidate with probability 1/2,
+    so the columns differ across layers and the complements still flip them."""
+    gen = torch.Generator().manual_seed(0)
+    p = 0.1
+    priors = [torch.rand(3, generator=gen, dtype=torch.float64) for _ in range(6)]
+    mods = [bonsai.make_module(i, "attention", prior, 50, p) for i, prior in enumerate(priors)]
+    assert all(m.candidates.numel() == 1 for m in mods)
+    x = bonsai.sample_masks(mods, 2000, p, torch.Generator().manual_seed(1))
+    first, complement = x[0::2], x[1::2]
+    assert torch.equal(complement, 1 - first)
+    assert (first.mean(0) - 0.5).abs().max() < 0.06
+    assert len({tuple(col.tolist()) for col in first.T}) == len(mods)  # no two layers share a column
+    corr = torch.corrcoef(first.T)
+    assert (corr - torch.eye(len(mods))).abs().max() < 0.15
+
+
 # --- regression -----------------------------------------------------------------------------------------------------
 
 
