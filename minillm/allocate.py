@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapters import Adapter, AttentionShape
-from .surgery import GQAConstraintError
+from .surgery import CurrentKeep, GQAConstraintError
 
 ATTENTION_UNITS = ("auto", "kv_group", "query_head")
 ALLOCATIONS = ("uniform", "global")
@@ -36,15 +36,6 @@ class LayerScores:
 
     attention: torch.Tensor | None
     channels: torch.Tensor | None
-
-
-@dataclass
-class LayerSelection:
-    """Current indices to keep in one layer."""
-
-    kept_q: list[int]
-    kept_kv: list[int]
-    kept_channels: list[int]
 
 
 @dataclass
@@ -134,7 +125,7 @@ def _round_channels(n_current: int, n_remove: int, multiple: int) -> int:
 
 def allocate(
     adapter: Adapter, scores: Sequence[LayerScores], params_to_remove: float, cfg: AllocationConfig
-) -> list[LayerSelection]:
+) -> list[CurrentKeep]:
     """Choose the units to keep in every layer so that about `params_to_remove` parameters go."""
     layers = list(adapter.layers())
     cfg.validate(len(layers))
@@ -156,7 +147,7 @@ def allocate(
         kept_q, kept_kv = attention_keep(unit, shape, att_removed)
         removed_ch = set(ch_removed)
         selections.append(
-            LayerSelection(kept_q, kept_kv, [c for c in range(adapter.n_channels(layer)) if c not in removed_ch])
+            CurrentKeep(kept_q, kept_kv, [c for c in range(adapter.n_channels(layer)) if c not in removed_ch])
         )
     return selections
 

@@ -16,7 +16,7 @@ from torch import nn
 from .adapters import get_adapter
 from .plan import PlanError, PruningPlan
 from .results import atomic_directory
-from .surgery import apply_keep
+from .state import restore_keep
 
 PLAN_FILE = "pruning.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -91,7 +91,7 @@ def load_pruned(
         detail = ", ".join(f"{k}: {a!r} in {PLAN_FILE} vs {b!r} in config.json" for k, (a, b) in differing.items())
         raise PlanError(f"{directory}: {PLAN_FILE} and {config_file.name} describe different models ({detail})")
     try:
-        apply_keep(model, adapter, plan.layers)
+        pruning = restore_keep(model, adapter, plan.layers)
     except PlanError as e:
         raise PlanError(f"{directory / PLAN_FILE} does not fit {config_file}: {e}") from None
     _add_compensation_biases(model, state)
@@ -118,10 +118,9 @@ def load_pruned(
             f"unexpected {unexpected[:5]})"
         )
     model.tie_weights()
-    model.minillm_source = plan.base_model
-    model.minillm_revision = plan.base_revision
-    model.minillm_original_params = plan.prunable_params_original or None
-    model.minillm_plan = plan
+    pruning.source, pruning.revision = plan.base_model, plan.base_revision
+    pruning.original_params = plan.prunable_params_original or pruning.original_params
+    pruning.plan = plan
     if device is not None:
         model.to(device)
     model.eval()

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .allocate import LayerSelection
 from .offload import loaded
-from .scores.common import ScoringContext, all_members, collect_input_stats, member_key
+from .scores.common import ScoringContext, member_key
+from .surgery import CurrentKeep
 
 
 @torch.no_grad()
@@ -34,13 +34,10 @@ def _removed_head_columns(n_heads: int, head_dim: int, kept: list[int]) -> torch
     return torch.tensor(cols, dtype=torch.long)
 
 
-def compensate_selections(ctx: ScoringContext, selections: list[LayerSelection]) -> None:
+def compensate_selections(ctx: ScoringContext, selections: list[CurrentKeep]) -> None:
     """Apply bias compensation for the units about to be removed (call before physical removal). Uses the
-    output-projection input statistics a method left in ctx.state['out_stats'], or collects them (one pass)."""
-    stats = ctx.state.get("out_stats")
-    if stats is None:
-        members = all_members(ctx.adapter, "out")
-        stats = collect_input_stats(ctx, {k: m.linear for k, (_, m) in members.items()})
+    context's output-projection input statistics (cached when the method already read them, as FLAP does)."""
+    stats = ctx.input_stats("out")
     for i, (layer, sel) in enumerate(zip(ctx.adapter.layers(), selections)):
         with loaded(layer):
             shape = ctx.adapter.attention_shape(layer)

@@ -188,7 +188,6 @@ def run(model_loader, tok, section: dict, progress: bool = False) -> dict:
     from .data import calibration_windows, describe_calibration, perplexity_windows
     from .evaluate import perplexity
     from .prune import prune, score
-    from .scores.common import all_members, collect_input_stats
     from .scores.spsa import SPSAEstimate
 
     c = section["calibration"]
@@ -201,7 +200,7 @@ def run(model_loader, tok, section: dict, progress: bool = False) -> dict:
         calib = calibration_windows(tok, c["n_samples"], c["seqlen"], seed=c.get("seed", 0))
     units = section.get("prune_options", {}).get("attention_units", "auto")
     ctx = ScoringContext(base, get_adapter(base), calib, units, 0, progress)
-    stats = collect_input_stats(ctx, {k: m.linear for k, (_, m) in all_members(ctx.adapter).items()})
+    stats = ctx.input_stats("all")
     exact = exact_gate_gradient(base, calib)
     d = int(sum(len(v) for v in exact.values()))
     eps, p = section.get("eps", 1e-3), section.get("overlap_p", 0.2)

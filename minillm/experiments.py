@@ -198,10 +198,6 @@ def _evaluate(model, tok, cfg: dict, sparsity: float) -> dict:
     return metrics
 
 
-def method_entries(cfg: dict, experiment: str = "accuracy") -> list[dict]:
-    return cfg[experiment]["methods"]
-
-
 def run_accuracy(cfg: dict, force: bool = False, experiment: str = "accuracy", progress: bool = False) -> list[dict]:
     """Prune the profile's model with every configured method at every sparsity, evaluate, write records.
     Scores that do not depend on the sparsity are computed once per method and reused for each sparsity."""
@@ -277,7 +273,7 @@ def _run_method(cfg, exp, entry, force, experiment, progress, sparsities, replic
         calib, calib_info = _calibration(tok, exp, entry)
         mod = get_method(method)
         shared_scores, score_time, score_mem = None, None, None
-        reusable = hasattr(mod, "score") and not hasattr(mod, "run")
+        reusable = not mod.spec.scores_and_removes
         if reusable and len(todo) > 1:
             t0 = time.perf_counter()
             with peak_memory(cfg.get("device", "cpu")) as mem:
@@ -593,16 +589,16 @@ def _reuse_accuracy_plan(base, acc_file: Path, entry: dict, prune_options: dict,
     and Bonsai take minutes on CPU). Only when the record was made with the same method settings and calibration,
     and without bias compensation (its bias values are not in the record). Returns the plan, or None."""
     from .adapters import get_adapter
-    from .plan import LayerKeep
+    from .plan import OriginalKeep
     from .prune import make_plan
-    from .surgery import apply_keep
+    from .state import restore_keep
 
     record = load_record(acc_file)
     if record is None or "plan" not in record:
         return None
     method, options = entry["method"], entry.get("options", {})
     rc = record["config"]
-    compensate = prune_options.get("compensate_bias", getattr(get_method(method), "DEFAULT_COMPENSATE_BIAS", False))
+    compensate = prune_options.get("compensate_bias", get_method(method).spec.default_compensate_bias)
     same = (
         rc.get("method") == method
         and rc.get("options") == options
@@ -614,8 +610,9 @@ def _reuse_accuracy_plan(base, acc_file: Path, entry: dict, prune_options: dict,
     if not same or compensate:
         return None
     where = str(acc_file.relative_to(REPO_ROOT)) if acc_file.is_relative_to(REPO_ROOT) else str(acc_file)
-    keeps = [LayerKeep.from_json(x, f"{where}: plan.layers[{i}]") for i, x in enumerate(record["plan"]["layers"])]
-    apply_keep(base, get_adapter(base), keeps)
+    keeps = [OriginalKeep.from_json(x, f"{where}: plan.layers[{i}]") for i, x in enumerate(record["plan"]["layers"])]
+    adapter = get_adapter(base)
+    restore_keep(base, adapter, keeps)
     source = {"record": where, "perplexity_in_record": record["metrics"]["perplexity"]["ppl"]}
     log.info("recovery: %s rebuilt from the kept indices in %s", entry["label"], where)
     return make_plan(
@@ -626,6 +623,7 @@ def _reuse_accuracy_plan(base, acc_file: Path, entry: dict, prune_options: dict,
         entry.get("seed", 0),
         calib_info,
         record["plan"].get("history"),
+        adapter,
     )
 
 

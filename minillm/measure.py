@@ -1,8 +1,13 @@
-"""Measurement: peak memory of a step, parameter counts.
+"""Measurement: peak memory of a step, parameter counts, latency.
 
 CPU peak memory is the process's resident set size sampled every few milliseconds by a background thread during
 the step (the peak of the step itself, unlike ru_maxrss, which is the peak of the whole process lifetime). GPU peak
 memory is torch's max_memory_allocated / max_memory_reserved after a reset.
+
+Latency is timed by hand (`_timed`) rather than with `torch.utils.benchmark.Timer`: the Timer runs with one thread
+by default (CPU timings would not be those of the model as used, nor those of the committed records), reports
+blocks of runs rather than each repeat (the median and IQR here are over single calls), and synchronises through
+torch.cuda directly, while `minillm.device.backend` lets tests stand in a fake accelerator.
 """
 
 from __future__ import annotations
@@ -380,7 +385,7 @@ def bench_latency(
     from .device import backend
     from .models import load_model
     from .prune import prune
-    from .scores.nm_sparsity import stored_parameters, to_semi_structured
+    from .semi_structured import stored_parameters, to_semi_structured
 
     torch_dtype = getattr(torch, dtype)
     variants = [("dense", 0.0)] + [("structured", s) for s in sparsities] + ([("2:4", 0.5)] if include_24 else [])

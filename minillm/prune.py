@@ -1,4 +1,16 @@
-"""`minillm.prune`: score units with a method, allocate a parameter budget, remove units physically, return the plan."""
+"""`minillm.prune`: score units with a method, allocate a parameter budget, remove units physically, return the plan.
+
+`prune` is one call for three public steps that can also be taken one at a time (to prune the same scores at
+several sparsities, or to inspect or edit the keep sets in between):
+
+    scores = score(model, method, calib)              # unit scores per layer; nothing is removed
+    keeps = allocate_units(model, scores, sparsity)   # current indices to keep per layer, within the budget
+    remove_units(model, keeps)                        # physical removal; then make_plan(model, ...) records it
+
+The model's adapter is built once per call and its pruning state (original units, original size, last plan) is
+`minillm.state.pruning_state(model)`. What a method needs (calibration, a backward pass, resident weights, its own
+removal rounds) comes from its declared `MethodSpec`, never from its name.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +20,22 @@ import logging
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .adapters import get_adapter
-from .allocate import AllocationConfig, allocate
+from .adapters import Adapter, get_adapter
+from .allocate import AllocationConfig, LayerScores, allocate
 from .compensate import compensate_selections
 from .offload import has_offloaded, materialize
 from .plan import PruningPlan
 from .results import provenance
-from .scores import check_options, get_method
+from .scores import Method, check_options, get_method
 from .scores.common import ScoringContext
+from .state import PruningState, pruning_state
 from .streaming import stream_layers
-from .surgery import kept_units, prunable_params, prune_layer
+from .surgery import CurrentKeep, prunable_params
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +48,6 @@ def check_sparsity(sparsity: float) -> float:
     if not 0.0 <= s < 1.0:
         raise ValueError(f"sparsity must be in [0, 1) (a fraction of prunable parameters), got {sparsity!r}")
     return s
-
-
-def original_prunable_params(model: nn.Module) -> int:
-    """Prunable parameters of the model before any pruning (remembered on the first call)."""
-    if getattr(model, "minillm_original_params", None) is None:
-        model.minillm_original_params = prunable_params(get_adapter(model))
-    return model.minillm_original_params
 
 
 def max_positions(config) -> int | None:
@@ -72,10 +79,110 @@ def check_calibration(
         raise ValueError(f"calibration seqlen {seqlen} exceeds the model's {max_len} positions")
 
 
-def apply_selections(model: nn.Module, selections) -> None:
+def _check_calibration_for(model: nn.Module, calib: torch.Tensor | None, what: str, needed: bool) -> None:
+    check_calibration(calib, what, needed, int(model.config.vocab_size), max_positions(model.config))
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Scoring runs in eval mode (no dropout); the model's own mode comes back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _params_to_remove(state: PruningState, adapter: Adapter, sparsity: float) -> float:
+    """Parameters still to remove for the model to keep (1 - sparsity) of its original prunable parameters; refuses
+    a target the model has already passed (every method, Bonsai's rounds included)."""
+    state.track(adapter)
+    kept = prunable_params(adapter)
+    if kept < (1.0 - sparsity) * state.original_params:
+        raise ValueError(
+            f"the model already has sparsity {state.sparsity(adapter):.4f} >= the requested {sparsity}"
+        )
+    return kept - (1.0 - sparsity) * state.original_params
+
+
+# --- the three steps ----------------------------------------------------------------------------------------------
+
+
+def score(
+    model: nn.Module,
+    method: str,
+    calib: torch.Tensor | None = None,
+    *,
+    attention_units: str = "auto",
+    seed: int = 0,
+    progress: bool = True,
+    **method_options,
+) -> list[LayerScores]:
+    """Step 1: unit scores of an (unpruned or pruned) model without removing anything, one LayerScores per layer
+    (higher = more important)."""
+    m = get_method(method)
+    if m.spec.scores_and_removes:
+        raise ValueError(f"method {method!r} has no separate scoring step")
+    check_options(m, method, method_options)
+    _check_calibration_for(model, calib, method, m.spec.needs_calibration)
+    ctx = ScoringContext(model, get_adapter(model), calib, attention_units, seed, progress)
+    with _eval_mode(model):
+        return m.score(ctx, **method_options)
+
+
+def allocate_units(
+    model: nn.Module,
+    scores: Sequence[LayerScores],
+    sparsity: float,
+    *,
+    allocation: str = "uniform",
+    attention_units: str = "auto",
+    targets: str = "both",
+    skip_layers: Sequence[int] = (),
+    round_to: int = 1,
+) -> list[CurrentKeep]:
+    """Step 2: the units to keep per layer (current indices) so that the model keeps (1 - sparsity) of its
+    original prunable parameters. Nothing is removed."""
+    sparsity = check_sparsity(sparsity)
     adapter = get_adapter(model)
-    for i, sel in enumerate(selections):
-        prune_layer(model, adapter, i, sel.kept_q, sel.kept_kv, sel.kept_channels)
+    alloc = AllocationConfig(allocation, attention_units, targets, tuple(skip_layers), round_to)
+    alloc.validate(len(adapter.layers()))
+    return allocate(adapter, scores, _params_to_remove(pruning_state(model), adapter, sparsity), alloc)
+
+
+def remove_units(
+    model: nn.Module,
+    keeps: Sequence[CurrentKeep],
+    calib: torch.Tensor | None = None,
+    *,
+    compensate_bias: bool = False,
+    progress: bool = True,
+) -> None:
+    """Step 3: physically remove every unit `keeps` (one CurrentKeep per layer) does not list, in place, and record
+    the surviving original units in the model's pruning state. `compensate_bias` first folds the removed units'
+    mean output on `calib` into the output projections' biases (FLAP's bias compensation)."""
+    adapter = get_adapter(model)
+    if len(keeps) != len(adapter.layers()):
+        raise ValueError(f"got keep sets for {len(keeps)} layers, the model has {len(adapter.layers())}")
+    ctx = None
+    if compensate_bias:
+        _check_calibration_for(model, calib, "bias compensation", True)
+        ctx = ScoringContext(model, adapter, calib, progress=progress)
+    _remove(model, adapter, pruning_state(model), keeps, ctx)
+
+
+def _remove(
+    model: nn.Module,
+    adapter: Adapter,
+    state: PruningState,
+    keeps: Sequence[CurrentKeep],
+    compensate_ctx: ScoringContext | None,
+) -> None:
+    materialize(model)  # offloaded (meta) weights cannot be sliced: load them before removal
+    if compensate_ctx is not None:
+        compensate_selections(compensate_ctx, keeps)
+    state.remove_all(adapter, keeps)
 
 
 def make_plan(
@@ -86,19 +193,21 @@ def make_plan(
     seed: int | None,
     calibration: dict | None,
     history: list | None = None,
+    adapter: Adapter | None = None,
 ) -> PruningPlan:
-    adapter = get_adapter(model)
-    original = original_prunable_params(model)
+    """The plan of the model as it is now: kept original units, sizes, and the given description of the step."""
+    adapter = adapter or get_adapter(model)
+    state = pruning_state(model).track(adapter)
     kept = prunable_params(adapter)
     return PruningPlan(
-        base_model=getattr(model, "minillm_source", None) or getattr(model.config, "_name_or_path", "") or "unknown",
-        base_revision=getattr(model, "minillm_revision", None),
+        base_model=state.source or getattr(model.config, "_name_or_path", "") or "unknown",
+        base_revision=state.revision,
         architecture=adapter.describe(),
-        layers=copy.deepcopy(kept_units(model, adapter)),
+        layers=copy.deepcopy(state.kept),
         method=method,
         sparsity=sparsity,
-        achieved_sparsity=1.0 - kept / original if original else 0.0,
-        prunable_params_original=original,
+        achieved_sparsity=1.0 - kept / state.original_params if state.original_params else 0.0,
+        prunable_params_original=state.original_params,
         prunable_params_kept=kept,
         options=options,
         seed=seed,
@@ -106,6 +215,25 @@ def make_plan(
         history=list(history or []),
         provenance=provenance(next(model.parameters()).device),
     )
+
+
+# --- the one call ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Request:
+    """One validated `prune` call: the method, the model's adapter (built once) and pruning state, the scoring
+    context (shared by scoring and bias compensation, so input statistics are collected once), the budget."""
+
+    method: Method
+    method_options: dict
+    sparsity: float
+    adapter: Adapter
+    state: PruningState
+    ctx: ScoringContext
+    alloc: AllocationConfig
+    compensate_bias: bool
+    recorded_options: dict
 
 
 def prune(
@@ -133,75 +261,111 @@ def prune(
 
     calib: LongTensor [n_samples, seqlen] of token ids (None for methods that need no data).
     calibration: a description of `calib` recorded in the plan (source, windows, seed).
+    allocation: 'uniform' or 'global' (default: the method's declared default).
     compensate_bias: fold the removed units' mean output into the output projections' biases (FLAP's bias
-    compensation; default: on for flap, off for other methods).
+    compensation; default: the method's declared default, on for flap only).
     stream_device: score with the decoder layers streamed one at a time to this device (weights stay where they
     are, normally CPU), for models larger than the accelerator; forward-only methods only.
     scores: unit scores from `minillm.score` on an identical unpruned model, to prune the same scores at several
-    sparsities without scoring again (methods that score and remove in one go, Bonsai and FLAP, refuse this).
+    sparsities without scoring again (methods that score and remove in one go, Bonsai and the N:M baselines, refuse
+    this).
     Returns the PruningPlan (kept heads/channels per layer in original indices, options, seed, timing).
     """
-    sparsity = check_sparsity(sparsity)
-    adapter = get_adapter(model)
-    mod = get_method(method)
-    check_options(mod, method, method_options)
-    check_calibration(calib, method, mod.NEEDS_CALIBRATION, int(model.config.vocab_size), max_positions(model.config))
-    alloc = AllocationConfig(
-        allocation or getattr(mod, "DEFAULT_ALLOCATION", "uniform"),
-        attention_units,
-        targets,
-        tuple(skip_layers),
-        round_to,
+    alloc = AllocationConfig(allocation, attention_units, targets, tuple(skip_layers), round_to)
+    req = _request(
+        model,
+        method,
+        sparsity,
+        calib,
+        method_options,
+        alloc,
+        seed=seed,
+        progress=progress,
+        precomputed=scores is not None,
+        stream_device=stream_device,
+        compensate_bias=compensate_bias,
     )
-    alloc.validate(len(adapter.layers()))
-    original = original_prunable_params(model)
-    kept_units(model, adapter)
-    current = 1.0 - prunable_params(adapter) / original if original else 0.0
-    if prunable_params(adapter) < (1.0 - sparsity) * original:  # every method, Bonsai's rounds included
-        raise ValueError(f"the model already has sparsity {current:.4f} >= the requested {sparsity}")
-    previous = getattr(model, "minillm_plan", None)
-    if compensate_bias is None:
-        compensate_bias = getattr(mod, "DEFAULT_COMPENSATE_BIAS", False)
-    if compensate_bias and (hasattr(mod, "run") or not mod.NEEDS_CALIBRATION):
-        raise ValueError(f"bias compensation needs calibration activations and one removal step; not with {method!r}")
-    options = {
-        "compensate_bias": bool(compensate_bias),
-        "allocation": alloc.allocation,
-        "attention_units": attention_units,
-        "targets": targets,
-        "skip_layers": list(skip_layers),
-        "round_to": round_to,
-        **method_options,
-    }
-    if stream_device is not None and method == "taylor":
-        raise ValueError("layer streaming supports forward-only methods; 'taylor' needs a backward pass")
-    if stream_device is not None:
-        options["stream_device"] = str(stream_device)
-    ctx = ScoringContext(model, adapter, calib, attention_units, seed, progress)
+    previous = req.state.plan
     t0 = time.perf_counter()
-    if has_offloaded(model) and (
-        hasattr(mod, "run")
-        or method == "taylor"
-        or method == "fms"
-        and method_options.get("space") != "gates"
-        and method_options.get("estimator", "spsa") == "spsa"
-    ):
-        # these read or perturb weights inside their forward passes or remove units between rounds
+    if has_offloaded(model) and req.method.needs_resident_weights(method_options):
         log.info("loading accelerate-offloaded weights into CPU memory before %s", method)
         materialize(model)
-    streaming = stream_layers(model, stream_device) if stream_device is not None else contextlib.nullcontext()
-    with streaming:
-        history = _score_and_remove(
-            model, adapter, mod, method, ctx, sparsity, original, alloc, scores, method_options, t0, compensate_bias
-        )
+    streaming = (
+        stream_layers(model, stream_device, req.adapter) if stream_device is not None else contextlib.nullcontext()
+    )
+    with streaming, _eval_mode(model):
+        if req.method.spec.scores_and_removes:
+            history = req.method.run(
+                req.ctx, req.sparsity, req.state.original_params, req.alloc, **req.method_options
+            )
+        else:
+            history = _score_allocate_remove(req, scores, t0)
     history[-1]["total_time_s"] = time.perf_counter() - t0
-    plan = make_plan(model, method, sparsity, options, seed, calibration, history)
+    plan = make_plan(model, method, req.sparsity, req.recorded_options, seed, calibration, history, req.adapter)
     if isinstance(previous, PruningPlan):  # a model pruned before (in memory or by load_pruned): keep every step
         plan.previous_steps = [*previous.previous_steps, previous.step_summary()]
-    model.minillm_plan = plan
-    log.info("pruned with %s: achieved sparsity %.4f (requested %.4f)", method, plan.achieved_sparsity, sparsity)
-    _warn_surprises(plan, sparsity, round_to)
+    req.state.plan = plan
+    log.info("pruned with %s: achieved sparsity %.4f (requested %.4f)", method, plan.achieved_sparsity, req.sparsity)
+    _warn_surprises(plan, req.sparsity, round_to)
     return plan
+
+
+def _request(
+    model: nn.Module,
+    method: str,
+    sparsity: float,
+    calib: torch.Tensor | None,
+    method_options: dict,
+    alloc: AllocationConfig,
+    *,
+    seed: int,
+    progress: bool,
+    precomputed: bool,
+    stream_device: str | None,
+    compensate_bias: bool | None,
+) -> _Request:
+    """Validate a `prune` call before anything is computed; every refusal names what to change. `alloc` comes with
+    allocation None for the method's declared default."""
+    sparsity = check_sparsity(sparsity)
+    adapter = get_adapter(model)
+    m = get_method(method)
+    check_options(m, method, method_options)
+    _check_calibration_for(model, calib, method, m.spec.needs_calibration)
+    alloc.allocation = alloc.allocation or m.spec.default_allocation
+    alloc.validate(len(adapter.layers()))
+    state = pruning_state(model).track(adapter)
+    _params_to_remove(state, adapter, sparsity)
+    if compensate_bias is None:
+        compensate_bias = m.spec.default_compensate_bias
+    if compensate_bias and (m.spec.scores_and_removes or not m.spec.needs_calibration):
+        raise ValueError(f"bias compensation needs calibration activations and one removal step; not with {method!r}")
+    if precomputed and m.spec.scores_and_removes:
+        raise ValueError(f"method {method!r} scores and removes in rounds; precomputed scores do not apply")
+    if stream_device is not None and m.spec.needs_backward:
+        raise ValueError(f"layer streaming supports forward-only methods; {method!r} needs a backward pass")
+    recorded = {
+        "compensate_bias": bool(compensate_bias),
+        "allocation": alloc.allocation,
+        "attention_units": alloc.attention_units,
+        "targets": alloc.targets,
+        "skip_layers": list(alloc.skip_layers),
+        "round_to": alloc.round_to,
+        **method_options,
+    }
+    if stream_device is not None:
+        recorded["stream_device"] = str(stream_device)
+    ctx = ScoringContext(model, adapter, calib, alloc.attention_units, seed, progress, pruning=state)
+    return _Request(m, method_options, sparsity, adapter, state, ctx, alloc, bool(compensate_bias), recorded)
+
+
+def _score_allocate_remove(req: _Request, scores: list | None, t0: float) -> list[dict]:
+    to_remove = _params_to_remove(req.state, req.adapter, req.sparsity)
+    if scores is None:
+        scores = req.method.score(req.ctx, **req.method_options)
+    t_score = time.perf_counter() - t0
+    keeps = allocate(req.adapter, scores, to_remove, req.alloc)
+    _remove(req.ctx.model, req.adapter, req.state, keeps, req.ctx if req.compensate_bias else None)
+    return [{"scoring_time_s": t_score}]
 
 
 def _warn_surprises(plan: PruningPlan, sparsity: float, round_to: int) -> None:
@@ -224,52 +388,3 @@ def _warn_surprises(plan: PruningPlan, sparsity: float, round_to: int) -> None:
             UserWarning,
             stacklevel=3,
         )
-
-
-def _score_and_remove(
-    model, adapter, mod, method, ctx, sparsity, original, alloc, scores, method_options, t0, compensate_bias
-) -> list[dict]:
-    if hasattr(mod, "run"):  # methods that interleave scoring and removal (Bonsai's rounds)
-        if scores is not None:
-            raise ValueError(f"method {method!r} scores and removes in rounds; precomputed scores do not apply")
-        history = mod.run(ctx, sparsity, original, alloc, **method_options)
-    else:
-        to_remove = prunable_params(adapter) - (1.0 - sparsity) * original
-        was_training = model.training
-        model.eval()
-        if scores is None:
-            scores = mod.score(ctx, **method_options)
-        t_score = time.perf_counter() - t0
-        selections = allocate(adapter, scores, to_remove, alloc)
-        materialize(model)  # offloaded (meta) weights cannot be sliced: load them before removal
-        if compensate_bias:
-            compensate_selections(ctx, selections)
-        apply_selections(model, selections)
-        model.train(was_training)
-        history = [{"scoring_time_s": t_score}]
-    return history
-
-
-def score(
-    model: nn.Module,
-    method: str,
-    calib: torch.Tensor | None = None,
-    *,
-    attention_units: str = "auto",
-    seed: int = 0,
-    progress: bool = True,
-    **method_options,
-) -> list:
-    """Unit scores of an (unpruned or pruned) model without removing anything: list of LayerScores per layer."""
-    adapter = get_adapter(model)
-    mod = get_method(method)
-    if not hasattr(mod, "score"):
-        raise ValueError(f"method {method!r} has no separate scoring step")
-    check_options(mod, method, method_options)
-    check_calibration(calib, method, mod.NEEDS_CALIBRATION, int(model.config.vocab_size), max_positions(model.config))
-    was_training = model.training
-    model.eval()
-    try:
-        return mod.score(ScoringContext(model, adapter, calib, attention_units, seed, progress), **method_options)
-    finally:
-        model.train(was_training)

@@ -107,6 +107,39 @@ def _check_after_training(peft_model, params, order, train_windows, batch_size, 
     return ce
 
 
+def _train_step(peft_model, optim, batch: torch.Tensor, teacher, kl_weight: float, bf16: bool) -> dict:
+    """One optimiser step on one batch: cross-entropy, plus kl_weight * KL towards the teacher; returns the losses."""
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = peft_model(input_ids=batch).logits[:, :-1]
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        loss = ce
+        kl = None
+        if kl_weight > 0:
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=batch).logits[:, :-1]
+            kl = _kl(logits, teacher_logits)
+            loss = ce + kl_weight * kl
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    optim.step()
+    return {"loss": float(loss.detach()), "ce": float(ce.detach()), "kl": None if kl is None else float(kl.detach())}
+
+
+def _record(settings: dict, losses: list[dict], final_loss: float, seconds: float) -> dict:
+    """The recovery record: settings, first / last / checked losses, mean losses of the first and last 10% of steps."""
+    tenth = max(1, len(losses) // 10)
+    return {
+        "method": "lora" + ("+kl" if settings["kl_weight"] > 0 else ""),
+        **settings,
+        "first_loss": losses[0]["loss"],
+        "final_check_loss": final_loss,
+        "last_loss": losses[-1]["loss"],
+        "mean_loss_first_10pct": sum(x["loss"] for x in losses[:tenth]) / tenth,
+        "mean_loss_last_10pct": sum(x["loss"] for x in losses[-tenth:]) / tenth,
+        "time_s": seconds,
+    }
+
+
 def recover(
     model: nn.Module,
     train_windows: torch.Tensor,
@@ -154,23 +187,8 @@ def recover(
     for step in bar:
         idx = order[torch.arange(step * batch_size, (step + 1) * batch_size) % order.numel()]
         batch = train_windows[idx].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = peft_model(input_ids=batch).logits[:, :-1]
-            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-            loss = ce
-            kl = None
-            if kl_weight > 0:
-                with torch.no_grad():
-                    teacher_logits = teacher(input_ids=batch).logits[:, :-1]
-                kl = _kl(logits, teacher_logits)
-                loss = ce + kl_weight * kl
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
-        value = float(loss.detach())
-        losses.append(
-            {"step": step, "loss": value, "ce": float(ce.detach()), "kl": None if kl is None else float(kl.detach())}
-        )
+        losses.append({"step": step, **_train_step(peft_model, optim, batch, teacher, kl_weight, bf16)})
+        value = losses[-1]["loss"]
         if progress:
             bar.set_postfix(loss=f"{value:.3f}")
         if not math.isfinite(value):
@@ -180,8 +198,7 @@ def recover(
     merged.eval()
     for p in merged.parameters():
         p.requires_grad_(True)
-    record = {
-        "method": "lora" + ("+kl" if kl_weight > 0 else ""),
+    settings = {
         "rank": rank,
         "alpha": alpha,
         "dropout": dropout,
@@ -195,11 +212,6 @@ def recover(
         "gradient_checkpointing": gradient_checkpointing,
         "bf16": bf16,
         "seed": seed,
-        "first_loss": losses[0]["loss"],
-        "final_check_loss": final_loss,
-        "last_loss": losses[-1]["loss"],
-        "mean_loss_first_10pct": sum(x["loss"] for x in losses[: max(1, steps // 10)]) / max(1, steps // 10),
-        "mean_loss_last_10pct": sum(x["loss"] for x in losses[-max(1, steps // 10) :]) / max(1, steps // 10),
-        "time_s": time.perf_counter() - t0,
     }
+    record = _record(settings, losses, final_loss, time.perf_counter() - t0)
     return merged, record

@@ -204,13 +204,6 @@ def config_diff(stored: Any, expected: Any, prefix: str = "") -> list[str]:
     return []
 
 
-def record_path(root: Path, experiment: str, key: dict) -> Path:
-    """Where the record of one (experiment, configuration) lives: a readable, stable file name."""
-    parts = [experiment] + [f"{k}-{v}" for k, v in key.items()]
-    name = "_".join(str(p).replace("/", "-").replace(" ", "") for p in parts)
-    return Path(root) / f"{name}.json"
-
-
 def load_record(path: Path) -> dict | None:
     path = Path(path)
     if not path.exists():

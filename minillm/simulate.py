@@ -45,6 +45,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves, tree_map, tree_map_only
 
+from .state import set_source
+
 GIB = 1024**3
 SIM_DEVICE = "cpu"  # the fake device standing in for the GPU (see the module docstring)
 SHAPES = ((10, 128), (4, 2048))  # (batch, sequence length) of the simulated table
@@ -218,7 +220,7 @@ def meta_model(name: str, dtype: torch.dtype) -> torch.nn.Module:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(REGISTRY[name](), dtype=dtype)
     model.eval()
-    model.minillm_source = name
+    set_source(model, name)
     return model
 
 

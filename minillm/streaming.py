@@ -5,6 +5,11 @@ tables) moves to the execution device. Each decoder layer is moved to the device
 back right after, so the device holds one layer plus activations at a time. Forward-only methods (fms, bonsai,
 wanda_sp, flap, magnitude, random, the N:M baselines) run unchanged inside; backprop methods cannot (the backward
 pass would need every layer on the device again).
+
+accelerate's offload hooks (`cpu_offload`, `AlignDevicesHook`) move weights per module too, but between calls they
+leave parameters on the meta device behind a weights map, so every score that reads weights outside a forward pass
+and every physical removal would first have to load them (`minillm.offload`); two plain forward hooks keep real
+tensors in place and leave the model exactly as it was when the block ends.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .adapters import get_adapter
+from .adapters import Adapter, get_adapter
 
 
 def _layers_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
@@ -37,11 +42,11 @@ def _move_outside(model: nn.Module, prefix: str, device: torch.device) -> None:
 
 
 @contextmanager
-def stream_layers(model: nn.Module, device: str | torch.device):
+def stream_layers(model: nn.Module, device: str | torch.device, adapter: Adapter | None = None):
     """Inside the block, forward passes run on `device` with one decoder layer resident at a time.
     Yields a dict counting the layer transfers (for tests and logs)."""
     device = torch.device(device)
-    layers = get_adapter(model).layers()
+    layers = (adapter or get_adapter(model)).layers()
     home = next(layers[0].parameters()).device
     prefix = _layers_prefix(model, layers)
     counts = {"to_device": 0}

@@ -1,41 +1,36 @@
 """Virtual removal (masks on head outputs and channel activations) and exact physical removal of units.
 
-Indices passed to `prune_layer` are *current* indices (into the layer as it is now); the model remembers, in
-`model.minillm_keep`, which original units survive, so pruning can be repeated (Bonsai's rounds) and the plan is
-always written in original indices.
+Surgery knows no method and no plan: indices passed to `prune_layer` are *current* indices (into the layer as it is
+now, `CurrentKeep`). Which *original* units survive is bookkeeping of `minillm.state`, which calls in here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .adapters import Adapter, AttentionShape
-from .plan import LayerKeep, PlanError
 
 
 class GQAConstraintError(ValueError):
     """Kept query heads that the stock grouped-query attention cannot represent."""
 
 
-# --- bookkeeping of original indices ---------------------------------------------------------------------------
+class UnitIndexError(ValueError):
+    """Kept-unit indices that are repeated or out of range for the layer."""
 
 
-def kept_units(model: nn.Module, adapter: Adapter) -> list[LayerKeep]:
-    """Surviving original units per layer (full ranges for a model that was never pruned)."""
-    keep = getattr(model, "minillm_keep", None)
-    if keep is None:
-        att = adapter.original_attention
-        keep = [
-            LayerKeep(
-                list(range(att.n_query_heads)), list(range(att.n_kv_heads)), list(range(adapter.original_channels))
-            )
-            for _ in adapter.layers()
-        ]
-        model.minillm_keep = keep
-    return keep
+@dataclass
+class CurrentKeep:
+    """Units to keep in one layer, as ascending *current* indices (into the layer as it is now). The plan's
+    `OriginalKeep` holds the same kinds of units as indices into the unpruned layer."""
+
+    kept_q: list[int]
+    kept_kv: list[int]
+    kept_channels: list[int]
 
 
 def prunable_params(adapter: Adapter) -> int:
@@ -123,7 +118,6 @@ def check_gqa(shape: AttentionShape, kept_q: Sequence[int], kept_kv: Sequence[in
 
 
 def prune_layer(
-    model: nn.Module,
     adapter: Adapter,
     layer_idx: int,
     kept_q: Sequence[int] | None = None,
@@ -131,9 +125,9 @@ def prune_layer(
     kept_channels: Sequence[int] | None = None,
 ) -> None:
     """Physically remove units of one layer. Arguments are ascending *current* indices of the units to keep; None
-    keeps that kind untouched. For MHA families `kept_kv` defaults to `kept_q`."""
+    keeps that kind untouched. For MHA families `kept_kv` defaults to `kept_q`. (To keep a plan's record of the
+    surviving original units, remove through `minillm.state.PruningState.remove` instead.)"""
     layer = adapter.layers()[layer_idx]
-    keep = kept_units(model, adapter)[layer_idx]
     shape = adapter.attention_shape(layer)
     if kept_q is not None:
         if kept_kv is None:
@@ -141,29 +135,28 @@ def prune_layer(
                 raise GQAConstraintError("kept_kv must be given for grouped-query attention")
             kept_kv = kept_q
         kept_q, kept_kv = sorted(kept_q), sorted(kept_kv)
-        _check_range(kept_q, shape.n_query_heads, "query head", layer_idx)
-        _check_range(kept_kv, shape.n_kv_heads, "KV head", layer_idx)
+        check_range(kept_q, shape.n_query_heads, "query head", layer_idx)
+        check_range(kept_kv, shape.n_kv_heads, "KV head", layer_idx)
         check_gqa(shape, kept_q, kept_kv)
         _prune_attention(adapter, layer, layer_idx, shape, kept_q, kept_kv)
-        keep.kept_query_heads = [keep.kept_query_heads[i] for i in kept_q]
-        keep.kept_kv_heads = [keep.kept_kv_heads[i] for i in kept_kv]
-        if hasattr(adapter, "set_kept_heads") and kept_q:
-            adapter.set_kept_heads(layer, keep.kept_query_heads)
+        if kept_q:
+            adapter.keep_heads(layer, kept_q)
     if kept_channels is not None:
         kept_channels = sorted(kept_channels)
         n = adapter.n_channels(layer)
-        _check_range(kept_channels, n, "channel", layer_idx)
+        check_range(kept_channels, n, "channel", layer_idx)
         # nothing to slice when every channel stays (also an MLP already emptied by an earlier round: 0 of 0)
         for m in adapter.mlp_members(layer) if len(kept_channels) < n else ():
             slice_linear(
                 m.linear, _block_index(n, m.linear.weight.shape[m.dim], kept_channels, m.linear.weight.device), m.dim
             )
-        keep.kept_channels = [keep.kept_channels[i] for i in kept_channels]
 
 
-def _check_range(kept: Sequence[int], n: int, what: str, layer_idx: int) -> None:
+def check_range(kept: Sequence[int], n: int, what: str, layer_idx: int) -> None:
     if len(set(kept)) != len(kept) or any(not 0 <= i < n for i in kept):
-        raise PlanError(f"layer {layer_idx}: kept {what} indices must be distinct and in [0, {n}), got {list(kept)}")
+        raise UnitIndexError(
+            f"layer {layer_idx}: kept {what} indices must be distinct and in [0, {n}), got {list(kept)}"
+        )
 
 
 def _prune_attention(
@@ -188,22 +181,6 @@ def _prune_attention(
         )
         return
     adapter.set_attention_shape(layer, AttentionShape(len(kept_q), len(kept_kv), shape.head_dim))
-
-
-def apply_keep(model: nn.Module, adapter: Adapter, keeps: Sequence[LayerKeep]) -> None:
-    """Prune an *unpruned* model to the original-index keep sets of a plan (used by load_pruned)."""
-    layers = adapter.layers()
-    if len(keeps) != len(layers):
-        raise PlanError(f"plan has {len(keeps)} layers, the model has {len(layers)}")
-    att, n_ch = adapter.original_attention, adapter.original_channels
-    for i, k in enumerate(keeps):
-        for idx, n, what in (
-            (k.kept_query_heads, att.n_query_heads, "query head"),
-            (k.kept_kv_heads, att.n_kv_heads, "KV head"),
-            (k.kept_channels, n_ch, "channel"),
-        ):
-            _check_range(idx, n, what, i)
-        prune_layer(model, adapter, i, k.kept_query_heads, k.kept_kv_heads, k.kept_channels)
 
 
 # --- virtual removal ------------------------------------------------------------------------------------------

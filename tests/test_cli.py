@@ -39,8 +39,8 @@ def test_prune_cli_on_tiny_model(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert 0.2 < summary["achieved_sparsity"] < 0.4 and summary["peak_memory_gib"] > 0
     model, _ = minillm.load_pruned(out)
-    assert model.minillm_plan.options["queries"] == 2
-    assert model.minillm_plan.calibration["n_samples"] == 2
+    assert minillm.pruning_state(model).plan.options["queries"] == 2
+    assert minillm.pruning_state(model).plan.calibration["n_samples"] == 2
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]))
 

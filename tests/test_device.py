@@ -7,7 +7,7 @@ import torch
 import minillm
 from minillm import device as mdevice
 from minillm import measure, report
-from minillm.scores.nm_sparsity import stored_parameters, to_semi_structured
+from minillm.semi_structured import stored_parameters, to_semi_structured
 
 
 class FakeCuda(mdevice.Cuda):

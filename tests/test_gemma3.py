@@ -10,8 +10,9 @@ from minillm.adapters import get_adapter
 from minillm.adapters.gemma3 import Gemma3Adapter
 from minillm.allocate import attention_keep, resolve_attention_unit
 from minillm.evaluate import perplexity, zeroshot
-from minillm.prune import make_plan, original_prunable_params
-from minillm.surgery import VirtualMasks, prune_layer
+from minillm.prune import make_plan
+from minillm.state import pruning_state
+from minillm.surgery import CurrentKeep, VirtualMasks, prune_layer
 
 NAME = "tiny-gemma3"
 
@@ -84,7 +85,7 @@ def test_masked_equals_physically_pruned_with_emptied_layers(tiny):
         shape = adapter.attention_shape(layer)
         kept_q, kept_kv = attention_keep("query_head", shape, removed_heads[i])
         assert kept_kv == ([0] if kept_q else [])  # the single KV head stays while any query head does
-        prune_layer(model, adapter, i, kept_q, kept_kv, [c for c in range(48) if c not in removed_channels[i]])
+        prune_layer(adapter, i, kept_q, kept_kv, [c for c in range(48) if c not in removed_channels[i]])
     with torch.no_grad():
         pruned = model(tokens).logits
     assert (pruned - masked).abs().max().item() <= 1e-5
@@ -125,7 +126,7 @@ def test_heterogeneous_head_counts_reload(tiny, tmp_path):
     model = _sharpen(tiny(NAME))
     adapter = get_adapter(model)
     for i, kept in enumerate([[0, 1, 2, 3], [0, 2, 3], [1], []]):
-        prune_layer(model, adapter, i, kept, [0] if kept else [], None)
+        pruning_state(model).remove(adapter, i, CurrentKeep(kept, [0] if kept else [], None))
     plan = make_plan(model, "manual", 0.0, {}, None, None)
     assert [w["query_heads"] for w in plan.widths()] == [4, 3, 1, 0]
     tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -169,9 +170,10 @@ def test_every_method_runs_on_emptied_layers(tiny, tmp_path, method):
     model = _sharpen(tiny(NAME))
     tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     adapter = get_adapter(model)
-    original = original_prunable_params(model)
-    prune_layer(model, adapter, 0, [], [], None)
-    prune_layer(model, adapter, 2, None, None, [])
+    state = pruning_state(model).track(adapter)
+    original = state.original_params
+    state.remove(adapter, 0, CurrentKeep([], [], None))
+    state.remove(adapter, 2, CurrentKeep(None, None, []))
     sparsity = 0.5 if method.endswith("_24") else 0.45
     plan = minillm.prune(model, method, sparsity, _calib(), progress=False, **METHOD_OPTIONS.get(method, {}))
     assert plan.prunable_params_original == original
@@ -214,7 +216,7 @@ def test_lora_recovery_with_kl_on_a_pruned_gemma3(tiny, tmp_path):
 
     parent = _sharpen(tiny(NAME))
     model = _sharpen(tiny(NAME))
-    prune_layer(model, get_adapter(model), 0, [], [], None)
+    prune_layer(get_adapter(model), 0, [], [], None)
     plan = minillm.prune(model, "random", 0.4, seed=1)
     assert "model.layers.0.self_attn.o_proj" not in lora_targets(model)
     windows = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(2))

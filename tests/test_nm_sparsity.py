@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import minillm
-from minillm.scores.nm_sparsity import nm_mask, to_semi_structured
+from minillm.scores.nm_sparsity import nm_mask
+from minillm.semi_structured import to_semi_structured
 
 
 def test_nm_mask_keeps_the_two_largest_of_every_four():

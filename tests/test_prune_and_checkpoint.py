@@ -140,7 +140,7 @@ def test_local_directory_and_reload_through_load_model(tiny, tmp_path, tokens):
     plan = minillm.prune(loaded, "random", 0.25)
     minillm.save_pruned(loaded, plan, tmp_path / "pruned")
     again, _ = minillm.load_model(str(tmp_path / "pruned"))
-    assert again.minillm_plan.achieved_sparsity == pytest.approx(plan.achieved_sparsity)
+    assert minillm.pruning_state(again).plan.achieved_sparsity == pytest.approx(plan.achieved_sparsity)
 
 
 def test_same_seed_same_plan(tiny):

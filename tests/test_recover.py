@@ -27,7 +27,7 @@ def test_lora_lowers_loss_and_reloads_identically(tiny, tokens, tmp_path):
     again, _ = minillm.load_pruned(tmp_path / "r")
     with torch.no_grad():
         assert torch.equal(again(tokens).logits, merged(tokens).logits)
-    assert again.minillm_plan.recovery[0]["steps"] == 30
+    assert minillm.pruning_state(again).plan.recovery[0]["steps"] == 30
 
 
 def test_kl_run_leaves_parent_unchanged(tiny):
@@ -44,7 +44,7 @@ def test_targets_skip_emptied_matrices(tiny):
     model = tiny("tiny-bloom")
     from minillm.surgery import prune_layer
 
-    prune_layer(model, minillm.get_adapter(model), 0, [], [], None)
+    prune_layer(minillm.get_adapter(model), 0, [], [], None)
     targets = lora_targets(model)
     assert "transformer.h.0.self_attention.query_key_value" not in targets
     assert "transformer.h.1.self_attention.query_key_value" in targets

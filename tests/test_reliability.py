@@ -422,8 +422,8 @@ def test_a_re_pruned_model_keeps_every_step_in_its_plan(tmp_path):
     assert [s["method"] for s in third.previous_steps] == ["magnitude", "random"]
     minillm.save_pruned(again, third, tmp_path / "three")
     reloaded, _ = minillm.load_pruned(tmp_path / "three")
-    assert [s["sparsity"] for s in reloaded.minillm_plan.previous_steps] == [0.2, 0.4]
-    assert reloaded.minillm_plan.achieved_sparsity == pytest.approx(third.achieved_sparsity)
+    assert [s["sparsity"] for s in minillm.pruning_state(reloaded).plan.previous_steps] == [0.2, 0.4]
+    assert minillm.pruning_state(reloaded).plan.achieved_sparsity == pytest.approx(third.achieved_sparsity)
 
 
 def test_eval_of_an_empty_directory_is_a_clear_error(tmp_path, capsys):

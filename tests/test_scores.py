@@ -6,12 +6,11 @@ from torch import nn
 
 import minillm
 from minillm.adapters import get_adapter
-from minillm.allocate import LayerSelection
 from minillm.compensate import compensate
 from minillm.scores import flap, magnitude, taylor, wanda_sp
 from minillm.scores.common import ScoringContext, calibration_loss, lm_loss
 from minillm.scores.spsa import GateSpace, WeightSpace, estimate
-from minillm.surgery import VirtualMasks
+from minillm.surgery import CurrentKeep, VirtualMasks
 
 METHODS = [
     ("random", {}),
@@ -267,7 +266,7 @@ def test_flap_bias_compensation_keeps_mean_output(tiny):
     assert down.bias is None
     minillm.prune(model, "flap", 0.3, calib, progress=False)
     assert down.bias is not None, "compensation must create the bias"
-    kept = model.minillm_keep[1].kept_channels
+    kept = minillm.pruning_state(model).kept[1].kept_channels
     pruned_mean = down(x[..., kept]).reshape(-1, down.out_features).mean(0)
     assert torch.allclose(pruned_mean, dense_mean, atol=1e-5)
     without = nn.functional.linear(x[..., kept], down.weight).reshape(-1, down.out_features).mean(0)
@@ -327,5 +326,5 @@ def test_scores_are_not_all_equal(tiny):
 
 
 def test_selection_dataclass_roundtrip():
-    sel = LayerSelection([0, 1], [0, 1], [2, 3])
+    sel = CurrentKeep([0, 1], [0, 1], [2, 3])
     assert sel.kept_channels == [2, 3]

@@ -44,7 +44,6 @@ def test_masked_equals_physically_pruned(tiny, tokens, name):
     for i, (unit, shape, att, ch) in enumerate(removal):
         kept_q, kept_kv = attention_keep(unit, shape, att)
         prune_layer(
-            model,
             adapter,
             i,
             kept_q,
@@ -71,7 +70,7 @@ def test_bloom_surviving_heads_keep_original_alibi_slopes(tiny, tokens):
     mask = torch.tensor([1.0, 0.0, 1.0, 0.0])
     with torch.no_grad(), VirtualMasks(adapter, {1: mask}):
         masked = model(tokens).logits
-    prune_layer(model, adapter, 1, keep, keep, None)
+    prune_layer(adapter, 1, keep, keep, None)
     attn = adapter.attention(adapter.layers()[1])
     assert attn.minillm_alibi_heads.tolist() == keep
     with torch.no_grad():
@@ -82,14 +81,19 @@ def test_bloom_surviving_heads_keep_original_alibi_slopes(tiny, tokens):
     with torch.no_grad():
         fresh = model(tokens).logits
     assert (fresh - masked).abs().max().item() > 1e-3
+    # a second cut selects among the surviving original heads (current index 1 is original head 2)
+    attn.minillm_alibi_heads = torch.tensor(keep)
+    prune_layer(adapter, 1, [1], [1], None)
+    assert attn.minillm_alibi_heads.tolist() == [2]
 
 
 def test_repeated_pruning_tracks_original_indices(tiny):
     model = tiny("tiny-llama-gqa")
     adapter = get_adapter(model)
-    prune_layer(model, adapter, 0, [3, 4, 5], [1], list(range(10, 40)))
-    prune_layer(model, adapter, 0, None, None, [0, 5, 29])
-    keep = minillm.surgery.kept_units(model, adapter)[0]
+    state = minillm.pruning_state(model)
+    state.remove(adapter, 0, minillm.CurrentKeep([3, 4, 5], [1], list(range(10, 40))))
+    state.remove(adapter, 0, minillm.CurrentKeep(None, None, [0, 5, 29]))
+    keep = state.kept[0]
     assert keep.kept_query_heads == [3, 4, 5] and keep.kept_kv_heads == [1]
     assert keep.kept_channels == [10, 15, 39]
 
@@ -98,9 +102,9 @@ def test_unbalanced_gqa_request_is_refused(tiny):
     model = tiny("tiny-llama-gqa")  # 6 query heads in 2 KV groups of 3
     adapter = get_adapter(model)
     with pytest.raises(GQAConstraintError, match="same number of kept query heads"):
-        prune_layer(model, adapter, 0, [0, 1, 3], [0, 1], None)
+        prune_layer(adapter, 0, [0, 1, 3], [0, 1], None)
     with pytest.raises(GQAConstraintError, match="KV head 1 is removed"):
-        prune_layer(model, adapter, 0, [0, 3], [0], None)
+        prune_layer(adapter, 0, [0, 3], [0], None)
 
 
 def test_balanced_query_heads_in_gqa(tiny, tokens):
@@ -109,7 +113,7 @@ def test_balanced_query_heads_in_gqa(tiny, tokens):
     mask = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
     with torch.no_grad(), VirtualMasks(adapter, {2: mask}):
         masked = model(tokens).logits
-    prune_layer(model, adapter, 2, [0, 2, 4, 5], [0, 1], None)
+    prune_layer(adapter, 2, [0, 2, 4, 5], [0, 1], None)
     assert model.model.layers[2].self_attn.num_key_value_groups == 2
     with torch.no_grad():
         assert (model(tokens).logits - masked).abs().max().item() <= 1e-5

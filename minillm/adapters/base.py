@@ -15,7 +15,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 
@@ -32,11 +31,6 @@ class Member:
     linear: nn.Linear
     dim: int
     unit: str
-
-    def block_scores(self, per_weight: torch.Tensor, n_units: int) -> torch.Tensor:
-        """Sum a per-weight score tensor (shape of the weight) over each unit's block; returns [n_units]."""
-        reduced = per_weight.sum(dim=1 - self.dim)
-        return reduced.reshape(n_units, -1).sum(dim=1)
 
     def unit_cost(self, n_units: int) -> int:
         """Parameters one unit owns in this matrix (weights, plus bias entries when rows are removed)."""
@@ -99,6 +93,10 @@ class Adapter(ABC):
     @abstractmethod
     def set_attention_shape(self, layer: nn.Module, shape: AttentionShape) -> None:
         """Update the module attributes that depend on the number of heads."""
+
+    def keep_heads(self, layer: nn.Module, kept: list[int]) -> None:
+        """Called after a layer's query heads were cut to `kept` (current indices, non-empty), for families whose
+        attention holds per-head state outside the weights (BLOOM's ALiBi slopes). Nothing to do by default."""
 
     @property
     @abstractmethod

@@ -55,14 +55,15 @@ class BloomAdapter(Adapter):
         a = layer.self_attention
         a.num_heads = shape.n_query_heads
 
-    def set_kept_heads(self, layer: nn.Module, kept_original: list[int]) -> None:
-        """Make the layer's attention read the ALiBi slopes of its surviving original heads."""
+    def keep_heads(self, layer: nn.Module, kept: list[int]) -> None:
+        """Make the layer's attention read the ALiBi slopes of its surviving original heads: the attention module
+        remembers which original heads it holds, and `kept` (current indices) selects among them."""
         a = self.attention(layer)
-        kept = torch.tensor(kept_original, dtype=torch.long)
+        current = torch.tensor(kept, dtype=torch.long)
         if "minillm_alibi_heads" in a._buffers:
-            a.minillm_alibi_heads = kept.to(a.minillm_alibi_heads.device)
+            a.minillm_alibi_heads = a.minillm_alibi_heads[current.to(a.minillm_alibi_heads.device)]
             return
-        a.register_buffer("minillm_alibi_heads", kept, persistent=False)
+        a.register_buffer("minillm_alibi_heads", current, persistent=False)
         a.minillm_original_heads = self.original_attention.n_query_heads
         a.register_forward_pre_hook(_select_alibi_heads, with_kwargs=True)
 

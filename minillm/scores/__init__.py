@@ -1,14 +1,19 @@
 """Scoring methods. Each module computes unit scores and nothing else; `minillm.prune` does the rest.
 
-A method module defines ``NEEDS_CALIBRATION: bool`` and ``score(ctx, **options) -> list[LayerScores]`` (higher =
-more important), or, when scoring and removal interleave (Bonsai's rounds), ``run(ctx, sparsity, original_params,
-alloc, **options) -> history``. It may define ``DEFAULT_ALLOCATION`` and ``DEFAULT_COMPENSATE_BIAS``.
+A method is one module here plus one line in `METHODS`. The module declares what it needs as ``SPEC =
+MethodSpec(...)`` and defines either ``score(ctx, **options) -> list[LayerScores]`` (higher = more important) or,
+when it scores and removes units itself (``scores_and_removes``: Bonsai's rounds, the N:M baselines),
+``run(ctx, sparsity, original_params, alloc, **options) -> history``. Its options are the keyword parameters of
+that function (`check_options` validates against the signature). `minillm.prune` reads only the SPEC, never the
+method's name.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 
 METHODS = {
@@ -24,6 +29,56 @@ METHODS = {
 }
 
 
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method needs from `minillm.prune`.
+
+    needs_calibration: calibration token ids are required (and validated) before scoring.
+    needs_backward: a real backward pass (no layer streaming: it would need every layer on the device at once).
+    perturbs_weights: reads or perturbs weights inside its forward passes, so accelerate-offloaded weights must be
+        loaded for good first; a bool, or a function of the method's options when only some variants do.
+    scores_and_removes: removes units itself (module defines `run`, not `score`): precomputed scores and bias
+        compensation do not apply.
+    default_allocation, default_compensate_bias: defaults of `prune`'s `allocation` and `compensate_bias`.
+    """
+
+    needs_calibration: bool
+    needs_backward: bool = False
+    perturbs_weights: bool | Callable[[dict], bool] = False
+    scores_and_removes: bool = False
+    default_allocation: str = "uniform"
+    default_compensate_bias: bool = False
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method: its name, declared needs and module."""
+
+    name: str
+    spec: MethodSpec
+    module: ModuleType
+
+    @property
+    def entry(self) -> Callable:
+        """The function that does the work: `run` for methods that remove units themselves, `score` otherwise."""
+        return self.module.run if self.spec.scores_and_removes else self.module.score
+
+    def score(self, ctx, **options) -> list:
+        if self.spec.scores_and_removes:
+            raise ValueError(f"method {self.name!r} scores and removes in one go; it has no separate scoring step")
+        return self.module.score(ctx, **options)
+
+    def run(self, ctx, sparsity: float, original_params: int, alloc, **options) -> list[dict]:
+        return self.module.run(ctx, sparsity, original_params, alloc, **options)
+
+    def needs_resident_weights(self, options: dict) -> bool:
+        """Whether accelerate-offloaded weights must be loaded for good before this method runs: it reads weight
+        gradients, perturbs weights inside forward passes, or removes units between its own rounds."""
+        perturbs = self.spec.perturbs_weights
+        perturbs = perturbs(options) if callable(perturbs) else perturbs
+        return self.spec.needs_backward or self.spec.scores_and_removes or bool(perturbs)
+
+
 def available_methods() -> list[str]:
     out = []
     for name, mod in METHODS.items():
@@ -32,20 +87,27 @@ def available_methods() -> list[str]:
     return out
 
 
-def get_method(name: str) -> ModuleType:
+def get_method(name: str) -> Method:
     if name not in METHODS or importlib.util.find_spec(f"{__name__}.{METHODS[name]}") is None:
         raise ValueError(f"unknown pruning method {name!r}; available: {', '.join(available_methods())}")
-    return importlib.import_module(f"{__name__}.{METHODS[name]}")
+    module = importlib.import_module(f"{__name__}.{METHODS[name]}")
+    spec = getattr(module, "SPEC", None)
+    if not isinstance(spec, MethodSpec):
+        raise TypeError(f"method module {module.__name__} must declare SPEC = MethodSpec(...)")
+    entry = "run" if spec.scores_and_removes else "score"
+    if not callable(getattr(module, entry, None)):
+        raise TypeError(f"method module {module.__name__} must define {entry}() (SPEC.scores_and_removes is "
+                        f"{spec.scores_and_removes})")
+    return Method(name, spec, module)
 
 
 _INTERNAL = {"ctx", "sparsity", "original_params", "alloc"}
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None)}
 
 
-def option_signature(method: ModuleType) -> dict[str, inspect.Parameter]:
+def option_signature(method: Method) -> dict[str, inspect.Parameter]:
     """The options a method takes (keyword parameters of its `score` or `run`, without the internal ones)."""
-    fn = getattr(method, "run", None) or method.score
-    return {n: p for n, p in inspect.signature(fn).parameters.items() if n not in _INTERNAL}
+    return {n: p for n, p in inspect.signature(method.entry).parameters.items() if n not in _INTERNAL}
 
 
 def _allowed_types(param: inspect.Parameter) -> tuple[type, ...] | None:
@@ -73,7 +135,7 @@ def _type_ok(value, types: tuple[type, ...]) -> bool:
     return isinstance(value, types)
 
 
-def check_options(method: ModuleType, name: str, options: dict) -> None:
+def check_options(method: Method, name: str, options: dict) -> None:
     """Reject options the method does not take (naming the closest one it does) and values of the wrong type
     (`queries="4"`, `queries=2.5`): the method's signature is the schema."""
     import difflib

@@ -65,11 +65,11 @@ from tqdm.auto import tqdm
 
 from ..allocate import AllocationConfig, attention_keep, attention_unit_cost, is_balanced_gqa, n_attention_units
 from ..offload import loaded
-from ..surgery import GQAConstraintError, VirtualMasks, prunable_params, prune_layer
-from .common import ScoringContext, all_members, collect_input_stats, lm_loss, member_key
+from ..surgery import CurrentKeep, GQAConstraintError, VirtualMasks, prunable_params
+from . import MethodSpec
+from .common import ScoringContext, lm_loss, member_key
 
-NEEDS_CALIBRATION = True
-DEFAULT_ALLOCATION = "global"
+SPEC = MethodSpec(needs_calibration=True, scores_and_removes=True, default_allocation="global")
 PRIORS = ("wanda", "magnitude", "random")
 REGRESSIONS = ("adam", "lasso")
 #: the official regression grid (main.py: --sm_reg_weight, --sm_lr_factor, --sm_bsz, --sm_nepochs; patience 10)
@@ -102,9 +102,9 @@ def priors(ctx: ScoringContext, calib: torch.Tensor, kind: str, gen: torch.Gener
     adapter = ctx.adapter
     stats = {}
     if kind != "random":
+        # the round's windows on the current (already pruned) model: a context of its own, so its own statistics
         sub = ScoringContext(ctx.model, adapter, calib, ctx.attention_units, ctx.seed, False, ctx.batch_size)
-        members = all_members(adapter, "out")
-        stats = collect_input_stats(sub, {k: m.linear for k, (_, m) in members.items()})
+        stats = sub.input_stats("out")
     out = []
     for i, layer in enumerate(adapter.layers()):
         with loaded(layer):
@@ -470,46 +470,19 @@ def run(
     max_rounds: int = 100,
 ) -> list[dict]:
     """Rounds of Bonsai until the model keeps (1 - sparsity) of `original_params`. Returns the per-round history."""
-    if prior not in PRIORS:
-        raise ValueError(f"bonsai prior must be one of {PRIORS}, got {prior!r}")
-    if regression not in REGRESSIONS:
-        raise ValueError(f"bonsai regression must be one of {REGRESSIONS}, got {regression!r}")
-    if masks_per_round < 2 or masks_per_round % 2:
-        raise ValueError(f"masks_per_round must be an even number >= 2 (antithetic pairs), got {masks_per_round}")
-    if not 0 < prune_frac < 0.5:
-        raise ValueError(f"prune_frac must be in (0, 0.5), got {prune_frac}")
-    if alloc.allocation != "global" or alloc.round_to != 1:
-        raise ValueError("bonsai allocates globally by regression; allocation/round_to options do not apply")
-    adapter, model = ctx.adapter, ctx.model
-    if any(is_balanced_gqa(ctx.unit(layer), adapter.attention_shape(layer)) for layer in adapter.layers()):
-        raise GQAConstraintError(
-            "bonsai removes attention units freely; with grouped-query attention use "
-            "attention_units='kv_group' (the default)"
-        )
+    _check_options(ctx, alloc, masks_per_round, prune_frac, prior, regression)
     gen = torch.Generator().manual_seed(ctx.seed)
-    skip = set(alloc.skip_layers)
     target_removed = sparsity * original_params
     history = []
-    model.eval()
+    ctx.model.eval()
     for r in range(max_rounds):
-        removed_so_far = original_params - prunable_params(adapter)
+        removed_so_far = original_params - prunable_params(ctx.adapter)
         budget = min(prune_frac * original_params, target_removed - removed_so_far)
         p = min(prune_frac, max(budget, 0.0) / original_params)  # the last round's fraction is clipped
         t0 = time.perf_counter()
         n_win = ctx.calib.shape[0] if not windows_per_round else min(windows_per_round, ctx.calib.shape[0])
         windows = ctx.calib[torch.randperm(ctx.calib.shape[0], generator=gen)[:n_win]]
-        pri = priors(ctx, windows, prior, gen)
-        modules = []
-        for i, layer in enumerate(adapter.layers()):
-            if i in skip:
-                continue
-            att, ch = pri[i]
-            if att is not None and alloc.targets != "mlp":
-                cost = attention_unit_cost(adapter, layer, ctx.unit(layer))
-                modules.append(make_module(i, "attention", att, cost, p))
-            if ch is not None and alloc.targets != "attention":
-                modules.append(make_module(i, "mlp", ch, adapter.channel_cost(layer), p))
-        modules = [m for m in modules if m.candidates.numel()]
+        modules = _round_modules(ctx, alloc, priors(ctx, windows, prior, gen), p)
         min_cost = min((m.unit_cost for m in modules), default=math.inf)
         if budget < min_cost / 2 or not modules:
             break
@@ -529,7 +502,7 @@ def run(
                 "seqlen": int(windows.shape[1]),
                 "removed_attention_units": sum(k == "attention" for _, k, _ in removals),
                 "removed_channels": sum(k == "mlp" for _, k, _ in removals),
-                "sparsity_after": 1 - prunable_params(adapter) / original_params,
+                "sparsity_after": 1 - prunable_params(ctx.adapter) / original_params,
                 "round_time_s": time.perf_counter() - t0,
             }
         )
@@ -537,6 +510,43 @@ def run(
     if not history:
         history.append({"round": None, "note": "nothing to remove"})
     return history
+
+
+def _check_options(
+    ctx: ScoringContext, alloc: AllocationConfig, masks_per_round: int, prune_frac: float, prior: str, regression: str
+) -> None:
+    if prior not in PRIORS:
+        raise ValueError(f"bonsai prior must be one of {PRIORS}, got {prior!r}")
+    if regression not in REGRESSIONS:
+        raise ValueError(f"bonsai regression must be one of {REGRESSIONS}, got {regression!r}")
+    if masks_per_round < 2 or masks_per_round % 2:
+        raise ValueError(f"masks_per_round must be an even number >= 2 (antithetic pairs), got {masks_per_round}")
+    if not 0 < prune_frac < 0.5:
+        raise ValueError(f"prune_frac must be in (0, 0.5), got {prune_frac}")
+    if alloc.allocation != "global" or alloc.round_to != 1:
+        raise ValueError("bonsai allocates globally by regression; allocation/round_to options do not apply")
+    adapter = ctx.adapter
+    if any(is_balanced_gqa(ctx.unit(layer), adapter.attention_shape(layer)) for layer in adapter.layers()):
+        raise GQAConstraintError(
+            "bonsai removes attention units freely; with grouped-query attention use "
+            "attention_units='kv_group' (the default)"
+        )
+
+
+def _round_modules(ctx: ScoringContext, alloc: AllocationConfig, pri: list[tuple], p: float) -> list[Module]:
+    """The round's prunable modules (layers not skipped, kinds targeted) that have candidates."""
+    adapter, skip = ctx.adapter, set(alloc.skip_layers)
+    modules = []
+    for i, layer in enumerate(adapter.layers()):
+        if i in skip:
+            continue
+        att, ch = pri[i]
+        if att is not None and alloc.targets != "mlp":
+            cost = attention_unit_cost(adapter, layer, ctx.unit(layer))
+            modules.append(make_module(i, "attention", att, cost, p))
+        if ch is not None and alloc.targets != "attention":
+            modules.append(make_module(i, "mlp", ch, adapter.channel_cost(layer), p))
+    return [m for m in modules if m.candidates.numel()]
 
 
 def _apply_removals(ctx: ScoringContext, removals: list[tuple[int, str, int]]) -> None:
@@ -552,4 +562,4 @@ def _apply_removals(ctx: ScoringContext, removals: list[tuple[int, str, int]]) -
             kept_q, kept_kv = attention_keep(ctx.unit(layer), shape, sorted(rem["attention"]))
         if rem["mlp"]:
             kept_ch = [c for c in range(adapter.n_channels(layer)) if c not in rem["mlp"]]
-        prune_layer(ctx.model, adapter, i, kept_q, kept_kv, kept_ch)
+        ctx.remove(i, CurrentKeep(kept_q, kept_kv, kept_ch))

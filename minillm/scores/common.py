@@ -1,5 +1,5 @@
-"""Shared pieces of scoring: the scoring context, the calibration loss, input statistics, and pooling of per-weight
-(or per-row / per-column) scores into unit scores."""
+"""Shared pieces of scoring: the scoring context (with the one cache of input statistics), the calibration loss, and
+pooling of per-weight (or per-row / per-column) scores into unit scores."""
 
 from __future__ import annotations
 
@@ -14,10 +14,16 @@ from tqdm.auto import tqdm
 from ..adapters import Adapter, Member
 from ..allocate import LayerScores, resolve_attention_unit
 from ..offload import loaded
+from ..state import PruningState
+from ..surgery import CurrentKeep
 
 
 @dataclass
 class ScoringContext:
+    """One scoring step on one model: the model and its adapter, the calibration tokens, the options every method
+    shares, and the input statistics, computed once on first request (`input_stats`). `pruning` is set when the
+    method may remove units itself (`remove`), so that the original indices stay recorded."""
+
     model: nn.Module
     adapter: Adapter
     calib: torch.Tensor | None
@@ -25,7 +31,31 @@ class ScoringContext:
     seed: int = 0
     progress: bool = True
     batch_size: int = 16
-    state: dict = field(default_factory=dict)  # data a method leaves for later steps (e.g. out_stats)
+    pruning: PruningState | None = None
+    _stats: dict[str, dict[str, InputStats]] = field(default_factory=dict, repr=False)
+
+    def input_stats(self, members: str = "all") -> dict[str, InputStats]:
+        """fp32 input statistics over the calibration tokens, by `member_key`, of every prunable linear
+        (`members='all'`) or of the output projections only (`'out'`: o_proj / down_proj and equivalents). One
+        pass over the calibration data on the first request, cached for the life of this context: the model must
+        not change in between (`remove` drops them). 'out' is served from 'all' when that
+        exists (a linear's statistics do not depend on which others are observed)."""
+        if members not in ("all", "out"):
+            raise ValueError(f"members must be 'all' or 'out', got {members!r}")
+        if members not in self._stats:
+            wanted = all_members(self.adapter, members)
+            if "all" in self._stats:
+                self._stats[members] = {k: self._stats["all"][k] for k in wanted if k in self._stats["all"]}
+            else:
+                self._stats[members] = collect_input_stats(self, {k: m.linear for k, (_, m) in wanted.items()})
+        return self._stats[members]
+
+    def remove(self, layer_idx: int, keep: CurrentKeep) -> None:
+        """Physically remove units of one layer (current indices), keeping the plan's record of original units."""
+        if self.pruning is None:
+            raise RuntimeError("this scoring context cannot remove units (it was not made by minillm.prune)")
+        self.pruning.remove(self.adapter, layer_idx, keep)
+        self._stats.clear()  # they describe the model before the removal
 
     def unit(self, layer: nn.Module) -> str:
         return resolve_attention_unit(self.attention_units, self.adapter.attention_shape(layer))

@@ -33,11 +33,10 @@ import torch
 
 from ..allocate import LayerScores
 from ..offload import loaded
-from .common import ScoringContext, all_members, collect_input_stats, member_key
+from . import MethodSpec
+from .common import ScoringContext, member_key
 
-NEEDS_CALIBRATION = True
-DEFAULT_ALLOCATION = "global"
-DEFAULT_COMPENSATE_BIAS = True
+SPEC = MethodSpec(needs_calibration=True, default_allocation="global", default_compensate_bias=True)
 
 
 def _standardise(x: torch.Tensor) -> torch.Tensor:
@@ -47,9 +46,7 @@ def _standardise(x: torch.Tensor) -> torch.Tensor:
 
 
 def score(ctx: ScoringContext, standardise: bool = True) -> list[LayerScores]:
-    members = all_members(ctx.adapter, "out")
-    stats = collect_input_stats(ctx, {k: m.linear for k, (_, m) in members.items()})
-    ctx.state["out_stats"] = stats  # reused by the bias compensation (minillm.compensate)
+    stats = ctx.input_stats("out")  # cached: the bias compensation (minillm.compensate) reads the same
     out = []
     for i, layer in enumerate(ctx.adapter.layers()):
         with loaded(layer):

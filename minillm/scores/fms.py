@@ -36,12 +36,11 @@ import torch
 
 from ..allocate import LayerScores
 from ..precision import PRECISIONS, fp32_forward
-from . import fms_estimators
+from . import MethodSpec, fms_estimators
 from .common import (
     ScoringContext,
     all_members,
     calibration_loss,
-    collect_input_stats,
     member_key,
     pool_attention,
     pool_layer,
@@ -49,7 +48,13 @@ from .common import (
 from .fms_estimators import ESTIMATORS
 from .spsa import GateSpace, WeightSpace, estimate
 
-NEEDS_CALIBRATION = True
+
+def _perturbs_weights(options: dict) -> bool:
+    """Only the weight-space SPSA estimate perturbs weights; gate spaces and the other estimators use hooks."""
+    return options.get("estimator", "spsa") == "spsa" and not options.get("space", "weights").startswith("gates")
+
+
+SPEC = MethodSpec(needs_calibration=True, perturbs_weights=_perturbs_weights)
 SPACES = ("weights", "gates", "gates-split")
 SIGNS = ("abs_mean", "group")
 COMBINATIONS = ("product", "additive", "taylor")
@@ -77,32 +82,36 @@ def score(
     ):
         if value not in allowed:
             raise ValueError(f"fms {name} must be one of {allowed}, got {value!r}")
-    members = all_members(ctx.adapter)
-    stats = collect_input_stats(ctx, {k: m.linear for k, (_, m) in members.items()})
+    stats = ctx.input_stats("all")
     loss = lambda: calibration_loss(ctx)  # noqa: E731
     if estimator != "spsa":
         return fms_estimators.score(ctx, estimator, stats, queries, eps, precision, shortlist, batch_tokens, loss)
     if space.startswith("gates"):
-        # 'gates-split' estimates head gates and channel gates with separate query sets (n each): the ~10^2 head
-        # gates then get an estimate not drowned by the ~10^4 channel gates' noise
-        kinds = [("heads", "channels")] if space == "gates" else [("heads",), ("channels",)]
-        grads = {}
-        for j, kind in enumerate(kinds):
-            gates = GateSpace(ctx.adapter, kind)
-            with fp32_forward(ctx.model, precision == "fp32"):
-                est = estimate(gates, loss, queries, eps, ctx.seed + j, ctx.progress)
-            ctx.state.setdefault("spsa", []).append(est)
-            for b, (i, k, _) in enumerate(gates.blocks):
-                grads[(i, k)] = est.gradient(gates, b).double().cpu()
-        return [
-            _gate_scores(ctx, grads, stats, i, layer, sign, combination) for i, layer in enumerate(ctx.adapter.layers())
-        ]
-    linears = [m.linear for _, m in members.values()]
+        return _gate_space_scores(ctx, stats, loss, queries, eps, space, sign, combination, precision)
+    return _weight_space_scores(ctx, stats, loss, queries, eps, sign, combination, alpha, precision)
+
+
+def _gate_space_scores(ctx, stats, loss, queries, eps, space, sign, combination, precision) -> list[LayerScores]:
+    # 'gates-split' estimates head gates and channel gates with separate query sets (n each): the ~10^2 head
+    # gates then get an estimate not drowned by the ~10^4 channel gates' noise
+    kinds = [("heads", "channels")] if space == "gates" else [("heads",), ("channels",)]
+    grads = {}
+    for j, kind in enumerate(kinds):
+        gates = GateSpace(ctx.adapter, kind)
+        with fp32_forward(ctx.model, precision == "fp32"):
+            est = estimate(gates, loss, queries, eps, ctx.seed + j, ctx.progress)
+        for b, (i, k, _) in enumerate(gates.blocks):
+            grads[(i, k)] = est.gradient(gates, b).double().cpu()
+    layers = ctx.adapter.layers()
+    return [_gate_scores(ctx, grads, stats, i, layer, sign, combination) for i, layer in enumerate(layers)]
+
+
+def _weight_space_scores(ctx, stats, loss, queries, eps, sign, combination, alpha, precision) -> list[LayerScores]:
+    linears = [m.linear for _, m in all_members(ctx.adapter).values()]
     weights = WeightSpace(linears, noise_device=ctx.device)
     block_of = {id(lin): b for b, lin in enumerate(weights.linears)}
     with fp32_forward(ctx.model, precision == "fp32"):
         est = estimate(weights, loss, queries, eps, ctx.seed, ctx.progress)
-    ctx.state["spsa"] = est
     out = []
     for i, layer in enumerate(ctx.adapter.layers()):
         grads: dict[int, torch.Tensor] = {}

@@ -317,9 +317,7 @@ def score(ctx: ScoringContext, estimator: str, stats: dict, queries: int, eps: f
     prior = prior_scores(ctx, stats)
     with fp32_forward(ctx.model, precision == "fp32"):
         if estimator == "ablation":
-            scores, info = ablation_scores(ctx, prior, shortlist, batch_tokens)
-            ctx.state["ablation"] = info
+            scores, _ = ablation_scores(ctx, prior, shortlist, batch_tokens)
         else:
-            scores, est = allocation_scores(ctx, prior, queries, eps, loss)
-            ctx.state["spsa"] = est
+            scores, _ = allocation_scores(ctx, prior, queries, eps, loss)
     return scores

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from ..allocate import LayerScores
+from . import MethodSpec
 from .common import ScoringContext, per_weight, pool_layer
 
-NEEDS_CALIBRATION = False
+SPEC = MethodSpec(needs_calibration=False)
 
 
 def score(ctx: ScoringContext, norm: str = "l2") -> list[LayerScores]:

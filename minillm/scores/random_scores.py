@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from ..allocate import LayerScores, n_attention_units
+from . import MethodSpec
 from .common import ScoringContext
 
-NEEDS_CALIBRATION = False
+SPEC = MethodSpec(needs_calibration=False)
 
 
 def score(ctx: ScoringContext) -> list[LayerScores]:

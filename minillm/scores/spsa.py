@@ -9,6 +9,9 @@ demand by regenerating z_k[b], one block at a time: no tensor of the model's siz
 Perturbation never writes to the model's weight storage: during the forward pass of each perturbed linear a
 temporary perturbed copy of that one weight is swapped in and the original storage is swapped back afterwards, so
 weights are bit-identical after scoring in any dtype and the extra memory is one weight matrix at a time.
+(`torch.func.functional_call` would give the same losses, but it substitutes parameters for the whole forward
+call, so every perturbed weight would exist at once: a second copy of all linear weights, which forward-only
+scoring exists to avoid.)
 """
 
 from __future__ import annotations

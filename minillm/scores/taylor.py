@@ -19,9 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..allocate import LayerScores
+from . import MethodSpec
 from .common import ScoringContext, lm_loss, pool_layer
 
-NEEDS_CALIBRATION = True
+SPEC = MethodSpec(needs_calibration=True, needs_backward=True)
 VARIANTS = ("element1", "element2", "vector")
 
 

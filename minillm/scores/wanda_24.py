@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from . import MethodSpec
 from .common import ScoringContext
 from .nm_sparsity import apply_nm, check
 
-NEEDS_CALIBRATION = True
+SPEC = MethodSpec(needs_calibration=True, scores_and_removes=True)
 
 
 def run(ctx: ScoringContext, sparsity: float, original_params: int, alloc, n: int = 2, m: int = 4) -> list[dict]:

@@ -9,14 +9,14 @@ activation-based methods so they see identical inputs)."""
 from __future__ import annotations
 
 from ..allocate import LayerScores
-from .common import ScoringContext, all_members, collect_input_stats, member_key, pool_layer
+from . import MethodSpec
+from .common import ScoringContext, member_key, pool_layer
 
-NEEDS_CALIBRATION = True
+SPEC = MethodSpec(needs_calibration=True)
 
 
 def score(ctx: ScoringContext) -> list[LayerScores]:
-    members = all_members(ctx.adapter, "out")
-    stats = collect_input_stats(ctx, {k: m.linear for k, (_, m) in members.items()})
+    stats = ctx.input_stats("out")
     out = []
     for i, layer in enumerate(ctx.adapter.layers()):
 
