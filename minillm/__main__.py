@@ -61,10 +61,12 @@ def _device(name: str | None) -> str | None:
     except (RuntimeError, ValueError):
         raise ValueError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
+        from minillm.device import backend
+
+        if not backend().available():
             raise ValueError(f"--device {name!r}: CUDA is not available on this machine (use --device cpu)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+        if dev.index is not None and dev.index >= backend().device_count():
+            raise ValueError(f"--device {name!r}: only {backend().device_count()} CUDA device(s) here")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name!r}: MPS is not available on this machine")
     return name
@@ -230,7 +232,9 @@ def cmd_bench(args) -> int:
             )
         )
         return 0
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from minillm.device import backend
+
+    device = args.device or ("cuda" if backend().available() else "cpu")
     if args.what == "memory":
         methods = [
             {"label": m, "method": m, "options": {"queries": 2} if m == "fms" else {}}

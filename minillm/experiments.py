@@ -81,9 +81,9 @@ def check_profile(name: str) -> dict:
         except OSError as e:
             raise SystemExit(f"profile {name!r} needs the Hugging Face Hub, which is unreachable here ({e})") from None
     if cfg.get("device") == "cuda":
-        import torch
+        from .device import backend
 
-        if not torch.cuda.is_available():
+        if not backend().available():
             raise SystemExit(f"profile {name!r} expects a CUDA GPU; none is available (use PROFILE=cpu)")
     return cfg
 
