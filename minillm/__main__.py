@@ -213,6 +213,8 @@ def cmd_bench(args) -> int:
 
     if args.simulate:
         return _bench_simulate(args)
+    if args.what == "runtime":
+        return _bench_runtime(args)
     args.model = args.model or "smollm2-135m"
     args.batch, args.seqlen = args.batch or 10, args.seqlen or 128
     args.dtype = args.dtype or "float32"
@@ -308,6 +310,38 @@ def _bench_simulate(args) -> int:
         for r in rows:
             peak = f"{r['peak_gib']:8.2f} GiB" if "peak_gib" in r else f"not simulable: {r['error']}"
             print(f"{r['model']:>18} {r['batch']:>3}x{r['seqlen']:<5} {r['label']:>20}: {peak} (simulated)")
+    return 0
+
+
+def _bench_runtime(args) -> int:
+    """`bench runtime --profile P`: estimated run time of a profile on one H100 from counted FLOPs and bytes."""
+    from minillm import estimate, experiments
+    from minillm.results import write_json_atomic
+
+    cfg = experiments.load_profile(args.profile or "gpu")
+    rows = estimate.estimate_profile(cfg, sections=args.sections)
+    text = estimate.markdown(rows, cfg["profile"])
+    out = {
+        "estimate": True,
+        "profile": cfg["profile"],
+        "hardware": estimate.H100,
+        "load_bytes_per_s": estimate.LOAD_BYTES_PER_S,
+        "process_start_s": estimate.PROCESS_START_S,
+        **estimate.summary(rows),
+        "rows": [
+            {"section": r.section, "part": r.what, "records": r.count, "flops": r.cost.flops, "bytes": r.cost.bytes,
+             "kernels": r.cost.ops, "gpu_s": r.cost.seconds, "loads_s": r.extra_s, "estimated_s": r.seconds,
+             "notes": [n for n in r.notes if n]}
+            for r in rows
+        ],
+    }
+    if args.json == "-":
+        print(json.dumps(out, indent=1))
+        return 0
+    if args.json:
+        write_json_atomic(Path(args.json), out)
+        Path(args.json).with_suffix(".md").write_text(text)
+    print(text)
     return 0
 
 
@@ -446,7 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     be = sub.add_parser("bench", help="peak memory of pruning steps, latency of pruned models")
-    be.add_argument("what", choices=("memory", "latency", "memory-step"))
+    be.add_argument("what", choices=("memory", "latency", "memory-step", "runtime"),
+                    help="runtime: estimated H100 run time of --profile from counted FLOPs and bytes (no GPU)")
+    be.add_argument("--profile", help="runtime: the profile to estimate (default gpu)")
+    be.add_argument("--sections", nargs="*", help="runtime: only these sections")
     be.add_argument("--model", help="registry name, directory or Hub id (default smollm2-135m; with --simulate: "
                     "the 7B-class shapes and the streamed 70B shape)")
     be.add_argument("--methods", nargs="*", help="memory: methods to compare with the dense forward pass")
