@@ -222,7 +222,8 @@ class Counter:
             masks = int(options.get("masks_per_round", 40))
             frac = float(options.get("prune_frac", 0.05))
             rounds = max(1, math.ceil(sparsity / frac - 1e-9))
-            one = {**options, "prune_frac": frac}
+            one = {**options, "prune_frac": frac, "max_rounds": 1}  # one round exactly (stand-in scores can leave
+            # part of a round's budget, which would add rounds)
             c2 = self.prune(method, frac, n, seqlen, {**one, "masks_per_round": 2}, prune_options)
             c4 = self.prune(method, frac, n, seqlen, {**one, "masks_per_round": 4}, prune_options)
             return extrapolate(c2, 2, c4, 4, masks) * rounds

@@ -466,7 +466,9 @@ def simulate_recovery_step(
         "extra_students": extra_students,
         "simulated": True,
         "peak_gib": round(tracker.peak_bytes / GIB, 2),
+        "peak_bytes": tracker.peak_bytes,
         "weights_gib": round(weights / GIB, 2),
+        "weights_bytes": weights,
         "stand_in_values": standins.count,
         "sim_time_s": round(time.perf_counter() - t0, 1),
     }
