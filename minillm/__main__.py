@@ -319,22 +319,17 @@ def _bench_runtime(args) -> int:
     from minillm.results import write_json_atomic
 
     cfg = experiments.load_profile(args.profile or "gpu")
-    rows = estimate.estimate_profile(cfg, sections=args.sections)
+    if args.combine:  # estimates made section by section (one process each), joined
+        rows = []
+        for path in args.combine:
+            data = json.loads(Path(path).read_text())
+            if data.get("profile") != cfg["profile"]:
+                raise ValueError(f"{path} estimates profile {data.get('profile')!r}, not {cfg['profile']!r}")
+            rows += estimate.rows_from_json(data)
+    else:
+        rows = estimate.estimate_profile(cfg, sections=args.sections)
     text = estimate.markdown(rows, cfg["profile"])
-    out = {
-        "estimate": True,
-        "profile": cfg["profile"],
-        "hardware": estimate.H100,
-        "load_bytes_per_s": estimate.LOAD_BYTES_PER_S,
-        "process_start_s": estimate.PROCESS_START_S,
-        **estimate.summary(rows),
-        "rows": [
-            {"section": r.section, "part": r.what, "records": r.count, "flops": r.cost.flops, "bytes": r.cost.bytes,
-             "kernels": r.cost.ops, "gpu_s": r.cost.seconds, "loads_s": r.extra_s, "estimated_s": r.seconds,
-             "notes": [n for n in r.notes if n]}
-            for r in rows
-        ],
-    }
+    out = estimate.to_json(rows, cfg["profile"])
     if args.json == "-":
         print(json.dumps(out, indent=1))
         return 0
@@ -484,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="runtime: estimated H100 run time of --profile from counted FLOPs and bytes (no GPU)")
     be.add_argument("--profile", help="runtime: the profile to estimate (default gpu)")
     be.add_argument("--sections", nargs="*", help="runtime: only these sections")
+    be.add_argument("--combine", nargs="*", help="runtime: join estimates written with --json (no counting)")
     be.add_argument("--model", help="registry name, directory or Hub id (default smollm2-135m; with --simulate: "
                     "the 7B-class shapes and the streamed 70B shape)")
     be.add_argument("--methods", nargs="*", help="memory: methods to compare with the dense forward pass")

@@ -451,6 +451,33 @@ def _log(row: Row) -> Row:
     return row
 
 
+def to_json(rows: list[Row], profile: str, hw: dict = H100) -> dict:
+    """The estimate as a JSON-able record (`rows_from_json` reads it back)."""
+    return {
+        "estimate": True,
+        "profile": profile,
+        "hardware": hw,
+        "load_bytes_per_s": LOAD_BYTES_PER_S,
+        "process_start_s": PROCESS_START_S,
+        **summary(rows),
+        "rows": [
+            {"section": r.section, "part": r.what, "records": r.count, "flops": r.cost.flops, "bytes": r.cost.bytes,
+             "kernels": r.cost.ops, "gpu_s": r.cost.seconds, "loads_s": r.extra_s, "estimated_s": r.seconds,
+             "notes": [n for n in r.notes if n]}
+            for r in rows
+        ],
+    }
+
+
+def rows_from_json(data: dict) -> list[Row]:
+    """Rows of a `to_json` record (to combine estimates made section by section)."""
+    return [
+        Row(r["section"], r["part"], r["records"], Cost(r["flops"], r["bytes"], r["kernels"], r["gpu_s"]),
+            r["loads_s"], r.get("notes", []))
+        for r in data["rows"]
+    ]
+
+
 def summary(rows: list[Row]) -> dict:
     by = {}
     for r in rows:
