@@ -211,8 +211,9 @@ def ci_run(tmp_path, monkeypatch):
     torch.set_num_threads(threads)
 
 
-def test_shrunk_gpu_profile_runs_every_section(text_model_dir, ci_run):
-    gpu = experiments.load_profile("gpu")
+@pytest.mark.parametrize("profile", ["gpu", "gpu-full"])
+def test_shrunk_gpu_profile_runs_every_section(profile, text_model_dir, ci_run):
+    gpu = experiments.load_profile(profile)
     cfg = shrink_profile(gpu, text_model_dir)
     from minillm.profiles import validate_profile
 
