@@ -324,8 +324,9 @@ class Row:
 
 
 def _tokenizer(model: str):
+    """The tokenizer of an installed pretrained model (zero-shot request lengths), else None (4 characters a
+    token)."""
     try:
-        from .models import load_model  # noqa: F401 - only the tokenizer is wanted
         from transformers import AutoTokenizer
 
         from .models import PRETRAINED

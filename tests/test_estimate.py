@@ -2,6 +2,7 @@
 (simulate.simulate_recovery_step), recovery's device residency, and the profiles' sequence-length check."""
 
 import gc
+import json
 
 import pytest
 import torch
@@ -160,3 +161,18 @@ def test_sequence_lengths_beyond_the_models_positions_are_refused():
     cfg["recovery"]["train"]["seqlen"] = 4096
     with pytest.raises(ProfileError, match="recovery.train.seqlen: 4096 tokens is beyond the 2048 positions"):
         validate_profile(cfg, "paper")
+
+
+def test_cli_combines_section_estimates_of_the_same_profile(tmp_path, capsys):
+    from minillm.__main__ import main
+
+    rows = [estimate.Row("memory", "m", 2, estimate.Cost(1e12, 1e9, 10, 3.0), 7.0)]
+    part = tmp_path / "memory.json"
+    part.write_text(json.dumps(estimate.to_json(rows, "gpu")))
+    args = ["bench", "runtime", "--profile", "gpu", "--combine", str(part), "--json", str(tmp_path / "all.json")]
+    assert main(args) == 0
+    out = json.loads((tmp_path / "all.json").read_text())
+    assert out["estimate"] is True and out["total_s"] == pytest.approx(10.0)
+    assert "estimate" in (tmp_path / "all.md").read_text()
+    assert main(["bench", "runtime", "--profile", "paper", "--combine", str(part)]) == 2  # another profile's rows
+    assert "not 'paper'" in capsys.readouterr().err
