@@ -141,15 +141,21 @@ def test_simulated_recovery_peak_counts_the_models_kept_on_the_device():
     assert old["peak_bytes"] > lean["peak_bytes"]
 
 
+H100_80GB_GIB = 79.19  # what torch reports as the capacity of an H100 80GB HBM3 (tests/test_device.py)
+
+
 @pytest.mark.slow
 def test_paper_profile_recovery_fits_one_80gb_gpu():
-    """LLaMA-7B in the paper profile's dtype at its recovery settings (dense student: an upper bound), simulated."""
+    """LLaMA-7B in the paper profile's dtype at its recovery settings, simulated: the largest student (the lowest
+    recovery sparsity) and the teacher, with 10% of the card left for the allocator's fragmentation and the CUDA
+    context."""
     cfg = experiments.load_profile("paper")
     train = cfg["recovery"]["train"]
     sim = simulate_recovery_step(
-        "llama-7b-shape", cfg["dtype"], train["batch_size"], train["seqlen"], train["rank"], kl=True
+        "llama-7b-shape", cfg["dtype"], train["batch_size"], train["seqlen"], train["rank"], kl=True,
+        sparsity=min(cfg["recovery"]["sparsities"]),
     )
-    assert sim["peak_bytes"] < 80e9 * 0.95, sim
+    assert sim["peak_gib"] < 0.9 * H100_80GB_GIB, sim
 
 
 def test_sequence_lengths_beyond_the_models_positions_are_refused():
