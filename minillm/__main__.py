@@ -61,10 +61,12 @@ def _device(name: str | None) -> str | None:
     except (RuntimeError, ValueError):
         raise ValueError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
+        from minillm.device import backend
+
+        if not backend().available():
             raise ValueError(f"--device {name!r}: CUDA is not available on this machine (use --device cpu)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+        if dev.index is not None and dev.index >= backend().device_count():
+            raise ValueError(f"--device {name!r}: only {backend().device_count()} CUDA device(s) here")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name!r}: MPS is not available on this machine")
     return name
@@ -215,6 +217,8 @@ def cmd_bench(args) -> int:
 
     if args.simulate:
         return _bench_simulate(args)
+    if args.what == "runtime":
+        return _bench_runtime(args)
     args.model = args.model or "smollm2-135m"
     args.batch, args.seqlen = args.batch or 10, args.seqlen or 128
     args.dtype = args.dtype or "float32"
@@ -234,7 +238,9 @@ def cmd_bench(args) -> int:
             )
         )
         return 0
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from minillm.device import backend
+
+    device = args.device or ("cuda" if backend().available() else "cpu")
     if args.what == "memory":
         methods = [
             {"label": m, "method": m, "options": {"queries": 2} if m == "fms" else {}}
@@ -308,6 +314,33 @@ def _bench_simulate(args) -> int:
         for r in rows:
             peak = f"{r['peak_gib']:8.2f} GiB" if "peak_gib" in r else f"not simulable: {r['error']}"
             print(f"{r['model']:>18} {r['batch']:>3}x{r['seqlen']:<5} {r['label']:>20}: {peak} (simulated)")
+    return 0
+
+
+def _bench_runtime(args) -> int:
+    """`bench runtime --profile P`: estimated run time of a profile on one H100 from counted FLOPs and bytes."""
+    from minillm import estimate, experiments
+    from minillm.results import write_json_atomic
+
+    cfg = experiments.load_profile(args.profile or "gpu")
+    if args.combine:  # estimates made section by section (one process each), joined
+        rows = []
+        for path in args.combine:
+            data = json.loads(Path(path).read_text())
+            if data.get("profile") != cfg["profile"]:
+                raise ValueError(f"{path} estimates profile {data.get('profile')!r}, not {cfg['profile']!r}")
+            rows += estimate.rows_from_json(data)
+    else:
+        rows = estimate.estimate_profile(cfg, sections=args.sections)
+    text = estimate.markdown(rows, cfg["profile"])
+    out = estimate.to_json(rows, cfg["profile"])
+    if args.json == "-":
+        print(json.dumps(out, indent=1))
+        return 0
+    if args.json:
+        write_json_atomic(Path(args.json), out)
+        Path(args.json).with_suffix(".md").write_text(text)
+    print(text)
     return 0
 
 
@@ -456,7 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     be = sub.add_parser("bench", help="peak memory of pruning steps, latency of pruned models")
-    be.add_argument("what", choices=("memory", "latency", "memory-step"))
+    be.add_argument("what", choices=("memory", "latency", "memory-step", "runtime"),
+                    help="runtime: estimated H100 run time of --profile from counted FLOPs and bytes (no GPU)")
+    be.add_argument("--profile", help="runtime: the profile to estimate (default gpu)")
+    be.add_argument("--sections", nargs="*", help="runtime: only these sections")
+    be.add_argument("--combine", nargs="*", help="runtime: join estimates written with --json (no counting)")
     be.add_argument("--model", help="registry name, directory or Hub id (default smollm2-135m; with --simulate: "
                     "the 7B-class shapes and the streamed 70B shape)")
     be.add_argument("--methods", nargs="*", help="memory: methods to compare with the dense forward pass")

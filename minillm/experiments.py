@@ -81,9 +81,9 @@ def check_profile(name: str) -> dict:
         except OSError as e:
             raise SystemExit(f"profile {name!r} needs the Hugging Face Hub, which is unreachable here ({e})") from None
     if cfg.get("device") == "cuda":
-        import torch
+        from .device import backend
 
-        if not torch.cuda.is_available():
+        if not backend().available():
             raise SystemExit(f"profile {name!r} expects a CUDA GPU; none is available (use PROFILE=cpu)")
     return cfg
 
@@ -553,11 +553,18 @@ def _recover_one(cfg, acc, exp, entry, sparsity, kl_weights, files, recover, pro
     train = exp["train"]
     windows = calibration_windows(tok, train["windows"], train["seqlen"], seed=train.get("seed", 1))
     teacher = None
+    plan_summary = _plan_summary(plan)
     # removed on exit, on errors and on SIGTERM (a killed run must not leave a model copy in /tmp)
     with temporary_directory(prefix="minillm-recovery-") as tmp:
         save_pruned(base, plan, tmp, tokenizer=tok)
+        # At most two models on the device at once: the student being trained (reloaded from `tmp` for each KL
+        # weight) and, for KL > 0, the unpruned teacher in the profile's dtype. The pruned base is only needed to
+        # write `tmp`, and each merged model is freed before the next student is loaded (LLaMA-7B in bf16: 13.5 GB
+        # teacher + at most 13.5 GB student + LoRA activations; see simulate.simulate_recovery_step).
+        del base
+        _free_device()
         for kl in kl_weights:
-            model, _ = load_pruned(tmp, device=cfg.get("device", "cpu"))
+            model, _ = load_pruned(tmp, device=cfg.get("device", "cpu"), dtype=_dtype(cfg))
             if kl > 0 and teacher is None:
                 teacher, _ = _load(cfg)
             merged, rec = recover(
@@ -573,15 +580,36 @@ def _recover_one(cfg, acc, exp, entry, sparsity, kl_weights, files, recover, pro
                 seed=train.get("seed", 0),
                 progress=progress,
             )
+            del model
             after = _evaluate(merged, tok, exp, sparsity)
+            del merged
+            _free_device()
             save_record(
                 files[kl],
                 "recovery",
                 _recovery_config(cfg, acc, exp, entry, sparsity, kl),
                 {"before": before, "after": after, "recovery": rec},
                 prune_time + rec["time_s"],
-                extra={"plan": _plan_summary(plan), "plan_source": plan.options.get("plan_source", "pruned here")},
+                extra={"plan": plan_summary, "plan_source": plan.options.get("plan_source", "pruned here")},
             )
+    del teacher
+    _free_device()
+
+
+def _dtype(cfg: dict):
+    import torch
+
+    return getattr(torch, cfg.get("dtype", "float32"))
+
+
+def _free_device() -> None:
+    """Return freed blocks of the accelerator's caching allocator (a no-op on CPU)."""
+    import gc
+
+    from .device import backend
+
+    gc.collect()
+    backend().empty_cache()
 
 
 def _reuse_accuracy_plan(base, acc_file: Path, entry: dict, prune_options: dict, calib_info: dict, sparsity: float):

@@ -336,7 +336,9 @@ def latency(
     forward = model
     if compile == "all":
         torch._dynamo.reset()  # every variant starts from an empty cache: no recompile limit across variants
-        forward = torch.compile(model)
+        from .device import backend
+
+        forward = backend().compile(model)
     for b, t in prefill:
         ids = torch.randint(0, vocab, (b, t), generator=gen).to(dev)
         s = _summary(_timed(lambda ids=ids: forward(input_ids=ids, use_cache=False), dev, warmup, repeats))

@@ -202,6 +202,17 @@ SHAPES: dict[str, Callable] = {
 }
 
 
+#: models whose configuration a registry shape reproduces (shape-only counts, position limits without a download)
+SHAPE_OF: dict[str, str] = {
+    "smollm2-135m": "smollm2-135m-shape",
+    "gemma3-270m": "gemma3-270m-shape",
+    "baffo32/decapoda-research-llama-7B-hf": "llama-7b-shape",
+    "huggyllama/llama-7b": "llama-7b-shape",
+    "meta-llama/Llama-2-7b-hf": "llama2-7b-shape",
+    "meta-llama/Meta-Llama-3-8B": "llama3-8b-shape",
+}
+
+
 def registry_names() -> list[str]:
     return [*PRETRAINED, *SHAPES]
 

@@ -341,10 +341,64 @@ def _check_seeds(exp: dict, where: str) -> None:
         raise ProfileError(f"{where}.seed_sparsities: {missing} not among the methods' sparsities {sorted(runs_all)}")
 
 
+def model_max_positions(name: str) -> int | None:
+    """The longest sequence `name`'s position embeddings cover, when it can be known without loading weights or
+    the network: registry shapes, models a registry shape reproduces (models.SHAPE_OF), local directories (their
+    config.json). None otherwise, and for ALiBi models (BLOOM), which have no limit."""
+    import json
+
+    from .models import SHAPE_OF, SHAPES
+    from .prune import max_positions
+
+    if name in SHAPES:
+        return max_positions(SHAPES[name]())
+    if name in SHAPE_OF:
+        return max_positions(SHAPES[SHAPE_OF[name]]())
+    config = Path(name) / "config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text())
+        except (OSError, ValueError):
+            return None
+        if data.get("model_type") == "bloom":
+            return None
+        n = data.get("max_position_embeddings") or data.get("n_positions")
+        return int(n) if n else None
+    return None
+
+
+def _check_seqlens(cfg: dict, name: str) -> None:
+    """Every sequence length of the text experiments fits the model's position embeddings (LLaMA-1: 2048)."""
+    longest = model_max_positions(cfg["model"])
+    if longest is None:
+        return
+    found = []
+    for exp in ("accuracy", "ablations", "recovery", "fms_diagnostics"):
+        sec = cfg.get(exp)
+        if not sec:
+            continue
+        for key in ("calibration", "perplexity", "train"):
+            if isinstance(sec.get(key), dict) and "seqlen" in sec[key]:
+                found.append((f"{name}.{exp}.{key}.seqlen", sec[key]["seqlen"]))
+        for i, entry in enumerate(sec.get("methods", [])):
+            if not isinstance(entry, dict):
+                continue
+            for key in ("calibration", "train"):
+                if isinstance(entry.get(key), dict) and "seqlen" in entry[key]:
+                    found.append((f"{name}.{exp}.methods[{i}].{key}.seqlen", entry[key]["seqlen"]))
+    for where, seqlen in found:
+        if seqlen > longest:
+            raise ProfileError(
+                f"{where}: {seqlen} tokens is beyond the {longest} positions of {cfg['model']!r} (its position "
+                f"embeddings end there); use at most {longest}"
+            )
+
+
 def validate_profile(cfg: Any, name: str = "profile") -> dict:
     """Check a profile against the schema; raise ProfileError naming the key and the problem. Returns `cfg`."""
     _section(PROFILE, cfg, name)
     check_model_name(cfg["model"], f"{name}.model")
+    _check_seqlens(cfg, name)
     for exp in ("accuracy", "ablations"):
         if exp in cfg:
             labels = [e["label"] for e in cfg[exp]["methods"]]

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import get_adapter
+from .device import backend
 
 
 def lora_targets(model: nn.Module) -> list[str]:
@@ -94,7 +95,7 @@ def _check_after_training(peft_model, params, order, train_windows, batch_size, 
     peft_model.eval()
     idx = order[torch.arange(0, batch_size) % order.numel()]
     batch = train_windows[idx].to(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+    with backend().autocast(device, torch.bfloat16, enabled=bf16):
         logits = peft_model(input_ids=batch).logits[:, :-1]
     ce = float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)))
     peft_model.train(was_training)
@@ -109,7 +110,7 @@ def _check_after_training(peft_model, params, order, train_windows, batch_size, 
 
 def _train_step(peft_model, optim, batch: torch.Tensor, teacher, kl_weight: float, bf16: bool) -> dict:
     """One optimiser step on one batch: cross-entropy, plus kl_weight * KL towards the teacher; returns the losses."""
-    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with backend().autocast(batch.device, torch.bfloat16, enabled=bf16):
         logits = peft_model(input_ids=batch).logits[:, :-1]
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
         loss = ce
@@ -168,7 +169,7 @@ def recover(
         raise ValueError("train_windows must be a LongTensor [n_windows, seqlen]")
     device = next(model.parameters()).device
     if bf16 is None:
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        bf16 = backend().is_cuda(device) and backend().bf16_supported(device)
     targets = target_modules or lora_targets(model)
     torch.manual_seed(seed)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")

@@ -48,9 +48,12 @@ def git_commit() -> str | None:
 def device_name(device: Any = None) -> str:
     import torch
 
+    from .device import backend
+
+    cuda = backend()
     dev = torch.device(device) if device is not None else None
-    if (dev is None or dev.type == "cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(dev if dev is not None and dev.index is not None else 0)
+    if cuda.available() and (dev is None or cuda.is_cuda(dev)):
+        return cuda.name(dev if dev is not None and dev.index is not None else 0)
     return (
         f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
         f"{torch.get_num_threads()})"

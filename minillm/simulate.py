@@ -385,6 +385,97 @@ def simulate_table(
     return rows
 
 
+@contextlib.contextmanager
+def adapters_stay():
+    """peft moves each new LoRA layer to its base layer's device with `Module.to`, which cannot swap fake parameters
+    (see simulate.fake_model); while counting, `Module.to(device)` puts new Parameter objects in place instead
+    (`simulate._replace_to`), and a dtype-only `.to` leaves the module as it is (peft keeps adapters in fp32)."""
+    original = torch.nn.Module.to
+
+    def to(self, *args, **kwargs):
+        target = args[0] if args else kwargs.get("device")
+        if isinstance(target, (str, torch.device)):
+            return _replace_to(self, target)
+        return self
+
+    torch.nn.Module.to = to
+    try:
+        yield
+    finally:
+        torch.nn.Module.to = original
+
+
+def simulate_recovery_step(
+    model_name: str,
+    dtype: str = "bfloat16",
+    batch: int = 8,
+    seqlen: int = 512,
+    rank: int = 8,
+    kl: bool = True,
+    sparsity: float = 0.0,
+    gradient_checkpointing: bool = False,
+    extra_students: int = 0,
+) -> dict:
+    """Simulated peak memory of LoRA recovery as `experiments._recover_one` runs it: on the device the student (the
+    model pruned at `sparsity` by random scores, which give the same kept widths as any method with per-layer uniform
+    allocation; 0 = the dense model, an upper bound) and, for kl, the unpruned teacher, both in `dtype`; then two
+    optimiser steps of `minillm.recover.recover` (bf16 autocast, AdamW state of the LoRA parameters, the teacher's
+    logits, the KL term). extra_students: more copies of the student's weights kept on the device (the code before
+    issue 16 kept the pruned base and the previous merged model beside them: 2). Returns peak_gib, weights_gib
+    (everything on the device before the step) and how it ran."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .prune import prune
+    from .recover import recover
+
+    t0 = time.perf_counter()
+    torch_dtype = getattr(torch, dtype)
+    student = meta_model(model_name, torch_dtype)
+    teacher = meta_model(model_name, torch_dtype) if kl else None
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        student = fake_model(student)
+        teacher = fake_model(teacher) if kl else None
+        standins = StandIns()
+        if sparsity > 0:
+            with standins:
+                prune(student, "random", sparsity, None, progress=False)
+        ids = torch.zeros(2 * batch, seqlen, dtype=torch.long, device=SIM_DEVICE)
+        tracker = StorageTracker()
+        tracker.add_module(student)
+        extra = [[torch.empty_like(p) for p in student.parameters()] for _ in range(extra_students)]
+        for copy in extra:
+            for t in copy:
+                tracker.add(t)
+        if teacher is not None:
+            tracker.add_module(teacher)
+        weights = tracker.current_bytes
+        with standins, tracker, adapters_stay():
+            try:
+                recover(student, ids, rank=rank, steps=2, batch_size=batch, teacher=teacher,
+                        kl_weight=1.0 if kl else 0.0, gradient_checkpointing=gradient_checkpointing, bf16=True,
+                        progress=False)
+            except FloatingPointError:
+                pass  # the divergence check after the last step reads stand-in booleans; the steps ran
+    return {
+        "model": model_name,
+        "step": "lora recovery" + (" + KL teacher" if kl else ""),
+        "dtype": dtype,
+        "batch": batch,
+        "seqlen": seqlen,
+        "rank": rank,
+        "sparsity": sparsity,
+        "gradient_checkpointing": gradient_checkpointing,
+        "extra_students": extra_students,
+        "simulated": True,
+        "peak_gib": round(tracker.peak_bytes / GIB, 2),
+        "peak_bytes": tracker.peak_bytes,
+        "weights_gib": round(weights / GIB, 2),
+        "weights_bytes": weights,
+        "stand_in_values": standins.count,
+        "sim_time_s": round(time.perf_counter() - t0, 1),
+    }
+
+
 # --- validation and the markdown table ------------------------------------------------------------------------------
 
 CPU_RECORDS = Path(__file__).resolve().parent.parent / "results" / "cpu-full" / "memory"

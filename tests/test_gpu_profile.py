@@ -1,0 +1,265 @@
+"""The gpu profile exercised in CI (issue 16, part 3): every section of configs/gpu.yaml runs through the same
+experiment drivers, with the sizes shrunk (tiny models, a few tokens, a few queries / masks / steps) and a fake GPU
+(minillm.device.FakeCuda, the CPU standing in for CUDA) so that every CUDA branch runs: peak-memory statistics,
+synchronisation, bf16 autocast in recovery, the 2:4 conversion, the OOM capacity.
+
+Shrinking keeps the structure: every section, every method entry, every label, every option key, both KL weights,
+every latency variant. It changes sizes only: the text model becomes a tiny random LLaMA (GQA, SmolLM2's head
+layout) saved with SmolLM2's tokenizer into a local model directory; the 7B-class shape models become the tiny
+registry model of the same family and attention layout; sparsity lists keep their first two values. A section this
+test does not know how to run, or a shape model without a tiny counterpart, fails the test.
+
+Two stand-ins keep it in CI time, both recorded: lm-eval's zero-shot runs for real once (the first call, ~6 s of
+task set-up) and later calls are answered by a stand-in that checks the arguments; each memory step runs
+`measure.memory_step` in this process instead of a fresh one (the fake GPU does not cross process boundaries).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from minillm import device as mdevice
+from minillm import evaluate, experiments, measure, report
+
+SECTION_RUNNERS = {
+    "accuracy": lambda cfg: experiments.run_accuracy(cfg, experiment="accuracy"),
+    "ablations": lambda cfg: experiments.run_accuracy(cfg, experiment="ablations"),
+    "recovery": experiments.run_recovery,
+    "memory": experiments.run_memory,
+    "latency": experiments.run_latency,
+    "fms_diagnostics": experiments.run_fms_diagnostics,
+}
+TOP_LEVEL = {"description", "model", "device", "dtype", "profile", "requires_hub"}
+
+# sizes of the shrunk profile
+SMALL = {"n_samples": 2, "calib_seqlen": 16, "ppl_seqlen": 16, "windows": 2, "batch": 2, "queries": 2, "masks": 2}
+
+
+def tiny_counterpart(shape_name: str) -> str:
+    """The tiny registry model with the family and attention layout of a shape model (MHA, GQA, MQA)."""
+    from minillm.models import SHAPES
+
+    if shape_name.startswith("tiny-"):
+        return shape_name
+    if shape_name not in SHAPES:
+        raise AssertionError(f"{shape_name!r} is not a registry shape; the CI run has no tiny stand-in for it")
+    config = SHAPES[shape_name]()
+    kind = config.model_type
+    heads = getattr(config, "num_attention_heads", None)
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    table = {
+        ("llama", "mha"): "tiny-llama",
+        ("llama", "gqa"): "tiny-llama-gqa",
+        ("llama", "mqa"): "tiny-llama-mqa",
+        ("opt", "mha"): "tiny-opt",
+        ("bloom", "mha"): "tiny-bloom",
+        ("gemma3_text", "mqa"): "tiny-gemma3",
+    }
+    layout = "mha" if kv == heads else ("mqa" if kv == 1 else "gqa")
+    if (kind, layout) not in table:
+        raise AssertionError(f"no tiny stand-in for {shape_name!r} ({kind}, {layout}); add one to the registry")
+    return table[(kind, layout)]
+
+
+def _shrink_options(options: dict) -> dict:
+    out = dict(options)
+    if "queries" in out:
+        out["queries"] = min(out["queries"], SMALL["queries"])
+    if "masks_per_round" in out:
+        out["masks_per_round"] = SMALL["masks"]
+    if "windows_per_round" in out and out["windows_per_round"]:
+        out["windows_per_round"] = min(out["windows_per_round"], SMALL["n_samples"])
+    return out
+
+
+def _shrink_entry(entry: dict) -> dict:
+    out = dict(entry)
+    if "options" in out:
+        out["options"] = _shrink_options(out["options"])
+    if "calibration" in out:
+        c = dict(out["calibration"])
+        c.update({k: min(c[k], v) for k, v in (("n_samples", SMALL["n_samples"]), ("seqlen", SMALL["calib_seqlen"]))
+                  if k in c})
+        out["calibration"] = c
+    if "sparsities" in out:
+        out["sparsities"] = out["sparsities"][:2]
+    return out
+
+
+def _shrink_text_section(exp: dict) -> dict:
+    exp = copy.deepcopy(exp)
+    if "calibration" in exp:
+        exp["calibration"].update(n_samples=SMALL["n_samples"], seqlen=SMALL["calib_seqlen"])
+    for key in ("perplexity",):
+        if key in exp:
+            exp[key].update(seqlen=SMALL["ppl_seqlen"], windows=SMALL["windows"], batch_size=SMALL["batch"])
+    if "zeroshot" in exp:
+        exp["zeroshot"].update(limit=1, batch_size=SMALL["batch"])
+    if "sparsities" in exp:
+        exp["sparsities"] = exp["sparsities"][:2]
+    if "methods" in exp:
+        exp["methods"] = [m if isinstance(m, str) else _shrink_entry(m) for m in exp["methods"]]
+    if "train" in exp:
+        exp["train"].update(windows=4, seqlen=SMALL["calib_seqlen"], steps=2, batch_size=SMALL["batch"])
+    return exp
+
+
+def shrink_profile(cfg: dict, model_dir: str) -> dict:
+    """The profile with every section kept and every size shrunk (see the module docstring)."""
+    unknown = set(cfg) - TOP_LEVEL - set(SECTION_RUNNERS)
+    if unknown:
+        raise AssertionError(f"gpu profile sections without a CI runner: {sorted(unknown)}; add them to this test")
+    out = copy.deepcopy(cfg)
+    out.update(model=model_dir, device="cpu", profile=f"ci-{cfg['profile']}")
+    for name in ("accuracy", "ablations", "recovery", "fms_diagnostics"):
+        if name in out:
+            out[name] = _shrink_text_section(out[name])
+    if "recovery" in out and "accuracy" in out:
+        # one recovery sparsity, also pruned by the accuracy run: the recovery rebuilds that record's pruned model
+        # where it can (and prunes again where it cannot: FLAP's compensated biases are not in the record)
+        first = cfg["recovery"]["sparsities"][0]
+        out["recovery"]["sparsities"] = [first]
+        out["accuracy"]["sparsities"] = sorted({cfg["accuracy"]["sparsities"][0], first})
+    if "memory" in out:
+        mem = out["memory"]
+        mem["models"] = list(dict.fromkeys(tiny_counterpart(m) for m in mem["models"]))
+        mem["shapes"] = [[SMALL["batch"], 8]]
+        mem["methods"] = [_shrink_entry(m) for m in mem["methods"]]
+    if "latency" in out:
+        lat = out["latency"]
+        lat["models"] = list(dict.fromkeys(tiny_counterpart(m) for m in lat["models"]))
+        lat["prefill"] = list(map(list, dict.fromkeys((min(b, 2), 8) for b, _ in lat["prefill"])))
+        lat["decode"] = {"batch": sorted({min(b, 2) for b in lat["decode"]["batch"]}), "prompt": 4, "new_tokens": 2}
+        lat["repeats"] = 2
+        lat["sparsities"] = lat["sparsities"][:2]
+    return out
+
+
+def tiny_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained in a second on part of one bundled novel: with SmolLM2's 49,152-token
+    vocabulary the LM head would be most of a tiny model's cost."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from minillm.data import read_novel
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator([read_novel("persuasion")[:100_000]], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def text_model_dir(tmp_path_factory):
+    """A tiny random LLaMA with SmolLM2's head layout (9 query / 3 KV heads) and a tiny BPE tokenizer, saved as a
+    local model directory: a profile `model:` that load_model and the profile schema accept."""
+    from transformers import AutoModelForCausalLM
+
+    from minillm.models import SHAPES
+
+    tok = tiny_tokenizer()
+    config = SHAPES["tiny-llama-gqa3"]()
+    config.vocab_size = len(tok)
+    config.max_position_embeddings = 2048
+    config.bos_token_id = config.eos_token_id = tok.eos_token_id
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    path = tmp_path_factory.mktemp("tiny-text-model")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def ci_run(tmp_path, monkeypatch):
+    """Results into tmp_path, a fake GPU, in-process memory steps, zero-shot for real once."""
+    monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is faster, and far faster on a loaded machine
+    fake = mdevice.FakeCuda(capability=(9, 0), cusparselt=True)
+    old = mdevice.use(fake)
+    steps = []
+
+    def in_process(model_name, method, batch, seqlen, dtype="float32", device="cpu", sparsity=0.2, options=None,
+                   timeout_s=0):
+        steps.append((model_name, method))
+        return measure.memory_step(model_name, method, batch, seqlen, dtype, device, sparsity, options, warmup=False)
+
+    monkeypatch.setattr(measure, "memory_in_subprocess", in_process)
+    real_zeroshot, zs_calls = evaluate.zeroshot, []
+
+    def zeroshot(model, tok, tasks=None, limit=None, batch_size=8):
+        zs_calls.append((tasks, limit, batch_size))
+        if len(zs_calls) == 1:
+            return real_zeroshot(model, tok, tasks=tasks, limit=limit, batch_size=batch_size)
+        assert limit == 1 and tok is not None
+        return {"average": 0.5, "stand_in": True}
+
+    monkeypatch.setattr(experiments, "zeroshot", zeroshot)
+    yield {"fake": fake, "steps": steps, "zeroshot": zs_calls, "results": tmp_path}
+    mdevice.use(old)
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("profile", ["gpu", "gpu-full"])
+def test_shrunk_gpu_profile_runs_every_section(profile, text_model_dir, ci_run):
+    gpu = experiments.load_profile(profile)
+    cfg = shrink_profile(gpu, text_model_dir)
+    from minillm.profiles import validate_profile
+
+    validate_profile(cfg, "shrunk gpu profile")  # the shrunk profile is still a valid profile
+    assert set(cfg) - TOP_LEVEL == set(gpu) - TOP_LEVEL  # no section dropped
+    for section in SECTION_RUNNERS:
+        if section not in cfg:
+            continue
+        records = SECTION_RUNNERS[section](cfg)
+        wanted = experiments.expected_records(cfg, section)
+        assert len(records) == len(wanted) > 0, section
+        for path, config in wanted.items():
+            assert path.exists() and experiments.is_current(path, config), f"{section}: {path.name} missing"
+    fake, results = ci_run["fake"], ci_run["results"] / cfg["profile"]
+    # the CUDA branches ran on the fake GPU
+    assert fake.calls.get("reset_peak", 0) > 0 and fake.calls.get("synchronize", 0) > 0
+    if "recovery" in cfg:
+        assert fake.calls.get("autocast", 0) > 0
+        recs = [experiments.load_record(p) for p in sorted((results / "recovery").glob("*.json"))]
+        assert all(r["metrics"]["recovery"]["bf16"] for r in recs)
+        assert {r["config"]["kl_weight"] for r in recs} == set(cfg["recovery"]["kl_weights"])
+    if cfg.get("latency", {}).get("include_24"):
+        assert fake.requested_backends and set(fake.requested_backends) == {"cusparselt"}  # Hopper: cuSPARSELt
+    if cfg.get("latency", {}).get("compile") == "all":
+        assert fake.calls.get("compile", 0) > 0
+    # every memory step of every (model, shape) ran, none failed
+    mem = [experiments.load_record(p) for p in sorted((results / "memory").glob("*.json"))]
+    for rec in mem:
+        rows = [rec["metrics"]["dense_forward"], *rec["metrics"]["methods"]]
+        assert not [r for r in rows if r.get("error")], [r.get("error") for r in rows if r.get("error")]
+        assert rec["provenance"]["device"] == "Fake H100 (CPU)"
+    assert len(ci_run["steps"]) == sum(
+        len(cfg["memory"]["shapes"]) * (1 + len(cfg["memory"]["methods"])) for _ in cfg["memory"]["models"]
+    )
+    assert ci_run["zeroshot"], "no zero-shot evaluation ran"
+    # the report renders every section from the records, as the notebooks do
+    report.memory_frame(mem)
+    report.latency_frame([experiments.load_record(p) for p in sorted((results / "latency").glob("*.json"))])
+    report.accuracy_frame([experiments.load_record(p) for p in sorted((results / "accuracy").glob("*.json"))])
+    report.recovery_frame([experiments.load_record(p) for p in sorted((results / "recovery").glob("*.json"))])
+
+
+def test_shrinking_refuses_unknown_sections_and_models():
+    with pytest.raises(AssertionError, match="without a CI runner"):
+        shrink_profile({"profile": "x", "model": "m", "pruning_party": {}}, "dir")
+    with pytest.raises(AssertionError, match="not a registry shape"):
+        tiny_counterpart("gpt-5-shape")
+    assert tiny_counterpart("llama3-8b-shape") == "tiny-llama-gqa"
+    assert tiny_counterpart("llama-7b-shape") == "tiny-llama"
