@@ -198,10 +198,10 @@ def ci_run(tmp_path, monkeypatch):
     monkeypatch.setattr(measure, "memory_in_subprocess", in_process)
     real_zeroshot, zs_calls = evaluate.zeroshot, []
 
-    def zeroshot(model, tok, tasks=None, limit=None, batch_size=8):
+    def zeroshot(model, tok, tasks=None, limit=None, batch_size=8, **options):
         zs_calls.append((tasks, limit, batch_size))
         if len(zs_calls) == 1:
-            return real_zeroshot(model, tok, tasks=tasks, limit=limit, batch_size=batch_size)
+            return real_zeroshot(model, tok, tasks=tasks, limit=limit, batch_size=batch_size, **options)
         assert limit == 1 and tok is not None
         return {"average": 0.5, "stand_in": True}
 
