@@ -7,10 +7,19 @@ as using backprop wherever its numbers are reported.
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from .adapters import get_adapter
 from .allocate import LayerScores
+from .results import write_json_atomic
 from .scores.common import ScoringContext, lm_loss
 from .surgery import VirtualMasks
 
@@ -100,12 +109,18 @@ def gate_fms_scores(ctx: ScoringContext, grads: dict, stats: dict, combination: 
 # --- the experiment `fms_diagnostics` ------------------------------------------------------------------------------
 
 
+def _gate_estimate_space(ctx):
+    from .scores.spsa import GateSpace
+
+    return GateSpace(ctx.adapter)
+
+
 def _gate_estimate(ctx, n: int, eps: float, seed: int):
     from .precision import fp32_forward
     from .scores.common import calibration_loss
-    from .scores.spsa import GateSpace, estimate
+    from .scores.spsa import estimate
 
-    space = GateSpace(ctx.adapter)
+    space = _gate_estimate_space(ctx)
     with fp32_forward(ctx.model):
         est = estimate(space, lambda: calibration_loss(ctx), n, eps, seed, ctx.progress)
     return space, est
@@ -174,22 +189,139 @@ def _oracle_spearman(scores: list[LayerScores], oracle: dict) -> dict:
     return out
 
 
-def run(model_loader, tok, section: dict, progress: bool = False) -> dict:
+class PartialStore:
+    """Finished pieces of one diagnostics run (criteria's unit scores as safetensors, everything else in one JSON
+    file), so that a run that dies, or a session that ends, resumes where it stopped; committed beside the records
+    until they are written, then deleted. Tied to the configuration it was made with (`key.json`): another
+    configuration empties it. `folder=None` keeps nothing."""
+
+    def __init__(self, folder: Path | None, key: dict, fresh: bool = False):
+        self.folder = folder
+        self.values: dict = {}
+        if folder is None:
+            return
+        stored = _read_json(folder / "key.json")
+        if fresh or stored != json.loads(json.dumps(key)):
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            write_json_atomic(folder / "key.json", key)
+        self.values = _read_json(folder / "values.json") or {}
+
+    def value(self, name: str, compute):
+        if name not in self.values:
+            self.values[name] = compute()
+            if self.folder is not None:
+                write_json_atomic(self.folder / "values.json", self.values)
+        return self.values[name]
+
+    def scores(self, name: str, compute) -> list[LayerScores]:
+        if self.folder is None:
+            return compute()
+        path = self.folder / "scores" / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".safetensors")
+        if path.exists():
+            return _scores_from(load_file(path))
+        scores = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(_scores_to(scores), tmp)
+        os.replace(tmp, path)
+        return scores
+
+    def clear(self) -> None:
+        if self.folder is not None and self.folder.exists():
+            shutil.rmtree(self.folder)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _scores_to(scores: list[LayerScores]) -> dict[str, torch.Tensor]:
+    out = {"n_layers": torch.tensor([len(scores)])}
+    for i, s in enumerate(scores):
+        for kind in ("attention", "channels"):
+            value = getattr(s, kind)
+            if value is not None:
+                out[f"{i}.{kind}"] = value.detach().cpu().contiguous()
+    return out
+
+
+def _scores_from(tensors: dict[str, torch.Tensor]) -> list[LayerScores]:
+    n = int(tensors["n_layers"][0])
+    return [LayerScores(tensors.get(f"{i}.attention"), tensors.get(f"{i}.channels")) for i in range(n)]
+
+
+def exact_weight_fms_scores(ctx: ScoringContext, stats: dict, combination: str = "product") -> list[LayerScores]:
+    """Weight-space FMS (the paper's space) with the exact dL/dW of every decoder linear, by backprop (a
+    diagnostic: uses a backward pass). combination='taylor' is LLM-Pruner's element1 (a test holds it to
+    `taylor`)."""
+    from .scores.common import all_members
+    from .scores.fms import weight_fms_scores
+
+    model = ctx.model
+    linears = [m.linear for _, m in all_members(ctx.adapter).values()]
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for lin in linears:
+        lin.weight.requires_grad_(True)
+        lin.weight.grad = None
+    try:
+        batches = [ctx.calib[i : i + 16] for i in range(0, ctx.calib.shape[0], 16)]
+        tokens = sum(b[:, 1:].numel() for b in batches)
+        for b in batches:
+            (lm_loss(model, b.to(ctx.device)) * (b[:, 1:].numel() / tokens)).backward()
+        grads = {id(lin): lin.weight.grad.detach() for lin in linears}
+        return weight_fms_scores(ctx, stats, lambda lin: grads[id(lin)], combination=combination)
+    finally:
+        for lin in linears:
+            lin.weight.grad = None
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+
+
+def _bonsai_oracle_rows(coefficients: dict, oracle: dict) -> list[dict]:
+    """Spearman with the oracle of Bonsai's first-round coefficients, and of its prior on the same units (its
+    candidates: the lower-prior units of each module, so not comparable with the whole-model rows)."""
+    rows = []
+    for kind, bonsai_kind in (("attention", "attention"), ("channels", "mlp")):
+        triples = [(coefficients.get((i, bonsai_kind, u)), v) for i, u, v in oracle[kind]]
+        pairs = [(c, v) for c, v in triples if c is not None]
+        if len(pairs) < 3:
+            continue
+        beta = torch.tensor([c[0] for c, _ in pairs])
+        prior = torch.tensor([c[1] for c, _ in pairs])
+        truth = torch.tensor([v for _, v in pairs])
+        rows.append({"kind": kind, "units": len(pairs), "coefficients": spearman(beta, truth),
+                     "prior": spearman(prior, truth)})
+    return rows
+
+
+def run(model_loader, tok, section: dict, progress: bool = False, store: PartialStore | None = None) -> dict:
     """Everything the experiment measures, as three parts (see `fms_diagnostics` in configs/*.yaml):
 
     * accuracy: per seed and n, the gate-space SPSA estimate against the exact (backprop) gate gradient: cosine,
       Spearman of FMS unit scores with exact-gradient FMS, overlap of the bottom-p units, and sqrt(n / (n + d));
       smaller n are prefixes of the largest run's queries (nested estimates, one run per seed).
     * criteria: perplexity after pruning with each criterion's unit scores, per sparsity, allocation and seed.
-    * oracle: Spearman of each criterion's unit scores with the exact single-unit removal loss change.
+    * oracle: Spearman of each criterion's unit scores with the exact single-unit removal loss change, and of
+      Bonsai's first-round regression coefficients over its candidates.
+
+    Every finished piece goes into `store` first, so that an interrupted run resumes (PartialStore).
     """
     import copy
 
     from .data import calibration_windows, describe_calibration, perplexity_windows
     from .evaluate import perplexity
     from .prune import prune, score
+    from .scores import bonsai
     from .scores.spsa import SPSAEstimate
 
+    store = store or PartialStore(None, {})
     c = section["calibration"]
     base, _ = model_loader()
     if tok is None:  # tiny random models (tests) have no tokenizer: seeded random tokens
@@ -206,20 +338,30 @@ def run(model_loader, tok, section: dict, progress: bool = False) -> dict:
     eps, p = section.get("eps", 1e-3), section.get("overlap_p", 0.2)
     seeds, ns = section.get("seeds", [0]), sorted(section["queries"])
     exact_fms = gate_fms_scores(ctx, exact, stats)
-    criteria = {  # label -> list over seeds of unit scores (one entry when deterministic)
-        "fms-exact-grad (backprop)": [exact_fms],
-        "fms-g1": [gate_fms_scores(ctx, {k: torch.ones_like(v) for k, v in exact.items()}, stats)],
-        "fms-noise-g": [gate_fms_scores(ctx, _noise_like(exact, s), stats) for s in seeds],
-        "taylor (backprop)": [score(base, "taylor", calib, attention_units=units, progress=progress)],
-        "wanda_sp": [score(base, "wanda_sp", calib, attention_units=units, progress=progress)],
-        "flap-score (no compensation)": [score(base, "flap", calib, attention_units=units, progress=progress)],
+
+    def method(name, **kw):
+        return lambda: score(base, name, calib, attention_units=units, progress=progress, **kw)
+
+    # label -> list over seeds of thunks computing unit scores (one entry when deterministic)
+    thunks = {
+        "fms-exact-grad (backprop)": [lambda: exact_fms],
+        "fms-weights-exact-grad (backprop)": [lambda: exact_weight_fms_scores(ctx, stats)],
+        "fms-g1": [lambda: gate_fms_scores(ctx, {k: torch.ones_like(v) for k, v in exact.items()}, stats)],
+        "fms-noise-g": [lambda s=s: gate_fms_scores(ctx, _noise_like(exact, s), stats) for s in seeds],
+        "taylor (backprop)": [method("taylor")],
+        "wanda_sp": [method("wanda_sp")],
+        "flap-score (no compensation)": [method("flap")],
     }
-    accuracy = []
+    accuracy, spsa = [], {}
     for s in seeds:
-        space, est = _gate_estimate(ctx, ns[-1], eps, s)
+        def projections(s=s):
+            est = _gate_estimate(ctx, ns[-1], eps, s)[1]
+            return {"seeds": list(est.seeds), "projected": [float(v) for v in est.projected], "eps": est.eps}
+
+        est = store.value(f"gate-estimate-seed{s}", projections)
+        space = _gate_estimate_space(ctx)
         for n in ns:
-            sub = SPSAEstimate(est.seeds[:n], est.projected[:n], est.eps)
-            g = _grads_of(space, sub)
+            g = _grads_of(space, SPSAEstimate(est["seeds"][:n], est["projected"][:n], est["eps"]))
             fms = gate_fms_scores(ctx, g, stats)
             accuracy.append(
                 {
@@ -233,61 +375,82 @@ def run(model_loader, tok, section: dict, progress: bool = False) -> dict:
                 }
             )
             if n in section.get("criteria_queries", ns):
-                criteria.setdefault(f"fms-spsa-gates-n{n}", []).append(fms)
+                spsa.setdefault(f"fms-spsa-gates-n{n}", []).append(lambda fms=fms: fms)
+    thunks.update(spsa)
     for n in section.get("weight_queries", []):
-        criteria[f"fms-spsa-weights-n{n}"] = [
-            score(base, "fms", calib, seed=s, queries=n, space="weights", attention_units=units, progress=progress)
-            for s in seeds
-        ]
+        thunks[f"fms-spsa-weights-n{n}"] = [method("fms", seed=s, queries=n, space="weights") for s in seeds]
     for label, opts in section.get("estimators", {}).items():
         stochastic = opts.get("estimator") == "allocation"
-        criteria[label] = [
-            score(base, "fms", calib, seed=s, attention_units=units, progress=progress, **opts)
-            for s in (seeds if stochastic else seeds[:1])
-        ]
+        thunks[label] = [method("fms", seed=s, **opts) for s in (seeds if stochastic else seeds[:1])]
+    criteria = {
+        label: [store.scores(f"{label}-{k}", thunk) for k, thunk in enumerate(runs)]
+        for label, runs in tqdm(thunks.items(), desc="diagnostics: criteria", disable=not progress)
+    }
     o = section.get("oracle", {})
-    oracle = oracle_losses(ctx, o.get("channels", 1000), o.get("seed", 0), section.get("batch_tokens", 4096))
+    oracle = store.value(
+        "oracle",
+        lambda: oracle_losses(ctx, o.get("channels", 1000), o.get("seed", 0), section.get("batch_tokens", 4096)),
+    )
     oracle_rows = [
         {"criterion": label, "seed_index": k, **_oracle_spearman(sc, oracle)}
         for label, runs in criteria.items()
         for k, sc in enumerate(runs)
     ]
+    b = section.get("bonsai")
+    bonsai_rows = []
+    if b is not None:
+
+        def coefficients():
+            found = bonsai.first_round_coefficients(
+                ctx, b.get("masks", 32), b.get("prune_frac", 0.1), b.get("prior", "wanda")
+            )
+            return [[i, kind, u, beta, prior] for (i, kind, u), (beta, prior) in found.items()]
+
+        found = {(i, kind, u): (beta, prior) for i, kind, u, beta, prior in store.value("bonsai", coefficients)}
+        bonsai_rows = _bonsai_oracle_rows(found, oracle)
     ppl_cfg = section["perplexity"]
     if tok is None:
         gen = torch.Generator().manual_seed(12345)
         windows = torch.randint(0, vocab, (ppl_cfg["windows"], ppl_cfg["seqlen"]), generator=gen)
     else:
         windows = perplexity_windows(tok, ppl_cfg["seqlen"], ppl_cfg["windows"])
-    dense_ppl = perplexity(base, windows, batch_size=ppl_cfg.get("batch_size", 4), progress=False)["ppl"]
-    rows = []
+    batch = ppl_cfg.get("batch_size", 4)
+    dense_ppl = store.value("dense_ppl", lambda: perplexity(base, windows, batch_size=batch, progress=False)["ppl"])
     prune_options = {k: v for k, v in section.get("prune_options", {}).items() if k != "allocation"}
-    for allocation in section.get("allocations", ["uniform"]):
-        for sparsity in section["sparsities"]:
-            for label, runs in criteria.items():
-                for k, sc in enumerate(runs):
-                    model = copy.deepcopy(base)
-                    plan = prune(
-                        model, "fms", sparsity, calib, scores=copy.deepcopy(sc), allocation=allocation,
-                        progress=False, **prune_options,
-                    )
-                    ppl = perplexity(model, windows, batch_size=ppl_cfg.get("batch_size", 4), progress=False)["ppl"]
-                    rows.append(
-                        {
-                            "criterion": label,
-                            "uses_backprop": "backprop" in label,
-                            "allocation": allocation,
-                            "sparsity": sparsity,
-                            "seed_index": k,
-                            "ppl": ppl,
-                            "achieved_sparsity": plan.achieved_sparsity,
-                        }
-                    )
-                    del model
+
+    def pruned_row(label, k, sc, allocation, sparsity):
+        model = copy.deepcopy(base)
+        plan = prune(
+            model, "fms", sparsity, calib, scores=copy.deepcopy(sc), allocation=allocation, progress=False,
+            **prune_options,
+        )
+        ppl = perplexity(model, windows, batch_size=batch, progress=False)["ppl"]
+        return {
+            "criterion": label,
+            "uses_backprop": "backprop" in label,
+            "allocation": allocation,
+            "sparsity": sparsity,
+            "seed_index": k,
+            "ppl": ppl,
+            "achieved_sparsity": plan.achieved_sparsity,
+        }
+
+    jobs = [
+        (label, k, sc, allocation, sparsity)
+        for allocation in section.get("allocations", ["uniform"])
+        for sparsity in section["sparsities"]
+        for label, runs in criteria.items()
+        for k, sc in enumerate(runs)
+    ]
+    rows = [
+        store.value(f"ppl/{j[3]}/{j[4]}/{j[0]}/{j[1]}", lambda j=j: pruned_row(*j))
+        for j in tqdm(jobs, desc="diagnostics: prune + perplexity", disable=not progress)
+    ]
     calib_info = describe_calibration(c["n_samples"], c["seqlen"], c.get("seed", 0))
     return {
         "accuracy": {"rows": accuracy, "d": d, "eps": eps, "overlap_p": p},
         "criteria": {"rows": rows, "dense_ppl": dense_ppl},
-        "oracle": {"rows": oracle_rows, "oracle": oracle},
+        "oracle": {"rows": oracle_rows, "oracle": oracle, "bonsai": bonsai_rows, "bonsai_settings": b},
         "calibration": calib_info,
     }
 
@@ -297,7 +460,9 @@ def run(model_loader, tok, section: dict, progress: bool = False) -> dict:
 
 def frames(records: list[dict]) -> dict:
     """pandas tables from the fms_diagnostics records: accuracy (mean and std over seeds per n), criteria
-    (perplexity mean +- std over seeds), oracle (Spearman with the exact removal loss change, mean over seeds)."""
+    (perplexity mean +- std over seeds), oracle (Spearman with the exact removal loss change, mean over seeds) and,
+    where the section has `bonsai`, oracle_bonsai (Bonsai's first-round coefficients and its prior on its
+    candidates)."""
     import pandas as pd
 
     by_part = {r["config"]["part"]: r["metrics"] for r in records if r}
@@ -328,6 +493,8 @@ def frames(records: list[dict]) -> dict:
         agg = df.groupby("criterion")[cols].agg(["mean", "std"])
         agg.columns = [f"spearman_{a}_{b}" for a, b in agg.columns]
         out["oracle"] = agg.reset_index().sort_values(agg.columns[0], ascending=False)
+        if by_part["oracle"].get("bonsai"):
+            out["oracle_bonsai"] = pd.DataFrame(by_part["oracle"]["bonsai"])
     return out
 
 

@@ -656,6 +656,7 @@ def _reuse_accuracy_plan(base, acc_file: Path, entry: dict, prune_options: dict,
 
 
 DIAGNOSTICS_PARTS = ("accuracy", "criteria", "oracle")
+_RESUMED_WALL_NOTE = "wall time of the last (possibly resumed) invocation only, not of the whole computation"
 
 
 def _diagnostics_config(cfg: dict, part: str) -> dict:
@@ -675,9 +676,13 @@ def run_fms_diagnostics(cfg: dict, force: bool = False, progress: bool = False) 
     if force or not all(is_current(path, config) for path, config in wanted.items()):
         t0 = time.perf_counter()
         _, tok = _load(cfg)
-        out = diagnostics.run(lambda: _load(cfg), tok, exp, progress)
+        # finished pieces are kept (and committed) here until the records are written, so a run spans sessions
+        folder = results_dir(cfg["profile"], "fms_diagnostics") / "partial"
+        store = diagnostics.PartialStore(folder, _diagnostics_config(cfg, "all"), fresh=force)
+        out = diagnostics.run(lambda: _load(cfg), tok, exp, progress, store)
         wall = time.perf_counter() - t0
         for (path, config), part in zip(wanted.items(), DIAGNOSTICS_PARTS):
-            extra = {"calibration": out["calibration"]}
+            extra = {"calibration": out["calibration"], "wall_note": _RESUMED_WALL_NOTE}
             save_record(path, "fms_diagnostics", config, out[part], wall, device=cfg.get("device", "cpu"), extra=extra)
+        store.clear()
     return [load_record(path) for path in wanted]

@@ -264,6 +264,7 @@ FMS_DIAGNOSTICS = {  # issue 17, minillm/diagnostics.py
     "weight_queries": _list(_int(1)),
     "estimators": lambda v, w: None if isinstance(v, dict) else _raise(f"{w}: must be a mapping, got {v!r}"),
     "oracle": {"channels": _int(0), "seed": _int()},
+    "bonsai": {"masks": _int(2), "prune_frac": _float(0.0, 0.5, lo_open=True, hi_open=True), "prior": _str()},
     "batch_tokens": _int(1),
 }
 PROFILE = {

@@ -306,7 +306,14 @@ gate per head output and MLP channel):
   exact gradient's entries permuted), SPSA at several n, backprop Taylor, Wanda-SP and FLAP's score, and the
   forward-only estimators of `fms` (`estimator=ablation`, `estimator=allocation`);
 * **oracle**: Spearman of each criterion with the exact loss change of removing each unit alone (every attention
-  unit, a random sample of channels).
+  unit, a random sample of channels); FMS with the exact weight-space gradient (the paper's space, labelled
+  backprop) is among the criteria;
+* **oracle_bonsai**: Spearman with the same oracle of Bonsai's first-round regression coefficients and of its
+  prior, over its candidates only (the lower-prior units of each module), so not comparable with the whole-model
+  rows above.
+
+Interrupted computations resume from `results/<profile>/fms_diagnostics/partial/` (committed until the records
+exist).
 
 Expect: the cosine to follow the sqrt(n / (n + d)) curve (about 0.04 at n = 64 for SmolLM2); SPSA-FMS close to
 FMS with g = 1 or noise, and far from exact-gradient FMS; the exact ablation estimator closest to the oracle by
@@ -319,7 +326,7 @@ if "fms_diagnostics" not in cfg:
 elif not no_compute:
     experiments.run_fms_diagnostics(cfg, force=bool(force))"""),
         code("""tables = diagnostics.frames(experiments.collect(profile, "fms_diagnostics"))
-for name in ("accuracy", "criteria", "oracle"):
+for name in ("accuracy", "criteria", "oracle", "oracle_bonsai"):
     if name in tables:
         report.save_table(tables[name], out / f"fms_diagnostics_{name}")
         display(Markdown(f"**{name}**"))

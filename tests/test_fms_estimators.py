@@ -187,9 +187,69 @@ def test_fms_diagnostics_experiment_on_smoke_sizes(tmp_path, monkeypatch):
     labels = {r["criterion"] for r in crit["metrics"]["rows"]}
     assert {"fms-exact-grad (backprop)", "fms-g1", "fms-noise-g", "taylor (backprop)", "fms-spsa-gates-n2"} <= labels
     assert all(r["uses_backprop"] == ("backprop" in r["criterion"]) for r in crit["metrics"]["rows"])
+    assert "fms-weights-exact-grad (backprop)" in labels
+    bonsai_rows = orc["metrics"]["bonsai"]
+    assert bonsai_rows and all(-1 <= r["coefficients"] <= 1 and r["units"] >= 3 for r in bonsai_rows)
     tables = diagnostics.frames([acc, crit, orc])
-    assert set(tables) == {"accuracy", "criteria", "oracle"}
+    assert set(tables) == {"accuracy", "criteria", "oracle", "oracle_bonsai"}
+    assert not (tmp_path / "t" / "fms_diagnostics" / "partial").exists()  # removed once the records exist
     assert experiments.run_fms_diagnostics(cfg) == [acc, crit, orc]  # resumed from the records
+
+
+def test_fms_diagnostics_resume_after_a_crash(tmp_path, monkeypatch):
+    """A run that dies in the perplexity loop resumes from its partial store: nothing finished is computed again,
+    and the records equal those of a run that never stopped."""
+    from minillm import diagnostics, evaluate, experiments
+
+    section = copy.deepcopy(experiments.load_profile("smoke")["fms_diagnostics"])
+    cfg = {"profile": "t", "model": "tiny-llama-gqa3", "device": "cpu", "fms_diagnostics": section}
+    monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path / "whole")
+    whole = [r["metrics"] for r in experiments.run_fms_diagnostics(cfg)]
+
+    monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path / "resumed")
+    real_ppl, calls = evaluate.perplexity, {"ppl": 0, "oracle": 0}
+
+    def dying_ppl(*a, **k):
+        calls["ppl"] += 1
+        if calls["ppl"] == 4:
+            raise RuntimeError("session ended")
+        return real_ppl(*a, **k)
+
+    real_oracle = diagnostics.oracle_losses
+
+    def counted_oracle(*a, **k):
+        calls["oracle"] += 1
+        return real_oracle(*a, **k)
+
+    monkeypatch.setattr(evaluate, "perplexity", dying_ppl)
+    monkeypatch.setattr(diagnostics, "oracle_losses", counted_oracle)
+    with pytest.raises(RuntimeError, match="session ended"):
+        experiments.run_fms_diagnostics(cfg)
+    partial = tmp_path / "resumed" / "t" / "fms_diagnostics" / "partial"
+    assert (partial / "values.json").exists() and list((partial / "scores").glob("*.safetensors"))
+    monkeypatch.setattr(evaluate, "perplexity", real_ppl)
+    resumed = [r["metrics"] for r in experiments.run_fms_diagnostics(cfg)]
+    assert calls["oracle"] == 1  # the oracle came from the store the second time
+    assert resumed == whole
+    # another section empties the store instead of mixing two configurations
+    store = diagnostics.PartialStore(partial, {"a": 1})
+    store.value("x", lambda: 1)
+    assert diagnostics.PartialStore(partial, {"a": 2}).values == {}
+
+
+def test_exact_weight_space_fms_with_taylor_combination_is_llm_pruner_element1(tiny):
+    """The weight-space exact-gradient diagnostic computes |W dL/dW| per weight like `taylor` (element1) when its
+    combination is 'taylor': one gradient, one pooling."""
+    from minillm.adapters import get_adapter
+    from minillm.diagnostics import exact_weight_fms_scores, flat
+    from minillm.scores.common import ScoringContext
+
+    model, calib = tiny("tiny-llama-gqa3"), _calib()
+    ctx = ScoringContext(model, get_adapter(model), calib, "auto", 0, False)
+    mine = flat(exact_weight_fms_scores(ctx, ctx.input_stats("all"), combination="taylor"))
+    theirs = flat(minillm.score(model, "taylor", calib, progress=False))
+    assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-9)
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", ["smoke", "cpu", "cpu-full", "gpu", "paper"])

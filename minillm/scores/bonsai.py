@@ -394,12 +394,10 @@ def select_removals(
     official prefix rule: stop at the first unit that does not fit). Ties in beta are broken by the prior (lowest
     first); only units equal in both fall back to their position. `fill` (the last round) passes over units that do
     not fit and takes the next ones that do, so that the target is reached in that round."""
-    entries = []
-    offset = 0
-    for m in modules:
-        for j, u in enumerate(m.candidates.tolist()):
-            entries.append((float(beta[offset + j]), float(m.prior[u]), m.layer, m.kind, u, m.unit_cost))
-        offset += m.candidates.numel()
+    entries = [
+        (float(beta[j]), float(m.prior[u]), m.layer, m.kind, u, m.unit_cost)
+        for j, (m, u) in enumerate((m, u) for m in modules for u in m.candidates.tolist())
+    ]
     entries.sort(key=lambda e: e[:5])
     chosen, spent = [], 0
     for _, _, layer, kind, u, cost in entries:
@@ -435,6 +433,32 @@ def _neg_ppl_evaluator(ctx: ScoringContext, windows: torch.Tensor) -> Callable:
     return evaluate
 
 
+def fit_round(
+    ctx: ScoringContext,
+    modules: list[Module],
+    evaluate: Callable,
+    n_masks: int,
+    p: float,
+    gen: torch.Generator,
+    regression: str = "adam",
+) -> tuple[torch.Tensor, dict]:
+    """Steps 3-4 of a round: sample masks, score the sub-models, regress; one coefficient per candidate, in the
+    order of `candidate_units(modules)`."""
+    x = sample_masks(modules, n_masks, p, gen)
+    ys = []
+    for row in tqdm(x, desc="bonsai sub-models", disable=not ctx.progress, leave=False):
+        ys.append(evaluate(*expand_masks(modules, row)))
+    y = torch.tensor(ys, dtype=torch.float64)
+    beta, info = fit_regression(x, y, regression, gen)
+    info.update({"masks": n_masks, "candidates": int(x.shape[1]), "y_mean": float(y.mean()), "y_std": float(y.std())})
+    return beta, info
+
+
+def candidate_units(modules: list[Module]) -> list[tuple[int, str, int]]:
+    """(layer, kind, unit) of every candidate, in the column order of the masks."""
+    return [(m.layer, m.kind, u) for m in modules for u in m.candidates.tolist()]
+
+
 def run_round(
     ctx: ScoringContext,
     modules: list[Module],
@@ -446,15 +470,23 @@ def run_round(
     regression: str = "adam",
     fill: bool = False,
 ) -> tuple[list[tuple[int, str, int]], dict]:
-    x = sample_masks(modules, n_masks, p, gen)
-    ys = []
-    for row in tqdm(x, desc="bonsai sub-models", disable=not ctx.progress, leave=False):
-        ys.append(evaluate(*expand_masks(modules, row)))
-    y = torch.tensor(ys, dtype=torch.float64)
-    beta, info = fit_regression(x, y, regression, gen)
-    removals = select_removals(modules, beta, budget, fill)
-    info.update({"masks": n_masks, "candidates": int(x.shape[1]), "y_mean": float(y.mean()), "y_std": float(y.std())})
-    return removals, info
+    beta, info = fit_round(ctx, modules, evaluate, n_masks, p, gen, regression)
+    return select_removals(modules, beta, budget, fill), info
+
+
+def first_round_coefficients(
+    ctx: ScoringContext, n_masks: int = 32, p: float = 0.1, prior: str = "wanda", regression: str = "adam"
+) -> dict[tuple[int, str, int], tuple[float, float]]:
+    """(coefficient, prior) of every candidate of one Bonsai round on the unpruned model, scored on all of
+    `ctx.calib`: the regression's estimate of each unit's value (units outside the candidates are absent). A
+    diagnostic of how well the regression ranks units (issue 17's oracle); pruning never calls it."""
+    gen = torch.Generator().manual_seed(ctx.seed)
+    alloc = AllocationConfig(allocation="global", attention_units=ctx.attention_units)
+    modules = _round_modules(ctx, alloc, priors(ctx, ctx.calib, prior, gen), p)
+    beta, _ = fit_round(ctx, modules, _neg_ppl_evaluator(ctx, ctx.calib), n_masks, p, gen, regression)
+    units = candidate_units(modules)
+    prior_of = {(m.layer, m.kind, u): float(m.prior[u]) for m in modules for u in m.candidates.tolist()}
+    return {key: (float(b), prior_of[key]) for key, b in zip(units, beta.tolist())}
 
 
 def run(

@@ -112,6 +112,12 @@ def _weight_space_scores(ctx, stats, loss, queries, eps, sign, combination, alph
     block_of = {id(lin): b for b, lin in enumerate(weights.linears)}
     with fp32_forward(ctx.model, precision == "fp32"):
         est = estimate(weights, loss, queries, eps, ctx.seed, ctx.progress)
+    return weight_fms_scores(ctx, stats, lambda lin: est.gradient(weights, block_of[id(lin)]), sign, combination, alpha)
+
+
+def weight_fms_scores(ctx, stats, grad_of, sign="abs_mean", combination="product", alpha=1.0) -> list[LayerScores]:
+    """Weight-space FMS unit scores from any gradient source `grad_of(linear) -> dL/dW` (the SPSA estimate here;
+    the exact backprop gradient in the diagnostics)."""
     out = []
     for i, layer in enumerate(ctx.adapter.layers()):
         grads: dict[int, torch.Tensor] = {}
@@ -120,7 +126,7 @@ def _weight_space_scores(ctx, stats, loss, queries, eps, sign, combination, alph
             w = m.linear.weight.detach().float()
             key = id(m.linear)
             if key not in grads:
-                grads[key] = est.gradient(weights, block_of[key])
+                grads[key] = grad_of(m.linear).to(w.device, torch.float32)
             xn = stats[member_key(i, m)].norm.to(w.device)[None, :]
             return w, grads[key], xn
 
