@@ -306,7 +306,8 @@ def run(model_loader, tok, section: dict, progress: bool = False, store: Partial
 
     * accuracy: per seed and n, the gate-space SPSA estimate against the exact (backprop) gate gradient: cosine,
       Spearman of FMS unit scores with exact-gradient FMS, overlap of the bottom-p units, and sqrt(n / (n + d));
-      smaller n are prefixes of the largest run's queries (nested estimates, one run per seed).
+      smaller n are prefixes of the largest run's queries (nested estimates, one run per seed; `full_n_seeds` limits
+      how many seeds run beyond the largest n that is pruned with, `criteria_queries`).
     * criteria: perplexity after pruning with each criterion's unit scores, per sparsity, allocation and seed.
     * oracle: Spearman of each criterion's unit scores with the exact single-unit removal loss change, and of
       Bonsai's first-round regression coefficients over its candidates.
@@ -347,20 +348,24 @@ def run(model_loader, tok, section: dict, progress: bool = False, store: Partial
         "fms-exact-grad (backprop)": [lambda: exact_fms],
         "fms-weights-exact-grad (backprop)": [lambda: exact_weight_fms_scores(ctx, stats)],
         "fms-g1": [lambda: gate_fms_scores(ctx, {k: torch.ones_like(v) for k, v in exact.items()}, stats)],
-        "fms-noise-g": [lambda s=s: gate_fms_scores(ctx, _noise_like(exact, s), stats) for s in seeds],
+        "fms-noise-g (backprop control)": [lambda s=s: gate_fms_scores(ctx, _noise_like(exact, s), stats) for s in seeds],
         "taylor (backprop)": [method("taylor")],
         "wanda_sp": [method("wanda_sp")],
         "flap-score (no compensation)": [method("flap")],
     }
     accuracy, spsa = [], {}
-    for s in seeds:
-        def projections(s=s):
-            est = _gate_estimate(ctx, ns[-1], eps, s)[1]
+    # the first `full_n_seeds` seeds run to the largest n; the others stop at the largest n pruned with
+    short = max(section.get("criteria_queries", ns))
+    for j, s in enumerate(seeds):
+        n_max = ns[-1] if j < section.get("full_n_seeds", len(seeds)) else short
+
+        def projections(s=s, n_max=n_max):
+            est = _gate_estimate(ctx, n_max, eps, s)[1]
             return {"seeds": list(est.seeds), "projected": [float(v) for v in est.projected], "eps": est.eps}
 
         est = store.value(f"gate-estimate-seed{s}", projections)
         space = _gate_estimate_space(ctx)
-        for n in ns:
+        for n in (n for n in ns if n <= n_max):
             g = _grads_of(space, SPSAEstimate(est["seeds"][:n], est["projected"][:n], est["eps"]))
             fms = gate_fms_scores(ctx, g, stats)
             accuracy.append(
@@ -418,11 +423,11 @@ def run(model_loader, tok, section: dict, progress: bool = False, store: Partial
     dense_ppl = store.value("dense_ppl", lambda: perplexity(base, windows, batch_size=batch, progress=False)["ppl"])
     prune_options = {k: v for k, v in section.get("prune_options", {}).items() if k != "allocation"}
 
-    def pruned_row(label, k, sc, allocation, sparsity):
+    def pruned_row(label, k, sc, allocation, sparsity, compensate):
         model = copy.deepcopy(base)
         plan = prune(
             model, "fms", sparsity, calib, scores=copy.deepcopy(sc), allocation=allocation, progress=False,
-            **prune_options,
+            compensate_bias=compensate, **prune_options,
         )
         ppl = perplexity(model, windows, batch_size=batch, progress=False)["ppl"]
         return {
@@ -430,20 +435,22 @@ def run(model_loader, tok, section: dict, progress: bool = False, store: Partial
             "uses_backprop": "backprop" in label,
             "allocation": allocation,
             "sparsity": sparsity,
+            "compensate_bias": compensate,
             "seed_index": k,
             "ppl": ppl,
             "achieved_sparsity": plan.achieved_sparsity,
         }
 
     jobs = [
-        (label, k, sc, allocation, sparsity)
+        (label, k, sc, allocation, sparsity, compensate)
+        for compensate in section.get("compensate_bias", [False])
         for allocation in section.get("allocations", ["uniform"])
         for sparsity in section["sparsities"]
         for label, runs in criteria.items()
         for k, sc in enumerate(runs)
     ]
     rows = [
-        store.value(f"ppl/{j[3]}/{j[4]}/{j[0]}/{j[1]}", lambda j=j: pruned_row(*j))
+        store.value(f"ppl/{j[3]}/{j[4]}/comp{int(j[5])}/{j[0]}/{j[1]}", lambda j=j: pruned_row(*j))
         for j in tqdm(jobs, desc="diagnostics: prune + perplexity", disable=not progress)
     ]
     calib_info = describe_calibration(c["n_samples"], c["seqlen"], c.get("seed", 0))
@@ -458,11 +465,11 @@ def run(model_loader, tok, section: dict, progress: bool = False, store: Partial
 # --- tables and figures from the records (notebook 07) -------------------------------------------------------------
 
 
-def frames(records: list[dict]) -> dict:
+def frames(records: list[dict], memory: dict | None = None) -> dict:
     """pandas tables from the fms_diagnostics records: accuracy (mean and std over seeds per n), criteria
     (perplexity mean +- std over seeds), oracle (Spearman with the exact removal loss change, mean over seeds) and,
     where the section has `bonsai`, oracle_bonsai (Bonsai's first-round coefficients and its prior on its
-    candidates)."""
+    candidates); goal: issue 17's goal from the criteria rows (`goal_frame`, with `memory` ratios if given)."""
     import pandas as pd
 
     by_part = {r["config"]["part"]: r["metrics"] for r in records if r}
@@ -482,11 +489,15 @@ def frames(records: list[dict]) -> dict:
         out["accuracy"] = agg.reset_index()
     if "criteria" in by_part:
         df = pd.DataFrame(by_part["criteria"]["rows"])
-        keys = ["criterion", "uses_backprop", "allocation", "sparsity"]
+        df["compensate_bias"] = df.get("compensate_bias", False)
+        keys = ["criterion", "uses_backprop", "allocation", "compensate_bias", "sparsity"]
         agg = df.groupby(keys).agg(ppl_mean=("ppl", "mean"), ppl_std=("ppl", "std"), runs=("ppl", "size"))
-        agg = agg.reset_index().sort_values(["allocation", "sparsity", "ppl_mean"])
+        agg = agg.reset_index().sort_values(["allocation", "compensate_bias", "sparsity", "ppl_mean"])
         agg["dense_ppl"] = by_part["criteria"]["dense_ppl"]
         out["criteria"] = agg
+        goal = goal_frame(by_part["criteria"], memory)
+        if not goal.empty:
+            out["goal"] = goal
     if "oracle" in by_part:
         df = pd.DataFrame(by_part["oracle"]["rows"])
         cols = [c for c in ("attention", "channels") if c in df]
@@ -495,6 +506,83 @@ def frames(records: list[dict]) -> dict:
         out["oracle"] = agg.reset_index().sort_values(agg.columns[0], ascending=False)
         if by_part["oracle"].get("bonsai"):
             out["oracle_bonsai"] = pd.DataFrame(by_part["oracle"]["bonsai"])
+    return out
+
+
+GOAL_TAYLOR_RATIO = 1.05  # issue 17: within 1.05x of backprop Taylor's perplexity
+GOAL_MEMORY_RATIO = 1.15  # ... at a scoring peak <= 1.15x the dense forward
+
+
+def _forward_only_fms(label: str) -> bool:
+    """SPSA FMS and the forward-only estimators; not the controls (g = 1, noise) or anything using backprop."""
+    return label.startswith("fms-") and "backprop" not in label and label != "fms-g1"
+
+
+def goal_frame(criteria: dict, memory_ratios: dict | None = None):
+    """Issue 17's goal, per sparsity and bias compensation: the forward-only FMS-family criterion with the lowest
+    mean perplexity over its seeds (best of its allocations) against backprop Taylor (per-layer uniform, as
+    LLM-Pruner) and FLAP's score (global, as FLAP), all pruned from the same calibration tokens. `memory_ratios`
+    maps an estimator name ('spsa', 'ablation', 'allocation') to its measured scoring peak / dense forward.
+    Verdicts are 'met' / 'not met' on the means; `within_noise` says when the gap to the reference is smaller than
+    the best criterion's seed standard deviation (or when one seed only gives no spread: None)."""
+    import pandas as pd
+
+    df = pd.DataFrame(criteria["rows"])
+    if df.empty:
+        return df
+    df["compensate_bias"] = df.get("compensate_bias", False)
+    agg = df.groupby(["criterion", "allocation", "compensate_bias", "sparsity"]).ppl.agg(["mean", "std", "size"])
+    agg = agg.reset_index()
+    out = []
+    for (comp, sparsity), part in agg.groupby(["compensate_bias", "sparsity"]):
+        ref = {r.criterion + "/" + r.allocation: r for r in part.itertuples()}
+        taylor, flap = ref.get("taylor (backprop)/uniform"), ref.get("flap-score (no compensation)/global")
+        mine = part[part.criterion.map(_forward_only_fms)]
+        if mine.empty or taylor is None:
+            continue
+        best = mine.sort_values("mean").iloc[0]
+        estimator = "ablation" if "ablation" in best.criterion else "allocation" if "allocation" in best.criterion else "spsa"
+        spread = None if best["size"] < 2 or pd.isna(best["std"]) else float(best["std"])
+        row = {
+            "sparsity": sparsity,
+            "compensate_bias": bool(comp),
+            "best_forward_only": best.criterion,
+            "allocation": best.allocation,
+            "ppl_mean": best["mean"],
+            "ppl_std": spread,
+            "seeds": int(best["size"]),
+            "taylor_ppl": taylor.mean,
+            "ratio_to_taylor": best["mean"] / taylor.mean,
+            "taylor_goal": "met" if best["mean"] <= GOAL_TAYLOR_RATIO * taylor.mean else "not met",
+            "taylor_within_noise": None if spread is None else abs(best["mean"] - taylor.mean) < spread,
+        }
+        if flap is not None:
+            row.update(
+                {
+                    "flap_ppl": flap.mean,
+                    "flap_goal": "met" if best["mean"] <= flap.mean else "not met",
+                    "flap_within_noise": None if spread is None else abs(best["mean"] - flap.mean) < spread,
+                }
+            )
+        if memory_ratios and estimator in memory_ratios:
+            ratio = memory_ratios[estimator]
+            row.update({"peak_ratio_to_dense": ratio, "memory_goal": "met" if ratio <= GOAL_MEMORY_RATIO else "not met"})
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def memory_ratios(memory_records: list[dict], methods: list[dict]) -> dict:
+    """estimator name -> highest scoring peak / dense forward among the memory records' FMS entries (`methods`:
+    the profile's memory methods, which say each label's estimator)."""
+    estimator_of = {
+        m["label"]: (m.get("options") or {}).get("estimator", "spsa") for m in methods if m.get("method") == "fms"
+    }
+    out: dict = {}
+    for rec in memory_records:
+        for m in rec["metrics"].get("methods", []):
+            name = estimator_of.get(m.get("label"))
+            if name is not None and "ratio_to_dense_forward" in m:
+                out[name] = max(out.get(name, 0.0), m["ratio_to_dense_forward"])
     return out
 
 

@@ -25,7 +25,12 @@ EXPECTED = [
 
 
 # notebook 07, for profiles with an fms_diagnostics section
-DIAGNOSTICS = ["fms_diagnostics_accuracy.csv", "fms_diagnostics_criteria.csv", "fms_diagnostics_oracle.csv"]
+DIAGNOSTICS = [
+    "fms_diagnostics_accuracy.csv",
+    "fms_diagnostics_criteria.csv",
+    "fms_diagnostics_oracle.csv",
+    "fms_diagnostics_goal.csv",
+]
 
 
 def main(profile: str) -> int:

@@ -325,8 +325,17 @@ if "fms_diagnostics" not in cfg:
     print(f"profile {profile!r} has no fms_diagnostics section: nothing to compute or render")
 elif not no_compute:
     experiments.run_fms_diagnostics(cfg, force=bool(force))"""),
-        code("""tables = diagnostics.frames(experiments.collect(profile, "fms_diagnostics"))
-for name in ("accuracy", "criteria", "oracle", "oracle_bonsai"):
+        md("""The **goal** table checks issue 17's target on the criteria rows: the best forward-only FMS-family
+criterion (SPSA or an `estimator`, mean over its seeds, best of its allocations; not g = 1, noise or anything using
+backprop) against backprop Taylor (per-layer uniform, as LLM-Pruner) and FLAP's score (global, as FLAP), with and
+without bias compensation where the profile has both, and the estimator's scoring peak over the dense forward
+from notebook 02's records where they exist. `*_within_noise` is true when the gap is smaller than the best
+criterion's seed standard deviation: such a verdict is not a difference."""),
+        code("""memory = diagnostics.memory_ratios(
+    experiments.collect(profile, "memory"), cfg.get("memory", {}).get("methods", [])
+)
+tables = diagnostics.frames(experiments.collect(profile, "fms_diagnostics"), memory)
+for name in ("accuracy", "criteria", "oracle", "oracle_bonsai", "goal"):
     if name in tables:
         report.save_table(tables[name], out / f"fms_diagnostics_{name}")
         display(Markdown(f"**{name}**"))

@@ -173,11 +173,12 @@ def test_fms_diagnostics_experiment_on_smoke_sizes(tmp_path, monkeypatch):
     section["seeds"] = [0, 1]
     section["estimators"]["fms-ablation-all"] = {"estimator": "ablation", "shortlist": 1.0}
     section["oracle"]["channels"] = 10_000  # every channel
+    section["criteria_queries"], section["full_n_seeds"] = [1], 1  # seed 1 stops at n = 1
     cfg = {"profile": "t", "model": "tiny-llama-gqa3", "device": "cpu", "fms_diagnostics": section}
     acc, crit, orc = experiments.run_fms_diagnostics(cfg)
     assert (tmp_path / "t" / "fms_diagnostics" / "oracle.json").exists()
     rows = acc["metrics"]["rows"]
-    assert {r["n"] for r in rows} == set(section["queries"]) and {r["seed"] for r in rows} == {0, 1}
+    assert sorted((r["seed"], r["n"]) for r in rows) == [(0, 1), (0, 2), (1, 1)]
     assert all(-1 <= r["cosine"] <= 1 and 0 <= r["bottom_overlap"] <= 1 for r in rows)
     assert all(r["theory"] == pytest.approx((r["n"] / (r["n"] + r["d"])) ** 0.5) for r in rows)
     by = {r["criterion"]: r for r in orc["metrics"]["rows"]}
@@ -185,13 +186,13 @@ def test_fms_diagnostics_experiment_on_smoke_sizes(tmp_path, monkeypatch):
     assert by["fms-ablation-all"]["attention"] == pytest.approx(1.0)
     assert by["fms-ablation-all"]["channels"] == pytest.approx(1.0)
     labels = {r["criterion"] for r in crit["metrics"]["rows"]}
-    assert {"fms-exact-grad (backprop)", "fms-g1", "fms-noise-g", "taylor (backprop)", "fms-spsa-gates-n2"} <= labels
+    assert {"fms-exact-grad (backprop)", "fms-g1", "fms-noise-g (backprop control)", "taylor (backprop)", "fms-spsa-gates-n1"} <= labels
     assert all(r["uses_backprop"] == ("backprop" in r["criterion"]) for r in crit["metrics"]["rows"])
     assert "fms-weights-exact-grad (backprop)" in labels
     bonsai_rows = orc["metrics"]["bonsai"]
     assert bonsai_rows and all(-1 <= r["coefficients"] <= 1 and r["units"] >= 3 for r in bonsai_rows)
     tables = diagnostics.frames([acc, crit, orc])
-    assert set(tables) == {"accuracy", "criteria", "oracle", "oracle_bonsai"}
+    assert set(tables) == {"accuracy", "criteria", "oracle", "oracle_bonsai", "goal"}
     assert not (tmp_path / "t" / "fms_diagnostics" / "partial").exists()  # removed once the records exist
     assert experiments.run_fms_diagnostics(cfg) == [acc, crit, orc]  # resumed from the records
 
@@ -263,3 +264,35 @@ def test_profiles_fms_diagnostics_sections_use_known_options(name):
     for opts in section["estimators"].values():
         check_options(get_method("fms"), "fms", opts)
     assert set(section.get("criteria_queries", section["queries"])) <= set(section["queries"])
+
+
+def test_goal_frame_verdicts_follow_the_means_and_the_seed_spread():
+    from minillm.diagnostics import goal_frame, memory_ratios
+
+    def row(criterion, allocation, ppl, k=0, comp=False):
+        return {"criterion": criterion, "allocation": allocation, "sparsity": 0.2, "compensate_bias": comp,
+                "seed_index": k, "ppl": ppl}
+
+    rows = [
+        row("taylor (backprop)", "uniform", 20.0),
+        row("taylor (backprop)", "global", 15.0),  # not the reference: LLM-Pruner's allocation is uniform
+        row("flap-score (no compensation)", "global", 22.0),
+        row("fms-exact-grad (backprop)", "uniform", 10.0),  # uses backprop: never the best forward-only
+        row("fms-g1", "uniform", 11.0),  # a control, not an estimator
+        row("fms-spsa-gates-n16", "uniform", 30.0), row("fms-spsa-gates-n16", "uniform", 32.0, 1),
+        row("fms-allocation-n128", "global", 20.5), row("fms-allocation-n128", "global", 21.5, 1),
+        row("fms-allocation-n128", "global", 40.0, comp=True), row("taylor (backprop)", "uniform", 20.0, comp=True),
+    ]
+    memory = [{"metrics": {"methods": [{"label": "fms-alloc", "ratio_to_dense_forward": 1.2}]}}]
+    ratios = memory_ratios(memory, [{"label": "fms-alloc", "method": "fms", "options": {"estimator": "allocation"}}])
+    assert ratios == {"allocation": 1.2}
+    goal = goal_frame({"rows": rows}, ratios).set_index("compensate_bias")
+    plain = goal.loc[False]
+    assert plain.best_forward_only == "fms-allocation-n128" and plain.ppl_mean == pytest.approx(21.0)
+    assert plain.ratio_to_taylor == pytest.approx(1.05) and plain.taylor_goal == "met"
+    assert plain.flap_goal == "met"
+    assert not plain.flap_within_noise and not plain.taylor_within_noise  # gaps 1.0 > seed std 0.71
+    assert plain.memory_goal == "not met"
+    comp = goal.loc[True]  # one seed: no spread, so no noise verdict
+    assert comp.taylor_goal == "not met" and comp.ratio_to_taylor == pytest.approx(2.0)
+    assert comp.taylor_within_noise is None

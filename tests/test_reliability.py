@@ -210,7 +210,7 @@ def test_every_committed_record_is_current_under_its_unchanged_profile(profile):
         listed = json.loads(pending_file.read_text())
         assert listed["reason"] and listed["records"]
         pending = {experiments.RESULTS_DIR / profile / r for r in listed["records"]}
-    for exp in ("accuracy", "ablations", "recovery", "memory", "latency"):
+    for exp in ("accuracy", "ablations", "recovery", "memory", "latency", "fms_diagnostics"):
         wanted = experiments.expected_records(cfg, exp)
         assert wanted, (profile, exp)
         for path, config in wanted.items():
