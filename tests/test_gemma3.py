@@ -284,17 +284,23 @@ def test_perplexity_never_scores_bos(tiny):
     assert res["tokens"] == 2 * 31 and res["seqlen"] == 32
 
 
+def _zeroshot_first_tokens(model, tok, limit: int, batch_size: int):
+    """A zero-shot run on one bundled task, and the first token of every row that reached the embedding."""
+    firsts = []
+    hook = model.model.embed_tokens.register_forward_pre_hook(lambda m, args: firsts.extend(args[0][:, 0].tolist()))
+    try:
+        res = zeroshot(model, tok, tasks=["bb_cloze_strategyqa"], limit=limit, batch_size=batch_size)
+    finally:
+        hook.remove()
+    return res, firsts
+
+
 @pytest.mark.parametrize("add_bos", [True, False])
 def test_zeroshot_requests_start_with_bos_for_gemma_only(tiny, add_bos):
     model = tiny(NAME)
     model.config.max_position_embeddings = 4096  # char-level prompts are long; no left truncation of the BOS
     tok = _char_tokenizer(add_bos)
-    firsts = []
-    hook = model.model.embed_tokens.register_forward_pre_hook(lambda m, args: firsts.extend(args[0][:, 0].tolist()))
-    try:
-        res = zeroshot(model, tok, tasks=["bb_cloze_strategyqa"], limit=3, batch_size=4)
-    finally:
-        hook.remove()
+    res, firsts = _zeroshot_first_tokens(model, tok, limit=3, batch_size=4)
     assert res["bb_cloze_strategyqa"]["n"] == 3 and firsts
     if add_bos:
         assert set(firsts) == {2}
@@ -357,12 +363,7 @@ def test_gemma3_270m_zeroshot_requests_start_with_bos(gemma3, smollm2):
     """Real tokenizers: Gemma's requests reach the model with <bos> first; SmolLM2's tokenizer adds none and its
     requests start with the prompt's own first token, as before."""
     model, tok = gemma3
-    firsts = []
-    hook = model.model.embed_tokens.register_forward_pre_hook(lambda m, args: firsts.extend(args[0][:, 0].tolist()))
-    try:
-        res = zeroshot(model, tok, tasks=["bb_cloze_strategyqa"], limit=5, batch_size=8)
-    finally:
-        hook.remove()
+    res, firsts = _zeroshot_first_tokens(model, tok, limit=5, batch_size=8)
     assert set(firsts) == {tok.bos_token_id} and 0.0 <= res["bb_cloze_strategyqa"]["value"] <= 1.0
     assert not data.tokenizer_adds_bos(smollm2[1])
     assert smollm2[1].bos_token_id not in data.perplexity_windows(smollm2[1], 64, 2)[:, 0].tolist()
