@@ -3,6 +3,7 @@ expected value and tolerance, and the device and commit of the record. Nothing h
 
 from __future__ import annotations
 
+import statistics
 import sys
 from pathlib import Path
 
@@ -50,20 +51,45 @@ def _prov(r: dict) -> str:
     return f"{p['device'].split(' (')[0]}, {str(p.get('git_commit') or '?')[:10]}, {p['date'][:10]}"
 
 
+def seed_spread(records: list[dict]) -> tuple[dict, float | None]:
+    """Relative standard deviation of perplexity over the seed replicates of each (label, sparsity) that has at
+    least two, and the largest of them (None without replicates)."""
+    groups: dict = {}
+    for r in records:
+        cfg = r["config"]
+        groups.setdefault((cfg.get("label", cfg["method"]), cfg["sparsity"]), []).append(
+            r["metrics"]["perplexity"]["ppl"]
+        )
+    spread = {k: statistics.stdev(v) / statistics.mean(v) for k, v in groups.items() if len(v) >= 2}
+    return spread, max(spread.values(), default=None)
+
+
+def tolerance_text(spread: dict, largest: float | None) -> str:
+    """How the table's perplexity tolerance column is derived: from the measured seed spread where there is one."""
+    if largest is None:
+        return f"perplexity {TOLERANCE['ppl']} (no seed replicates in these records)"
+    return (
+        f"perplexity ±2 x the relative seed standard deviation of its method and sparsity (column `tolerance`, "
+        f"from {len(spread)} seeded method-sparsity pairs); for rows without replicates ±2 x the largest measured "
+        f"here ({largest:.1%}), i.e. ±{2 * largest:.1%}"
+    )
+
+
 def accuracy_section(profile: str, experiment: str) -> list[str]:
     records = experiments.collect(profile, experiment)
     if not records:
         return []
+    spread, largest = seed_spread(records)
     cmd = f"`python -m minillm experiment {experiment} --profile {profile}`"
     lines = [
         f"## {experiment} ({profile} profile)",
         "",
         f"Command: {cmd} (notebook "
-        f"{'01' if experiment == 'accuracy' else '04'}). Tolerances: perplexity {TOLERANCE['ppl']}; "
+        f"{'01' if experiment == 'accuracy' else '04'}). Tolerances: {tolerance_text(spread, largest)}; "
         f"zero-shot {TOLERANCE['zeroshot']}.",
         "",
-        "| method | sparsity | achieved | P&P perplexity | zero-shot avg | record | device, commit, date |",
-        "|---|---|---|---|---|---|---|",
+        "| method | sparsity | achieved | P&P perplexity | tolerance | zero-shot avg | record | device, commit, date |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(records, key=lambda r: (r["config"]["sparsity"], r["metrics"]["perplexity"]["ppl"])):
         cfg, m = r["config"], r["metrics"]
@@ -74,9 +100,11 @@ def accuracy_section(profile: str, experiment: str) -> list[str]:
             f"results/{profile}/{experiment}/{cfg.get('label', cfg['method'])}_s{round(cfg['sparsity'] * 100):02d}"
             f"{experiments.replicate_suffix(cfg.get('replicate', 0))}"
         )
+        rel = spread.get((cfg.get("label", cfg["method"]), cfg["sparsity"]), largest)
+        tol = "±3%" if rel is None else f"±{2 * rel:.1%}"
         lines.append(
             f"| {cfg.get('label', cfg['method'])} | {cfg['sparsity']:.2f} | {achieved:.4f} | "
-            f"{_ppl_cell(m['perplexity'])} | {_zeroshot_cell(m.get('zeroshot', {}), zs)} | `{name}.json` | "
+            f"{_ppl_cell(m['perplexity'])} | {tol} | {_zeroshot_cell(m.get('zeroshot', {}), zs)} | `{name}.json` | "
             f"{_prov(r)} |"
         )
     return lines + [""]

@@ -364,3 +364,28 @@ def test_claims_untestable_models_and_missing_records():
     assert _verdict(rows, "better than gradient-free methods on BLOOM").startswith("not testable")
     assert _verdict(rows, "state-of-the-art").startswith("insufficient evidence (no sparsity with records")
     assert all(r["quoted"].startswith("quoted: ") for r in rows)
+
+
+def test_reproducing_tolerances_come_from_the_seed_spread():
+    """REPRODUCING.md's perplexity tolerance is 2 x the measured relative seed SD of each (method, sparsity), the
+    largest measured one for rows without replicates, and the fixed text only when no record has replicates."""
+    import importlib.util
+    import statistics
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "make_reproducing.py"
+    spec = importlib.util.spec_from_file_location("make_reproducing", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def rec(label, sparsity, ppl):
+        return {"config": {"label": label, "method": label, "sparsity": sparsity}, "metrics": {"perplexity": {"ppl": ppl}}}
+
+    records = [rec("a", 0.2, 10.0), rec("a", 0.2, 12.0), rec("a", 0.2, 11.0), rec("b", 0.2, 30.0), rec("b", 0.2, 30.0),
+               rec("a", 0.1, 9.0)]
+    spread, largest = mod.seed_spread(records)
+    assert spread[("a", 0.2)] == pytest.approx(statistics.stdev([10, 12, 11]) / 11)
+    assert spread[("b", 0.2)] == 0.0 and ("a", 0.1) not in spread
+    assert largest == spread[("a", 0.2)]
+    assert f"±{2 * largest:.1%}" in mod.tolerance_text(spread, largest)
+    assert "no seed replicates" in mod.tolerance_text(*mod.seed_spread([rec("a", 0.1, 9.0)]))
