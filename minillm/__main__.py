@@ -354,6 +354,7 @@ def cmd_experiment(args) -> int:
         "memory": lambda: experiments.run_memory(cfg, args.force),
         "latency": lambda: experiments.run_latency(cfg, args.force),
         "recovery": lambda: experiments.run_recovery(cfg, args.force, not args.quiet),
+        "fms_diagnostics": lambda: experiments.run_fms_diagnostics(cfg, args.force, not args.quiet),
     }
     records = runners[args.name]()
     print(f"{len(records)} records in {experiments.results_dir(args.profile, args.name)}")
@@ -535,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.set_defaults(func=cmd_bench)
 
     ex = sub.add_parser("experiment", help="compute the missing records of one experiment of a profile")
-    ex.add_argument("name", choices=("accuracy", "ablations", "memory", "latency", "recovery"))
+    ex.add_argument("name", choices=("accuracy", "ablations", "memory", "latency", "recovery", "fms_diagnostics"))
     ex.add_argument("--profile", default="cpu")
     ex.add_argument("--force", action="store_true", help="recompute records that exist")
     ex.add_argument("--quiet", action="store_true")

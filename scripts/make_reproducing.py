@@ -33,7 +33,7 @@ Every record carries its full configuration, package versions, git commit, devic
 * **Everything at once:** `make reproduce PROFILE=cpu` (set-up, then every notebook). It resumes from the records
   in `results/cpu/`, so with the committed records it only re-renders; `make reproduce PROFILE=cpu FRESH=1`
   deletes them first and recomputes everything. Re-render only: `make figures PROFILE=cpu`.
-* **One experiment:** `python -m minillm experiment accuracy|ablations|memory|latency|recovery --profile cpu
+* **One experiment:** `python -m minillm experiment accuracy|ablations|memory|latency|recovery|fms_diagnostics --profile cpu
   [--force]`.
 * **On a GPU box without network:** `make reproduce PYTHON=python3 SETUP= PROFILE=gpu` with torch, transformers,
   accelerate, safetensors, pyyaml, pandas, matplotlib, seaborn, papermill, ipykernel, lm-eval and datasets
