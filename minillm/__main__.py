@@ -269,18 +269,35 @@ def cmd_bench(args) -> int:
             include_24=args.include_24,
             compile=args.compile,
             sparse_backend=args.sparse_backend,
+            bench_repeats=args.bench_repeats or measure.BENCH_REPEATS,
         )
-        for r in result["rows"][1:]:
-            print(
-                f"{r['variant']} {r['sparsity']:.2f}: prefill speed-up {[round(x, 2) for x in r['prefill_speedup']]}, "
-                f"decode speed-up {[round(x, 2) for x in r['decode_speedup']]}"
-            )
+        _print_speedups(result)
     result["provenance"] = provenance(device)
     if args.json == "-":
         print(json.dumps(result, indent=1))
     elif args.json:
         write_json_atomic(Path(args.json), result)
     return 0
+
+
+def _print_speedups(result: dict) -> None:
+    """One line per pruned variant and shape: measured speed-up, its 95% interval, and the FLOP ceiling."""
+    dense = result["rows"][0]
+    shapes = {
+        "prefill": [f"{x['batch']}x{x['seqlen']}" for x in dense["prefill"]],
+        "decode": [f"b{x['batch']}" for x in dense["decode"]],
+    }
+    for r in result["rows"][1:]:
+        name = f"{r['variant']} {r['sparsity']:.2f}"
+        if r.get("error"):
+            print(f"{name}: {r['error']}")
+            continue
+        for kind in ("prefill", "decode"):
+            for shape, x, (lo, hi), ceiling in zip(
+                shapes[kind], r[f"{kind}_speedup"], r[f"{kind}_speedup_ci95"], r[f"{kind}_ceiling"]
+            ):
+                bound = "n/a (sparse kernels)" if ceiling is None else f"{ceiling:.2f}x"
+                print(f"{name} {kind} {shape}: speed-up {x:.2f}x (95% CI {lo:.2f}-{hi:.2f}), FLOP ceiling {bound}")
 
 
 def _bench_simulate(args) -> int:
@@ -509,6 +526,12 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--prompt", type=int, default=128)
     be.add_argument("--new-tokens", type=int, default=64)
     be.add_argument("--repeats", type=int, default=20)
+    be.add_argument(
+        "--bench-repeats",
+        type=int,
+        help="latency: repeats of the whole interleaved bench, the speed-up intervals are over all their paired rounds "
+        "(default 2)",
+    )
     be.add_argument("--round-to", type=int, default=1)
     be.add_argument("--include-24", action="store_true", help="latency: add a semi-structured 2:4 copy")
     be.add_argument(

@@ -167,6 +167,52 @@ def count(model: str, dtype: str, fn, hw: dict = H100, setup=None, teacher: bool
     return counter.cost
 
 
+def model_cost(model: torch.nn.Module, fn, setup=None, hw: dict = H100) -> Cost:
+    """Cost of `fn(call, state)` on a real (e.g. pruned) model, run on fake copies of its parameters and buffers:
+    shapes only, nothing is computed and the model is left as it was. `call(**inputs)` is the model's forward without
+    gradients; `setup(call)` (not counted) returns `state`, e.g. a KV cache."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .simulate import StandIns
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    state_dict = {name: mode.from_tensor(t) for name, t in model.state_dict(keep_vars=True).items()}
+
+    def call(**inputs):
+        return torch.func.functional_call(model, state_dict, (), inputs)
+
+    counter = CostCounter(hw)
+    with mode, StandIns(), torch.no_grad():
+        state = setup(call) if setup else None
+        with counter:
+            fn(call, state)
+    return counter.cost
+
+
+def latency_flops(
+    model: torch.nn.Module, prefill: list[tuple[int, int]], decode_batches: list[int], prompt: int, new_tokens: int
+) -> dict:
+    """Counted FLOPs of the work `measure.latency` times: one forward pass per prefill (batch, length), and per
+    decode batch the prompt's forward pass plus `new_tokens` - 1 single-token steps (greedy generation), each step
+    counted at the middle context prompt + new_tokens // 2 with a dynamic cache (a static cache's attention over its
+    empty slots is not counted). Matmuls and attention only (see `CostCounter`): the embedding lookup is no
+    multiply-add, the LM head is one. {"prefill": [FLOPs per shape], "decode": [FLOPs per batch]}."""
+    out = {"prefill": [], "decode": []}
+    for b, t in prefill:
+        out["prefill"].append(
+            model_cost(model, lambda call, _, b=b, t=t: call(input_ids=_ids(b, t), use_cache=False)).flops
+        )
+    for b in decode_batches:
+        first = model_cost(model, lambda call, _, b=b: call(input_ids=_ids(b, prompt), use_cache=True)).flops
+        step = model_cost(
+            model,
+            lambda call, cache, b=b: call(input_ids=_ids(b, 1), past_key_values=cache, use_cache=True),
+            lambda call, b=b: call(input_ids=_ids(b, prompt + new_tokens // 2), use_cache=True).past_key_values,
+        ).flops
+        out["decode"].append(first + (new_tokens - 1) * step)
+    return out
+
+
 def _ids(batch: int, seqlen: int) -> torch.Tensor:
     return torch.zeros(batch, seqlen, dtype=torch.long)
 
@@ -426,8 +472,11 @@ def estimate_profile(cfg: dict, hw: dict = H100, sections: list[str] | None = No
                 n = 1 + len(exp["methods"])
                 add(Row("memory", f"{name} {b}x{t}", n, total, n * start, ["one fresh process per step"]))
     if "latency" in wanted and "latency" in cfg:
+        from .measure import BENCH_REPEATS
+
         exp = cfg["latency"]
         repeats = exp.get("repeats", 20)
+        benches = exp.get("bench_repeats", BENCH_REPEATS)
         variants = 1 + len(exp["sparsities"]) + (1 if exp.get("include_24") else 0)
         for name in exp["models"]:
             lc = Counter(name, exp["dtype"], hw)
@@ -439,7 +488,7 @@ def estimate_profile(cfg: dict, hw: dict = H100, sections: list[str] | None = No
                 gen = lc.forward(b, d["prompt"]) + lc.decode(b, d["prompt"] + d["new_tokens"] // 2) * d["new_tokens"]
                 one = one + gen * (1 + max(3, repeats // 4))
             for r in exp.get("round_to", [1]):
-                add(Row("latency", f"{name} round_to={r}", variants, one * variants,
+                add(Row("latency", f"{name} round_to={r}", variants, one * (variants * benches),
                                 variants * lc.weights_bytes() / LOAD_BYTES_PER_S,
                                 ["pruned and 2:4 variants counted at the dense cost"]))
     return rows

@@ -16,7 +16,7 @@ import yaml
 
 from .data import calibration_windows, describe_calibration, perplexity_windows
 from .evaluate import perplexity, zeroshot
-from .measure import peak_memory
+from .measure import BENCH_REPEATS, LATENCY_PROTOCOL, peak_memory
 from .models import load_model
 from .profiles import ProfileError, validate_profile
 from .prune import prune, score
@@ -413,6 +413,10 @@ def _latency_config(cfg: dict, model: str, round_to: int) -> dict:
         "round_to": round_to,
         **{k: exp[k] for k in ("sparsities", "prefill", "decode")},
         **({"compile": exp["compile"]} if "compile" in exp else {}),  # absent in older profiles and their records
+        "include_24": exp.get("include_24", False),
+        "repeats": exp.get("repeats", 20),
+        "bench_repeats": exp.get("bench_repeats", BENCH_REPEATS),
+        "protocol": LATENCY_PROTOCOL,
     }
 
 
@@ -443,7 +447,8 @@ def run_memory(cfg: dict, force: bool = False) -> list[dict]:
 
 
 def run_latency(cfg: dict, force: bool = False) -> list[dict]:
-    """Prefill and decode latency of dense and uniformly pruned copies of each configured model."""
+    """Prefill and decode latency of dense and uniformly pruned copies of each configured model (interleaved rounds,
+    the whole bench `bench_repeats` times; see `measure.bench_latency`)."""
     from .measure import bench_latency
 
     exp, profile = cfg["latency"], cfg["profile"]
@@ -468,6 +473,7 @@ def run_latency(cfg: dict, force: bool = False) -> list[dict]:
                     round_to,
                     include_24=exp.get("include_24", False),
                     compile=exp.get("compile", "none"),
+                    bench_repeats=config["bench_repeats"],
                 )
                 save_record(
                     path,

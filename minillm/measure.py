@@ -7,13 +7,17 @@ memory is torch's max_memory_allocated / max_memory_reserved after a reset.
 Latency is timed by hand (`_timed`) rather than with `torch.utils.benchmark.Timer`: the Timer runs with one thread
 by default (CPU timings would not be those of the model as used, nor those of the committed records), reports
 blocks of runs rather than each repeat (the median and IQR here are over single calls), and synchronises through
-torch.cuda directly, while `minillm.device.backend` lets tests stand in a fake accelerator.
+torch.cuda directly, while `minillm.device.backend` lets tests stand in a fake accelerator. The dense and pruned
+models are timed in interleaved rounds (one call of each per round, rotating order) and the whole bench is repeated,
+so a change in the machine's load lands on every variant alike; speed-ups are medians of per-round ratios with a
+bootstrap interval, beside the ceiling their counted FLOPs allow (`bench_latency`).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -267,7 +271,11 @@ def bench_memory(
 # --- latency of dense and pruned models -----------------------------------------------------------------------------
 
 
-def _timed(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
+def _timed(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, list[float]]:
+    """Interleaved timing: `repeats` rounds with one timed call of every function per round, the order rotated by
+    one each round (A B C, B C A, C A B, ...), so that drift in the machine's load falls on all of them alike
+    (functions timed one after the other would each see a different stretch of it). Warm-up is the caller's.
+    Each function's times in seconds, round by round."""
     import time
 
     from .device import backend
@@ -278,16 +286,33 @@ def _timed(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
         if cuda.is_cuda(device):
             cuda.synchronize(device)
 
-    for _ in range(warmup):
-        fn()
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
     sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            fns[name]()
+            sync()
+            times[name].append(time.perf_counter() - t0)
     return times
+
+
+def _warm_up(fns: dict[str, Callable[[], object]], warmup: int, may_fail: set[str]) -> dict[str, str]:
+    """Call every function `warmup` times; the functions named in `may_fail` that raise are left out of `fns` (in
+    place) and their errors returned, any other error is raised."""
+    errors = {}
+    for name in list(fns):
+        try:
+            for _ in range(warmup):
+                fns[name]()
+        except Exception as e:  # noqa: BLE001 - the sparse kernels can fail at the first matmul; record it
+            if name not in may_fail:
+                raise
+            errors[name] = f"{type(e).__name__}: {e}"[:500]
+            del fns[name]
+    return errors
 
 
 def _summary(times: list[float]) -> dict:
@@ -296,7 +321,34 @@ def _summary(times: list[float]) -> dict:
     return {"median_s": med, "iqr_s": q3 - q1, "q1_s": q1, "q3_s": q3, "repeats": len(times)}
 
 
+def speedup(dense_times: list[list[float]], times: list[list[float]], iters: int = 2000, seed: int = 0) -> dict:
+    """Speed-up of a variant over dense from paired rounds (`_timed`: both timed once in each round), per bench
+    repeat a list of round times. Per round the ratio dense time / variant time; `speedup` is the median of these
+    ratios over all rounds, `ci95` its percentile bootstrap 95% interval (`iters` resamples of the rounds, numpy
+    Generator seeded with `seed`), `per_bench` the ratio of the medians in each bench repeat (their spread shows
+    how much a whole bench moves between repeats). Pairing cancels the load drift shared by both sides of a round."""
+    import numpy as np
+
+    dense = np.concatenate([np.asarray(d, dtype=np.float64) for d in dense_times])
+    variant = np.concatenate([np.asarray(v, dtype=np.float64) for v in times])
+    if dense.shape != variant.shape or dense.size == 0:
+        raise ValueError(f"need the same non-zero number of paired rounds, got {dense.size} and {variant.size}")
+    ratios = dense / variant
+    idx = np.random.default_rng(seed).integers(0, ratios.size, size=(iters, ratios.size))
+    lo, hi = np.quantile(np.median(ratios[idx], axis=1), [0.025, 0.975])
+    return {
+        "speedup": float(np.median(ratios)),
+        "ci95": [float(lo), float(hi)],
+        "per_bench": [float(np.median(d) / np.median(v)) for d, v in zip(dense_times, times)],
+        "rounds": int(ratios.size),
+    }
+
+
 COMPILE_POLICIES = ("none", "all")
+BENCH_REPEATS = 2  # whole-bench repeats of `bench_latency` unless told
+# in every latency record's configuration: records timed by an earlier protocol (variants one after the other) are
+# not current and are recomputed
+LATENCY_PROTOCOL = "interleaved rounds, paired speed-ups"
 
 
 def _generate_compile_kwargs(policy: str) -> dict:
@@ -312,7 +364,7 @@ def _generate_compile_kwargs(policy: str) -> dict:
 
 @torch.no_grad()
 def latency(
-    model: torch.nn.Module,
+    models: dict[str, torch.nn.Module],
     prefill: list[tuple[int, int]],
     decode_batches: list[int],
     prompt: int,
@@ -321,45 +373,82 @@ def latency(
     warmup: int = 3,
     static_cache: bool = True,
     compile: str = "none",
-) -> dict:
-    """Prefill time per (batch, length) and decode tokens/s (greedy, fixed number of new tokens) per batch size.
+    bench_repeats: int = 1,
+    may_fail: tuple[str, ...] = (),
+) -> dict[str, dict]:
+    """Prefill time per (batch, length) and decode tokens/s (greedy, fixed number of new tokens) per batch size, of
+    every model in `models` (name -> model, all on one device and in memory together), per name.
+
+    Per shape, every model is warmed up (`warmup` calls; decode: 1), then timed interleaved (`_timed`): `repeats`
+    rounds of prefill (decode: max(3, repeats // 4)), one call of each model per round. The whole bench (all shapes)
+    runs `bench_repeats` times; each shape's `times_s` holds the round times per bench repeat, its median and IQR
+    are over all of them. A model named in `may_fail` whose warm-up raises (sparse kernels) is dropped from the
+    bench and gets an `error` and no timings; any other error is raised.
 
     compile: 'none' runs prefill and decode eagerly everywhere (transformers' automatic compilation of static-cache
     decoding on CUDA is switched off), 'all' compiles both on every device. The policy is in the result, so a
     compiled run is never compared with an uncompiled one."""
     if compile not in COMPILE_POLICIES:
         raise ValueError(f"compile must be one of {COMPILE_POLICIES}, got {compile!r}")
-    dev = next(model.parameters()).device
-    vocab = int(model.config.vocab_size)
+    first = next(iter(models.values()))
+    dev = next(first.parameters()).device
+    vocab = int(first.config.vocab_size)
     gen = torch.Generator().manual_seed(0)
-    out = {"prefill": [], "decode": [], "compile": compile}
-    forward = model
+    prefill_ids = [torch.randint(0, vocab, (b, t), generator=gen).to(dev) for b, t in prefill]
+    decode_ids = [torch.randint(0, vocab, (b, prompt), generator=gen).to(dev) for b in decode_batches]
+    forward = dict(models)
+    # every model compiles its own graphs for every shape: room for all of them in dynamo's cache
+    limit = max(torch._dynamo.config.recompile_limit, 2 * len(models) * (len(prefill) + len(decode_batches)))
     if compile == "all":
-        torch._dynamo.reset()  # every variant starts from an empty cache: no recompile limit across variants
+        torch._dynamo.reset()
         from .device import backend
 
-        forward = backend().compile(model)
-    for b, t in prefill:
-        ids = torch.randint(0, vocab, (b, t), generator=gen).to(dev)
-        s = _summary(_timed(lambda ids=ids: forward(input_ids=ids, use_cache=False), dev, warmup, repeats))
-        out["prefill"].append({"batch": b, "seqlen": t, **s, "tokens_per_s": b * t / s["median_s"]})
-    for b in decode_batches:
-        ids = torch.randint(0, vocab, (b, prompt), generator=gen).to(dev)
-        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        kwargs.update(_generate_compile_kwargs(compile))
-        if static_cache:
-            kwargs["cache_implementation"] = "static"
-        s = _summary(_timed(lambda ids=ids: model.generate(ids, **kwargs), dev, 1, max(3, repeats // 4)))
-        out["decode"].append(
-            {
-                "batch": b,
-                "prompt": prompt,
-                "new_tokens": new_tokens,
-                **s,
-                "tokens_per_s": b * new_tokens / s["median_s"],
-                "cache": "static" if static_cache else "dynamic",
-            }
-        )
+        forward = {name: backend().compile(m) for name, m in models.items()}
+    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
+    kwargs.update(_generate_compile_kwargs(compile))
+    if static_cache:
+        kwargs["cache_implementation"] = "static"
+    benches = [("prefill", i, ids, warmup, repeats) for i, ids in enumerate(prefill_ids)]
+    benches += [("decode", i, ids, 1, max(3, repeats // 4)) for i, ids in enumerate(decode_ids)]
+    times: dict[tuple[str, int], dict[str, list[list[float]]]] = {(kind, i): {} for kind, i, *_ in benches}
+    errors: dict[str, str] = {}
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        for _ in range(bench_repeats):
+            for kind, i, ids, n_warm, n_rounds in benches:
+                if kind == "prefill":
+                    fns = {n: (lambda f=f, ids=ids: f(input_ids=ids, use_cache=False)) for n, f in forward.items()}
+                else:
+                    fns = {n: (lambda m=m, ids=ids: m.generate(ids, **kwargs)) for n, m in models.items()}
+                fns = {n: fn for n, fn in fns.items() if n not in errors}
+                errors.update(_warm_up(fns, n_warm, set(may_fail)))
+                for name, t in _timed(fns, dev, n_rounds).items():
+                    times[(kind, i)].setdefault(name, []).append(t)
+    out = {}
+    for name in models:
+        out[name] = {"prefill": [], "decode": [], "compile": compile}
+        if name in errors:
+            out[name]["error"] = errors[name]
+            continue
+        for i, (b, t) in enumerate(prefill):
+            per_bench = times[("prefill", i)][name]
+            s = _summary([x for rep in per_bench for x in rep])
+            out[name]["prefill"].append(
+                {"batch": b, "seqlen": t, **s, "tokens_per_s": b * t / s["median_s"], "times_s": per_bench}
+            )
+        for i, b in enumerate(decode_batches):
+            per_bench = times[("decode", i)][name]
+            s = _summary([x for rep in per_bench for x in rep])
+            out[name]["decode"].append(
+                {
+                    "batch": b,
+                    "prompt": prompt,
+                    "new_tokens": new_tokens,
+                    **s,
+                    "tokens_per_s": b * new_tokens / s["median_s"],
+                    "cache": "static" if static_cache else "dynamic",
+                    "times_s": per_bench,
+                }
+            )
     return out
 
 
@@ -378,22 +467,35 @@ def bench_latency(
     include_24: bool = False,
     compile: str = "none",
     sparse_backend: str = "auto",
+    bench_repeats: int = BENCH_REPEATS,
 ) -> dict:
-    """Dense and uniformly pruned copies of one model, timed in the same process. Latency depends on the kept
-    shapes only, so the pruned copies use `method` (default random scores) with per-layer uniform allocation.
-    `include_24` adds a semi-structured 2:4 copy (magnitude), on sparse kernels where the GPU has them
-    (`sparse_backend`: 'auto', 'cutlass' or 'cusparselt'); a failed conversion or a failed timing of the sparse
-    copy is recorded in its row (`semi_structured.reason`, `error`) and the run goes on. `compile`: see `latency`."""
+    """Dense and uniformly pruned copies of one model, timed together (`latency`: interleaved rounds, the whole bench
+    `bench_repeats` times). Latency depends on the kept shapes only, so the pruned copies use `method` (default
+    random scores) with per-layer uniform allocation. `include_24` adds a semi-structured 2:4 copy (magnitude), on
+    sparse kernels where the GPU has them (`sparse_backend`: 'auto', 'cutlass' or 'cusparselt'); a failed conversion
+    or a failed timing of the sparse copy is recorded in its row (`semi_structured.reason`, `error`) and the run goes
+    on. `compile`: see `latency`.
+
+    All copies are in memory at once: on a GPU, a 7B-class model in fp16 and its pruned copies must fit together
+    (dense, 20%, 50% and 2:4 of LLaMA-7B: about 40 GB); if they do not, loading a copy fails with the device's
+    out-of-memory error before anything is timed (time fewer sparsities per run).
+
+    Each pruned row has, per prefill shape and decode batch, the speed-up over dense from paired rounds (`speedup`:
+    `*_speedup`, `*_speedup_ci95`, `*_speedup_per_bench`) and its ceiling from counted FLOPs
+    (`estimate.latency_flops`): `*_ceiling` = dense FLOPs / the copy's FLOPs, the speed-up if time were proportional
+    to multiply-adds. A 2:4 copy is counted before its conversion; on sparse kernels it has no ceiling (None): the
+    counter does not see the kernels' skipped multiply-adds."""
     from .device import backend
+    from .estimate import latency_flops
     from .models import load_model
     from .prune import prune
     from .semi_structured import stored_parameters, to_semi_structured
 
     torch_dtype = getattr(torch, dtype)
     variants = [("dense", 0.0)] + [("structured", s) for s in sparsities] + ([("2:4", 0.5)] if include_24 else [])
-    rows = []
+    rows, models = [], {}
     attn_impl = None
-    for kind, s in variants:
+    for i, (kind, s) in enumerate(variants):
         model, _ = load_model(model_name, dtype=torch_dtype, device=device)
         attn_impl = getattr(model.config, "_attn_implementation", None)
         row = {"variant": kind, "sparsity": s, "achieved_sparsity": 0.0}
@@ -404,25 +506,42 @@ def bench_latency(
         elif kind == "2:4":
             plan = prune(model, "magnitude_24", 0.5, None, progress=False)
             row["achieved_sparsity"] = plan.history[0]["weight_sparsity"]
+        flops = latency_flops(model, prefill, decode_batches, prompt, new_tokens)
+        row["prefill_flops"], row["decode_flops"] = flops["prefill"], flops["decode"]
+        if kind == "2:4":
             row["semi_structured"] = to_semi_structured(model, sparse_backend)
         row["params"] = count_parameters(model)
         row["params_stored"] = stored_parameters(model)
-        try:
-            row.update(latency(model, prefill, decode_batches, prompt, new_tokens, repeats, compile=compile))
-        except Exception as e:  # noqa: BLE001 - the sparse kernels can fail at the first matmul; record it
-            if kind != "2:4":
-                raise
-            row.update({"prefill": [], "decode": [], "compile": compile, "error": f"{type(e).__name__}: {e}"[:500]})
         rows.append(row)
-        del model
-        backend().empty_cache()
+        models[str(i)] = model
+    timed = latency(
+        models,
+        prefill,
+        decode_batches,
+        prompt,
+        new_tokens,
+        repeats,
+        compile=compile,
+        bench_repeats=bench_repeats,
+        may_fail=tuple(str(i) for i, (kind, _) in enumerate(variants) if kind == "2:4"),
+    )
+    for i, row in enumerate(rows):
+        row.update(timed[str(i)])
+    del model, models, timed
+    backend().empty_cache()
     dense = rows[0]
     for r in rows[1:]:
-        if r.get("error"):
-            r["prefill_speedup"], r["decode_speedup"] = [], []
-            continue
-        r["prefill_speedup"] = [d["median_s"] / p["median_s"] for d, p in zip(dense["prefill"], r["prefill"])]
-        r["decode_speedup"] = [p["tokens_per_s"] / d["tokens_per_s"] for d, p in zip(dense["decode"], r["decode"])]
+        sparse_kernels = bool(r.get("semi_structured", {}).get("converted"))
+        for kind in ("prefill", "decode"):
+            ratios = (
+                [] if r.get("error") else [speedup(d["times_s"], x["times_s"]) for d, x in zip(dense[kind], r[kind])]
+            )
+            r[f"{kind}_speedup"] = [x["speedup"] for x in ratios]
+            r[f"{kind}_speedup_ci95"] = [x["ci95"] for x in ratios]
+            r[f"{kind}_speedup_per_bench"] = [x["per_bench"] for x in ratios]
+            r[f"{kind}_ceiling"] = [
+                None if sparse_kernels else d / f for d, f in zip(dense[f"{kind}_flops"], r[f"{kind}_flops"])
+            ]
     return {
         "model": model_name,
         "dtype": dtype,
@@ -432,5 +551,8 @@ def bench_latency(
         "attn_implementation": attn_impl,
         "compile": compile,
         "sparse_backend": sparse_backend,
+        "protocol": LATENCY_PROTOCOL,
+        "repeats": repeats,
+        "bench_repeats": bench_repeats,
         "rows": rows,
     }

@@ -247,7 +247,8 @@ LATENCY = {
         },
         REQUIRED,
     ),
-    "repeats": _int(1),
+    "repeats": _int(1),  # interleaved rounds per shape (decode: max(3, repeats // 4))
+    "bench_repeats": _int(1),  # whole-bench repeats (default measure.BENCH_REPEATS)
     "compile": _str(("none", "all")),
 }
 FMS_DIAGNOSTICS = {  # issue 17, minillm/diagnostics.py

@@ -347,13 +347,20 @@ def plot_memory(df: pd.DataFrame, title: str = ""):
 
 
 def latency_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per (record, variant, prefill shape or decode batch): median time and IQR (q1, q3), tokens/s, the
+    speed-up over dense with its 95% interval over paired rounds (`speedup_ci95_lo/hi`, NaN in records made before
+    interleaved timing), and the `ceiling` its counted FLOPs allow (NaN where not recorded, e.g. 2:4 on sparse
+    kernels)."""
     rows = []
     for r in records:
         m = r["metrics"]
         for row in m["rows"]:
             for kind in ("prefill", "decode"):
                 for i, x in enumerate(row[kind]):
-                    speed = 1.0 if row["sparsity"] == 0 else row[f"{kind}_speedup"][i]
+                    dense = row["sparsity"] == 0
+                    speed = 1.0 if dense else row[f"{kind}_speedup"][i]
+                    ci = [None, None] if dense else row.get(f"{kind}_speedup_ci95", [[None, None]] * (i + 1))[i]
+                    ceiling = 1.0 if dense else row.get(f"{kind}_ceiling", [None] * (i + 1))[i]
                     shape = f"{x['batch']}x{x['seqlen']}" if kind == "prefill" else f"b{x['batch']}"
                     rows.append(
                         {
@@ -366,12 +373,17 @@ def latency_frame(records: list[dict]) -> pd.DataFrame:
                             "shape": shape,
                             "median_ms": 1000 * x["median_s"],
                             "iqr_ms": 1000 * x["iqr_s"],
+                            "q1_ms": 1000 * x["q1_s"],
+                            "q3_ms": 1000 * x["q3_s"],
                             "tokens_per_s": x["tokens_per_s"],
                             "speedup": speed,
+                            "speedup_ci95_lo": ci[0],
+                            "speedup_ci95_hi": ci[1],
+                            "ceiling": ceiling,
                             "device": r["provenance"]["device"],
                         }
                     )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).astype({"speedup_ci95_lo": float, "speedup_ci95_hi": float, "ceiling": float})
 
 
 def _latency_variant(row: dict, device: str) -> str:
@@ -385,19 +397,52 @@ def _latency_variant(row: dict, device: str) -> str:
     return variant
 
 
+def _latency_style(variant: str, index: int) -> dict:
+    """Bar colour of a latency variant from minillm.styles (dense: 'dense'; structured copies are pruned with
+    random scores: 'random'; 2:4: 'magnitude_24'), with a hatch per sparsity of the same variant."""
+    from .styles import method_style
+
+    family = "dense" if variant == "dense" else "magnitude_24" if variant.startswith("2:4") else "random"
+    return {"color": method_style(family)["color"], "hatch": ("", "//", "..", "xx")[index % 4], "edgecolor": "w"}
+
+
 def plot_latency(df: pd.DataFrame, title: str = ""):
+    """Left: median time per setting and variant, error bars from the recorded quartiles (the IQR). Right: speed-up
+    over dense, error bars the recorded 95% interval over paired rounds, and a black bar mark at the ceiling the
+    variant's counted FLOPs allow."""
     import matplotlib.pyplot as plt
-    import seaborn as sns
+    import numpy as np
 
     d = df.copy()
     d["setting"] = d["kind"] + " " + d["shape"]
     d["model variant"] = d["variant"] + " " + (d["sparsity"] * 100).round().astype(int).astype(str) + "%"
-    fig, ax = plt.subplots(figsize=(7, 4))
-    sns.barplot(data=d, x="setting", y="speedup", hue="model variant", ax=ax)
-    ax.axhline(1.0, color="k", lw=1, ls="--")
-    ax.legend(fontsize=7, title="model variant", title_fontsize=7)
-    ax.set_ylabel("speed-up over dense")
-    ax.tick_params(axis="x", rotation=30)
+    settings = list(dict.fromkeys(d["setting"]))
+    variants = list(dict.fromkeys(d["model variant"]))
+    fig, (ax_time, ax_speed) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(variants)
+    seen: dict[str, int] = {}
+    for j, name in enumerate(variants):
+        g = d[d["model variant"] == name].set_index("setting").reindex(settings)
+        variant = g["variant"].dropna().iloc[0]
+        seen[variant] = seen.get(variant, -1) + 1  # the how-many-th sparsity of this variant: its hatch
+        style = _latency_style(variant, seen[variant])
+        x = np.arange(len(settings)) + (j - (len(variants) - 1) / 2) * width
+        iqr = [(g["median_ms"] - g["q1_ms"]).clip(lower=0), (g["q3_ms"] - g["median_ms"]).clip(lower=0)]
+        ax_time.bar(x, g["median_ms"], width, yerr=iqr, capsize=2, label=name, **style)
+        if variant == "dense":
+            continue
+        ci = [(g["speedup"] - g["speedup_ci95_lo"]).clip(lower=0), (g["speedup_ci95_hi"] - g["speedup"]).clip(lower=0)]
+        ax_speed.bar(x, g["speedup"], width, yerr=ci, capsize=2, label=name, **style)
+        ax_speed.scatter(x, g["ceiling"], marker="_", s=200, color="k", zorder=3)
+    for ax in (ax_time, ax_speed):
+        ax.set_xticks(np.arange(len(settings)), settings, rotation=30)
+        ax.legend(fontsize=7, title="model variant", title_fontsize=7)
+    ax_time.set_yscale("log")
+    ax_time.set_ylabel("median time (ms)")
+    ax_time.set_title("error bars: IQR over all rounds", fontsize=8)
+    ax_speed.axhline(1.0, color="k", lw=1, ls="--")
+    ax_speed.set_ylabel("speed-up over dense")
+    ax_speed.set_title("error bars: 95% CI over paired rounds; black mark: ceiling from counted FLOPs", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     return fig

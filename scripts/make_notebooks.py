@@ -191,12 +191,16 @@ report.save_figure(fig, out / "memory_simulated")"""),
         md("""# 03 Latency of pruned models
 
 Structured pruning pays off at inference because the pruned matrices are simply smaller. Dense and uniformly
-pruned copies of the same model are timed in the same process: prefill (one forward pass over a batch of prompts)
-and decode (greedy generation with a static KV cache), median of repeated synchronised runs after warm-up.
+pruned copies of the same model are held in memory together and timed in interleaved rounds (one synchronised call
+of each per round, rotating order, after warm-up; the whole bench repeated `bench_repeats` times): prefill (one
+forward pass over a batch of prompts) and decode (greedy generation with a static KV cache). Times are medians with
+their IQR (error bars, left); speed-ups are medians of per-round ratios with a bootstrap 95% interval (error bars,
+right), beside the ceiling that the counted FLOPs allow (black marks).
 
 Latency depends on shapes only, so the pruned copies use per-layer uniform removal with random scores. Expect
-speed-ups that grow with sparsity but stay below the parameter ratio on a small model (embeddings, the LM head and
-per-call overheads do not shrink); the 7B-class GPU numbers come from the gpu profile when it has been run."""),
+speed-ups that grow with sparsity but stay below the FLOP ceiling, itself below the parameter ratio on a small model
+(the tied embedding / LM head is not pruned; per-call overheads do not shrink); the 7B-class GPU numbers come from
+the gpu profile when it has been run."""),
         code(PARAMS),
         code(SETUP),
         code("""if not no_compute:

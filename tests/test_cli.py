@@ -1,6 +1,7 @@
 """The command line: prune writes a reloadable directory and reports; bad input gives a clear error."""
 
 import json
+import re
 
 import torch
 
@@ -52,3 +53,14 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert rc == 2 and "sparsity must be in [0, 1)" in capsys.readouterr().err
     rc = main(["prune", "--model", "nope", "--method", "random", "--sparsity", "0.2", "--out", str(tmp_path / "x")])
     assert rc == 2 and "unknown model 'nope'" in capsys.readouterr().err
+
+
+def test_bench_latency_prints_each_speedup_with_its_interval_and_ceiling(capsys):
+    args = ["bench", "latency", "--model", "tiny-llama", "--sparsities", "0.5", "--prefill", "1x8", "--prompt", "4"]
+    args += ["--new-tokens", "3", "--repeats", "3", "--bench-repeats", "2", "--device", "cpu"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["structured 0.50 prefill 1x8", "structured 0.50 decode b1"]
+    for line in lines:
+        speed, lo, hi, ceiling = (float(x) for x in re.findall(r"(\d+\.\d+)x?", line.split(":", 1)[1]))
+        assert lo <= speed <= hi and 1.5 < ceiling < 2.5

@@ -88,10 +88,10 @@ def test_latency_goes_on_after_a_failed_24_conversion(fake_cuda):
 
 def test_latency_records_the_compile_policy(tiny):
     model = tiny("tiny-llama")
-    out = measure.latency(model, [(1, 8)], [1], 4, 2, repeats=2, warmup=1)
-    assert out["compile"] == "none"
+    out = measure.latency({"dense": model}, [(1, 8)], [1], 4, 2, repeats=2, warmup=1)
+    assert out["dense"]["compile"] == "none"
     with pytest.raises(ValueError):
-        measure.latency(model, [(1, 8)], [1], 4, 2, compile="sometimes")
+        measure.latency({"dense": model}, [(1, 8)], [1], 4, 2, compile="sometimes")
     assert measure._generate_compile_kwargs("none") == {"disable_compile": True}
     assert measure._generate_compile_kwargs("all")["compile_config"]._compile_all_devices
 
@@ -216,6 +216,6 @@ def test_fake_cuda_reaches_recovery_autocast_and_the_compile_policy(tiny, fake_c
 
     _, rec = recover(model, windows, steps=2, batch_size=2, lr=1e-4, progress=False)
     assert rec["bf16"] is True and fake.calls["autocast"] >= 2
-    out = measure.latency(tiny("tiny-llama"), [(1, 8)], [], 4, 2, repeats=2, warmup=1, compile="all")
-    assert out["compile"] == "all" and fake.calls["compile"] == 1 and fake.calls["synchronize"] > 0
+    out = measure.latency({"dense": tiny("tiny-llama")}, [(1, 8)], [], 4, 2, repeats=2, warmup=1, compile="all")
+    assert out["dense"]["compile"] == "all" and fake.calls["compile"] == 1 and fake.calls["synchronize"] > 0
     assert minillm.results.device_name("cpu") == "Fake H100 (CPU)"

@@ -232,6 +232,51 @@ def test_2_4_latency_rows_without_sparse_kernels_are_labelled():
     assert report._latency_variant({"sparsity": 0.2}, "cpu") == "structured"
 
 
+def _latency_record(speedup: dict | None) -> dict:
+    timing = {"batch": 1, "seqlen": 8, "median_s": 0.2, "iqr_s": 0.04, "q1_s": 0.18, "q3_s": 0.22, "tokens_per_s": 40}
+    pruned = {
+        "variant": "structured",
+        "sparsity": 0.5,
+        "prefill": [{**timing, "median_s": 0.1, "q1_s": 0.09, "q3_s": 0.12}],
+        "decode": [],
+        "prefill_speedup": [1.9],
+        **(speedup or {}),
+    }
+    dense = {"variant": "dense", "sparsity": 0.0, "prefill": [timing], "decode": []}
+    return {
+        "metrics": {"model": "m", "dtype": "float32", "device": "cpu", "rows": [dense, pruned]},
+        "provenance": {"device": "cpu"},
+    }
+
+
+def test_latency_frame_has_interval_ceiling_and_quartiles():
+    new = _latency_record({"prefill_speedup_ci95": [[1.7, 2.1]], "prefill_ceiling": [1.65]})
+    df = report.latency_frame([new, _latency_record(None)])  # the second: a record made before intervals
+    dense, pruned, _, old = df.to_dict("records")
+    assert (pruned["speedup_ci95_lo"], pruned["speedup_ci95_hi"], pruned["ceiling"]) == (1.7, 2.1, 1.65)
+    assert (dense["q1_ms"], dense["q3_ms"]) == pytest.approx((180, 220)) and dense["ceiling"] == 1.0
+    assert math.isnan(old["speedup_ci95_lo"]) and math.isnan(old["ceiling"]) and old["speedup"] == 1.9
+
+
+def test_latency_plot_draws_the_recorded_iqr_and_interval():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    df = report.latency_frame([_latency_record({"prefill_speedup_ci95": [[1.7, 2.1]], "prefill_ceiling": [1.65]})])
+    from matplotlib.container import ErrorbarContainer
+
+    times, speed = report.plot_latency(df).axes
+    dense_bars, pruned_bars = (c for c in times.containers if isinstance(c, ErrorbarContainer))
+    (speed_bars,) = (c for c in speed.containers if isinstance(c, ErrorbarContainer))
+
+    def segment(bars: ErrorbarContainer) -> np.ndarray:
+        return bars.lines[2][0].get_segments()[0][:, 1]  # the first bar's error line: its low and high end
+
+    assert segment(dense_bars) == pytest.approx([180, 220]) and segment(pruned_bars) == pytest.approx([90, 120])
+    assert segment(speed_bars) == pytest.approx([1.7, 2.1])
+    assert speed.collections[-1].get_offsets()[0][1] == pytest.approx(1.65)  # the ceiling mark
+
+
 # --- one style per method ------------------------------------------------------------------------------------------
 
 
