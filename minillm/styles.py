@@ -62,6 +62,10 @@ VARIANTS = {
         "fms-gates-n16-eps1e-2",
         "fms-gates-n16-mlp-only",
         "fms-gates-n64+comp",
+        "fms-ablation",
+        "fms-allocation",
+        "fms-allocation-n16",
+        "fms-allocation-n128",
     ],
     "bonsai": ["bonsai", "bonsai-m16", "bonsai-masks16", "bonsai-1round"],
 }
