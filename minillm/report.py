@@ -5,8 +5,12 @@ Tables are written as CSV and Markdown, figures as PNG and PDF, under figures/<p
 
 from __future__ import annotations
 
+import functools
+import itertools
+import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .results import REPO_ROOT
@@ -130,8 +134,6 @@ def _error_bars(g: pd.DataFrame, y: str):
     """Error bars of column `y` per row: the spread over seeds (std) where a row aggregates several seeds, else
     the 95% interval (bootstrap for perplexity, 1.96 standard errors for zero-shot) where the record has one; None
     when no row has either."""
-    import numpy as np
-
     values = g[y].to_numpy(dtype=float)
     lo, hi = np.full(len(g), np.nan), np.full(len(g), np.nan)
     if f"{y}_std" in g and "n_seeds" in g:
@@ -243,6 +245,217 @@ def _zeroshot_tasks(df: pd.DataFrame) -> list[str]:
 
     known = {s["task"].removeprefix("bb_cloze_"): s["task"] for s in load_task_specs()}
     return [known[c.split(" (")[0]] for c in df.columns if " (" in c and c.split(" (")[0] in known]
+
+
+# --- across models --------------------------------------------------------------------------------------------------
+
+# the per-model columns a cross-model frame carries, where a model's frame has them
+CROSS_COLUMNS = (
+    "achieved",
+    "ppl",
+    "ppl_std",
+    "ppl_ci95_lo",
+    "ppl_ci95_hi",
+    "zs_avg",
+    "zs_avg_std",
+    "zs_avg_se",
+    "n_seeds",
+)
+
+
+def cross_model_frame(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per (method label, sparsity) that every model's accuracy frame has (`accuracy_frame`'s or
+    `seed_summary`'s; seed replicates are aggregated here), keyed by the model name in `frames`. Each model's
+    columns carry its name, `ppl (gemma3-270m)`, and are those of CROSS_COLUMNS its frame has: perplexity, its seed
+    std and bootstrap bounds, the zero-shot average and its std or standard error, the seed count, and the achieved
+    sparsity (which can differ between models at the same target). Labels that only some models have are dropped;
+    the dense row stays."""
+    if len(frames) < 2:
+        raise ValueError(f"a cross-model frame needs two or more models, got {list(frames)}")
+    if any(df.empty for df in frames.values()):
+        return pd.DataFrame(columns=["method", "sparsity"])
+    keys = ["method", "pattern", "sparsity"]
+    if not all("pattern" in df for df in frames.values()):
+        keys.remove("pattern")
+    merged = None
+    for model, df in frames.items():
+        d = seed_summary(df)
+        columns = [c for c in CROSS_COLUMNS if c in d]
+        d = d[keys + columns].rename(columns={c: f"{c} ({model})" for c in columns})
+        merged = d if merged is None else merged.merge(d, on=keys, how="inner")
+    return merged.sort_values(["sparsity", f"ppl ({next(iter(frames))})"]).reset_index(drop=True)
+
+
+def _cross_models(cross_df: pd.DataFrame, metric: str) -> list[str]:
+    """The model names of a cross-model frame that have a `metric` column."""
+    prefix = f"{metric} ("
+    return [c[len(prefix) : -1] for c in cross_df.columns if c.startswith(prefix) and c.endswith(")")]
+
+
+def _model_view(cross_df: pd.DataFrame, model: str) -> pd.DataFrame:
+    """One model's columns of a cross-model frame under their accuracy-frame names (`ppl (m)` -> `ppl`)."""
+    suffix = f" ({model})"
+    names = {c: c.removesuffix(suffix) for c in cross_df.columns if c.endswith(suffix)}
+    if not names:
+        raise ValueError(f"no columns of model {model!r}; models: {_cross_models(cross_df, 'ppl')}")
+    return cross_df[["method", "sparsity", *names]].rename(columns=names)
+
+
+def _pair_signs(values: np.ndarray) -> np.ndarray:
+    """sign(v_i - v_j) for every pair i < j (np.triu_indices order), as integers."""
+    i, j = np.triu_indices(len(values), 1)
+    return np.sign(values[i] - values[j]).astype(int)
+
+
+def kendall_tau_b(x, y) -> float:
+    """Kendall's tau-b of two equally long vectors: (concordant - discordant pairs) / sqrt(pairs untied in x *
+    pairs untied in y), so that a pair tied on either side counts as neither. 1: the same order, -1: reversed; NaN
+    when either vector is constant."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.ndim != 1 or x.shape != y.shape:
+        raise ValueError(f"kendall_tau_b needs two equally long vectors, got shapes {x.shape} and {y.shape}")
+    sx, sy = _pair_signs(x), _pair_signs(y)
+    untied = np.count_nonzero(sx) * np.count_nonzero(sy)
+    return float(np.sum(sx * sy) / math.sqrt(untied)) if untied else math.nan
+
+
+@functools.lru_cache(maxsize=1)
+def _all_permutations(n: int) -> np.ndarray:
+    """Every permutation of range(n), one per column ([n, n!], int8), built by inserting k at every position of
+    the permutations of range(k). n = 10 takes 36 MB."""
+    perms = np.zeros((1, 1), dtype=np.int8)
+    for k in range(1, n):
+        perms = np.concatenate([np.insert(perms, pos, k, axis=1) for pos in range(k + 1)])
+    return np.ascontiguousarray(perms.T)
+
+
+def permutation_p_values(x, y, max_exact: int = 10, draws: int = 100_000, seed: int = 0) -> tuple[float, float, str]:
+    """(one-sided, two-sided) permutation p-values of Kendall's tau-b between x and y, and how they were found.
+    The null hypothesis is that y's values are assigned to x's at random: one-sided is the share of the
+    assignments whose tau is at least the observed one (orders at least this concordant), two-sided the share
+    whose |tau| is at least the observed |tau|. Exact (all n! assignments, ties kept as they are) for n <=
+    `max_exact`, else `draws` seeded random assignments with the observed one counted in ((1 + hits) / (1 +
+    draws)). Tau-b's denominator does not change under permutation, so the concordance sums are compared."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    n = len(x)
+    observed = int(np.sum(_pair_signs(x) * _pair_signs(y)))
+    y_ranks = np.unique(y, return_inverse=True)[1].astype(np.int8 if n < 128 else np.int64)
+    if n <= max_exact:
+        assigned, how = y_ranks[_all_permutations(n)], "exact"
+    else:
+        order = np.argsort(np.random.default_rng(seed).random((draws, n)), axis=1)
+        assigned, how = np.ascontiguousarray(y_ranks[order].T), f"{draws:,} random permutations"
+    concordance = np.zeros(assigned.shape[1], dtype=np.int64)
+    for i, j, sign in zip(*np.triu_indices(n, 1), _pair_signs(x)):
+        if sign:
+            concordance += sign * np.sign(assigned[i] - assigned[j])
+    hits = np.count_nonzero(concordance >= observed), np.count_nonzero(np.abs(concordance) >= abs(observed))
+    if how == "exact":
+        return hits[0] / concordance.size, hits[1] / concordance.size, how
+    return (1 + hits[0]) / (1 + draws), (1 + hits[1]) / (1 + draws), how
+
+
+def rank_agreement(cross_df: pd.DataFrame, metric: str = "ppl") -> pd.DataFrame:
+    """Whether two models order the methods alike: per pair of models and per sparsity, Kendall's tau-b between
+    their `metric` values over the method labels both have (the dense row excluded), the number of methods, and
+    permutation p-values (`permutation_p_values`: exact up to 10 methods; one-sided for "at least this much
+    agreement", two-sided for "at least this much agreement or disagreement").
+
+    tau = 1: both models put the methods in the same order; -1: opposite orders; 0: as much agreement as
+    disagreement over the pairs of methods. With 8 to 12 methods tau is coarse (two methods swapping places moves it
+    by 2/28 with 8) and its null distribution wide: without ties, a one-sided p below 0.05 needs tau >= 0.57 with 8
+    methods, >= 0.47 with 10 and about 0.4 with 12, so a moderate tau is not distinguishable from no agreement."""
+    columns = ["model_a", "model_b", "sparsity", "n_methods", "kendall_tau_b", "p_one_sided", "p_two_sided", "p_method"]
+    rows = []
+    pruned = cross_df[cross_df.method != "dense"]
+    for a, b in itertools.combinations(_cross_models(cross_df, metric), 2):
+        for sparsity, g in pruned.groupby("sparsity"):
+            g = g.dropna(subset=[f"{metric} ({a})", f"{metric} ({b})"])
+            if len(g) < 2:
+                continue
+            x, y = g[f"{metric} ({a})"].to_numpy(dtype=float), g[f"{metric} ({b})"].to_numpy(dtype=float)
+            tau = kendall_tau_b(x, y)
+            p_one, p_two, how = permutation_p_values(x, y) if not math.isnan(tau) else (math.nan, math.nan, "-")
+            rows.append(dict(zip(columns, (a, b, sparsity, len(g), tau, p_one, p_two, how))))
+    return pd.DataFrame(rows, columns=columns)
+
+
+def rank_agreement_markdown(agreement: pd.DataFrame, metric: str = "ppl") -> str:
+    """Prose generated from `rank_agreement`'s table: per pair of models and sparsity, tau-b, the number of methods
+    and the one-sided p-value. Nothing in it is typed by hand."""
+    if agreement.empty:
+        return "No sparsity has two or more methods measured on both models: no rank correlation to report."
+    what = "perplexity" if metric == "ppl" else metric
+    lines = ["Generated from the two profiles' records:", ""]
+    for (a, b), g in agreement.groupby(["model_a", "model_b"], sort=False):
+        per_sparsity = "; ".join(
+            f"{r.sparsity:.0%} removed, tau = {r.kendall_tau_b:.2f} over {r.n_methods} methods "
+            f"(one-sided p = {r.p_one_sided:.3g}, {r.p_method})"
+            for r in g.itertuples()
+        )
+        lines.append(
+            f"* Kendall tau-b between the method orders by {what} of {a} and {b}, per sparsity: {per_sparsity}."
+        )
+    note = (
+        "The p-value is the chance that randomly paired values agree at least this well; with this few methods only "
+        "a large tau is distinguishable from no agreement."
+    )
+    return "\n".join([*lines, "", note])
+
+
+def plot_cross_model(cross_df: pd.DataFrame, models, metric: str = "ppl", title: str = ""):
+    """One panel per sparsity: each method's `metric` on models[0] (x) against models[1] (y), log-log for
+    perplexity, one colour and marker per method (minillm.styles), error bars (seed std, else the 95% interval)
+    where the records have them, the dense models as dashed lines, Kendall's tau-b in the panel's title and a
+    legend in each panel. `cross_df` is `cross_model_frame`'s."""
+    import matplotlib.pyplot as plt
+
+    from .styles import method_style
+
+    if len(models) != 2:
+        raise ValueError(f"plot_cross_model compares two models, got {list(models)}")
+    views = [_model_view(cross_df, m).dropna(subset=[metric]) for m in models]
+    both = cross_df.loc[views[0].index.intersection(views[1].index)]
+    sparsities = sorted(both.loc[both.method != "dense", "sparsity"].unique())
+    if not sparsities:
+        raise ValueError(f"no pruned method has {metric} on both {models[0]} and {models[1]}")
+    ncols = min(len(sparsities), 4)
+    nrows = math.ceil(len(sparsities) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 4.2 * nrows), squeeze=False)
+    what = "perplexity (log)" if metric == "ppl" else metric
+    for ax, sparsity in zip(axes.flat, sparsities):
+        rows = both[(both.sparsity == sparsity) & (both.method != "dense")].sort_values("method").index
+        x, y = views[0].loc[rows], views[1].loc[rows]
+        xerr, yerr = _error_bars(x, metric), _error_bars(y, metric)
+        for k, method in enumerate(x.method):
+            ax.errorbar(
+                x[metric].iloc[k],
+                y[metric].iloc[k],
+                xerr=None if xerr is None else xerr[:, k : k + 1],
+                yerr=None if yerr is None else yerr[:, k : k + 1],
+                ls="none",
+                ms=6,
+                capsize=3,
+                label=method,
+                **method_style(method),
+            )
+        dense = [v[v.method == "dense"][metric] for v in views]
+        if all(len(d) for d in dense):
+            ax.axvline(float(dense[0].iloc[0]), color="k", ls="--", lw=0.8, label="dense")
+            ax.axhline(float(dense[1].iloc[0]), color="k", ls="--", lw=0.8)
+        if metric == "ppl":
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        tau = kendall_tau_b(x[metric], y[metric])
+        ax.set_title(f"{sparsity:.0%} removed: Kendall tau-b {tau:.2f} over {len(x)} methods", fontsize=9)
+        ax.set_xlabel(f"{what}, {models[0]}")
+        ax.set_ylabel(f"{what}, {models[1]}")
+        ax.legend(fontsize=6)
+    for ax in axes.flat[len(sparsities) :]:
+        fig.delaxes(ax)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
 
 
 # --- memory -------------------------------------------------------------------------------------------------------
@@ -476,7 +689,6 @@ def widths_frame(records: list[dict]) -> pd.DataFrame:
 
 def plot_widths(df: pd.DataFrame, title: str = ""):
     import matplotlib.pyplot as plt
-    import numpy as np
 
     labels = sorted({(m, s) for m, s in zip(df.method, df.sparsity)}, key=lambda x: (x[1], x[0]))
     n_layers = int(df.layer.max()) + 1

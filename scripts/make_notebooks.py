@@ -124,6 +124,32 @@ display(Markdown(table.to_markdown(index=False, floatfmt=".3f")))"""),
         code("""fig = report.plot_accuracy(df, f"{cfg['model']}: accuracy vs sparsity ({profile} profile)")
 report.save_figure(fig, out / "accuracy_vs_sparsity")
 display(Markdown(report.ranking_markdown(df)))"""),
+        md("""## Across models: SmolLM2-135M and Gemma 3 270M (profile cpu-full)
+
+Profile `cpu-full-gemma3` runs cpu-full's method labels with the same calibration, perplexity windows and zero-shot
+settings on Gemma 3 270M. Where its records exist, the table lists both models' numbers for every (method,
+sparsity) measured on both, the figure plots one model's perplexity against the other's per method, and Kendall's
+tau-b says per sparsity how alike the two method orders are (1: the same order, -1: the reverse, 0: no relation),
+with an exact permutation p-value. With 8 to 10 methods only a large tau is distinguishable from no agreement. Other
+profiles have no second model; for them this section prints one line."""),
+        code("""second = {"cpu-full": "cpu-full-gemma3"}.get(profile)
+second_records = experiments.collect(second, "accuracy") if second else []
+if second is None:
+    print(f"profile {profile!r} has no second model to compare with")
+elif not second_records:
+    print(f"The second model's records (results/{second}/accuracy) are not computed yet; "
+          f"compute them with `python -m minillm experiment accuracy --profile {second}` and run this notebook again.")
+else:
+    models = [cfg["model"], experiments.load_profile(second)["model"]]
+    cross = report.cross_model_frame({models[0]: df, models[1]: report.accuracy_frame(second_records)})
+    tau = report.rank_agreement(cross)
+    report.save_table(cross, out / "cross_model")
+    report.save_table(tau, out / "cross_model_tau")
+    display(Markdown(cross.to_markdown(index=False, floatfmt=".4g")))
+    display(Markdown(report.rank_agreement_markdown(tau)))"""),
+        code("""if second_records and not tau.empty:
+    fig = report.plot_cross_model(cross, models, title=f"{models[0]} vs {models[1]}: perplexity per method")
+    report.save_figure(fig, out / "cross_model")"""),
         md("""## Quoted from the papers' repositories (not measured here)
 
 LLaMA-7B, WikiText-2 perplexity with 128-token windows, 20% of parameters removed, no recovery. Source: the
