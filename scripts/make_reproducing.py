@@ -224,22 +224,26 @@ def run_time_line(profile: str) -> list[str]:
 
 
 def pending_lines(profile: str) -> list[str]:
-    """Records the profile names that are not committed yet (results/<profile>/pending.json), with the reason."""
+    """Records the profile names that are not committed yet (results/<profile>/pending.json: one {reason, command,
+    records} entry or a list of them), with the reasons."""
     import json
 
     path = ROOT / "results" / profile / "pending.json"
     if not path.exists():
         return []
-    p = json.loads(path.read_text())
-    return [
-        f"## pending records ({profile} profile)",
-        "",
-        f"Not committed: {p['reason']}. `{p['command']}` computes them (it resumes from the committed records). "
-        "Tables and figures of this profile leave them out until then:",
-        "",
-        *[f"* `results/{profile}/{r}`" for r in p["records"]],
-        "",
-    ]
+    listed = json.loads(path.read_text())
+    lines = [f"## pending records ({profile} profile)", ""]
+    for p in listed if isinstance(listed, list) else [listed]:
+        lines += [
+            (
+                f"Not committed: {p['reason']}. `{p['command']}` computes them (it resumes from the committed "
+                "records). Tables and figures of this profile leave them out until then:"
+            ),
+            "",
+            *[f"* `results/{profile}/{r}`" for r in p["records"]],
+            "",
+        ]
+    return lines
 
 
 def main() -> None:
