@@ -176,8 +176,9 @@ def recovery_section(profile: str) -> list[str]:
         f"## recovery ({profile} profile)",
         "",
         f"Command: `python -m minillm experiment recovery --profile {profile}` (notebook 06). LoRA on the pruned "
-        "model, optionally with KL to the unpruned parent. Tolerances: perplexity ±10% relative (training is "
-        f"seeded but BLAS-dependent); zero-shot {TOLERANCE['zeroshot']}.",
+        "model, optionally with KL to the unpruned parent; rows labelled dense are the control of each training "
+        "budget (the unpruned model with the same LoRA settings and data, KL 0). Tolerances: perplexity ±10% "
+        f"relative (training is seeded but BLAS-dependent); zero-shot {TOLERANCE['zeroshot']}.",
         "",
         "| method | sparsity | KL weight | steps | PPL before | PPL after | zero-shot before | zero-shot after | "
         "train s | record | device, commit, date |",
