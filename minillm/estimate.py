@@ -435,7 +435,7 @@ def estimate_profile(cfg: dict, hw: dict = H100, sections: list[str] | None = No
             add(Row(section, entry["label"], len(sparsities), total, (loads + 1) * load_s,
                             [f"zero-shot calls {calls}", "scores shared across sparsities" if shared else ""]))
     if "recovery" in wanted and "recovery" in cfg:
-        from .experiments import _recovery_items
+        from .experiments import _control_section, _recovery_controls, _recovery_items
 
         acc = cfg["accuracy"]
         by_group: dict = {}
@@ -460,6 +460,12 @@ def estimate_profile(cfg: dict, hw: dict = H100, sections: list[str] | None = No
                 total, calls, loads = total + after, calls + k, loads + 1 + (kl > 0)
             add(Row("recovery", f"{entry['label']} s={s:g} kl={kls}", len(kls), total, loads * load_s,
                             [f"zero-shot calls {calls}", "pruned again" if compensate else "plan reused"]))
+        for path, item_exp in _recovery_controls(cfg).items():  # the dense model, kl 0, evaluated twice
+            section, train = _control_section(item_exp), item_exp["train"]
+            ev, calls = _eval_cost(counter, tok, section, 0.0, zs_cache)
+            lora = counter.lora_steps(train["steps"], train["batch_size"], train["seqlen"], train["rank"], False)
+            add(Row("recovery", f"dense control {path.stem}", 1, ev + lora + ev, load_s,
+                    [f"zero-shot calls {2 * calls}"]))
     if "memory" in wanted and "memory" in cfg:
         exp = cfg["memory"]
         for name in exp["models"]:

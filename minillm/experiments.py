@@ -333,6 +333,8 @@ def expected_records(cfg: dict, experiment: str) -> dict[Path, dict]:
     elif experiment == "recovery":
         for _, entry, item_exp, s, kl, path in _recovery_items(cfg):
             out[path] = _recovery_config(cfg, cfg["accuracy"], item_exp, entry, s, kl)
+        for path, item_exp in _recovery_controls(cfg).items():
+            out[path] = _control_config(cfg, item_exp)
     elif experiment == "memory":
         for model in exp["models"]:
             for batch, seqlen in exp["shapes"]:
@@ -489,7 +491,8 @@ def run_latency(cfg: dict, force: bool = False) -> list[dict]:
 
 def run_recovery(cfg: dict, force: bool = False, progress: bool = False) -> list[dict]:
     """Prune with each configured method (re-using the accuracy configuration of the same label), evaluate, then
-    recover with LoRA (optionally with KL to the parent) and evaluate again. One record per (label, sparsity, kl)."""
+    recover with LoRA (optionally with KL to the parent) and evaluate again. One record per (label, sparsity, kl),
+    then one dense control per training budget (`_recovery_controls`)."""
     from .recover import recover
 
     out = []
@@ -502,13 +505,17 @@ def run_recovery(cfg: dict, force: bool = False, progress: bool = False) -> list
         if todo:
             _recover_one(cfg, cfg["accuracy"], item_exp, entry, s, todo, files, recover, progress)
         out += [load_record(f) for f in files.values()]
+    for path, item_exp in _recovery_controls(cfg).items():
+        if force or not is_current(path, _control_config(cfg, item_exp)):
+            _recover_control(cfg, item_exp, path, recover, progress)
+        out.append(load_record(path))
     return out
 
 
-def _recovery_items(cfg: dict):
-    """(item index, accuracy entry, item's experiment settings, sparsity, kl weight, record file) for every recovery
-    record of a profile. An item is a label, or {label, sparsities, kl_weights, train, tag}: train overrides the
-    experiment's training settings (the tag, e.g. "steps200", keeps its records apart from the default ones)."""
+def _recovery_entries(cfg: dict):
+    """(item index, accuracy entry, item, item's experiment settings, record-name suffix) for every recovery item of
+    a profile. An item is a label, or {label, sparsities, kl_weights, train, tag}: train overrides the experiment's
+    training settings (the tag, e.g. "steps200", keeps its records apart from the default ones)."""
     exp, profile = cfg["recovery"], cfg["profile"]
     by_label = {e["label"]: e for e in cfg["accuracy"]["methods"]}
     for index, raw in enumerate(exp["methods"]):
@@ -519,12 +526,59 @@ def _recovery_items(cfg: dict):
         if "train" in item and not item.get("tag"):
             raise ValueError(f"recovery entry {label!r} overrides train settings and needs a 'tag' for its records")
         item_exp = {**exp, "train": {**exp["train"], **item.get("train", {})}}
-        suffix = f"_{item['tag']}" if item.get("tag") else ""
+        yield index, by_label[label], item, item_exp, f"_{item['tag']}" if item.get("tag") else ""
+
+
+def _recovery_items(cfg: dict):
+    """(item index, accuracy entry, item's experiment settings, sparsity, kl weight, record file) for every recovery
+    record of a profile that prunes (`_recovery_entries`)."""
+    exp, profile = cfg["recovery"], cfg["profile"]
+    for index, entry, item, item_exp, suffix in _recovery_entries(cfg):
         for s in item.get("sparsities", exp["sparsities"]):
             for kl in item.get("kl_weights", exp["kl_weights"]):
-                yield index, by_label[label], item_exp, s, kl, _record_file(
-                    profile, "recovery", label, s, f"_kl{kl:g}{suffix}"
-                )
+                path = _record_file(profile, "recovery", item["label"], s, f"_kl{kl:g}{suffix}")
+                yield index, entry, item_exp, s, kl, path
+
+
+def _recovery_controls(cfg: dict) -> dict[Path, dict]:
+    """The dense control of every training budget (distinct `train` settings) the recovery items use: record file
+    -> the item's experiment settings. The control trains the unpruned model with the budget's LoRA settings on the
+    same windows and evaluates it as the pruned runs are, so its gain is what LoRA on the other novels gives a model
+    that lost nothing (domain adaptation). The section's budget names its control dense_s00_kl0.json; another budget
+    takes the tag of the first item that uses it (dense_s00_kl0_steps100.json)."""
+    exp, profile = cfg["recovery"], cfg["profile"]
+    out: dict[Path, dict] = {}
+    for _, _, _, item_exp, suffix in _recovery_entries(cfg):
+        if any(other["train"] == item_exp["train"] for other in out.values()):
+            continue
+        budget = "" if item_exp["train"] == exp["train"] else suffix
+        path = _record_file(profile, "recovery", "dense", 0.0, "_kl0" + budget)
+        if path in out:
+            raise ValueError(
+                f"recovery tag {suffix[1:]!r} is used with two different train settings; its dense control would "
+                "stand for both (give each training budget its own tag)"
+            )
+        out[path] = item_exp
+    return out
+
+
+def _control_section(exp: dict) -> dict:
+    """The section as the dense control evaluates it: with zero-shot whenever the section has any (the control
+    stands beside the pruned runs of every sparsity), so without the zero-shot `sparsities` list."""
+    zs = exp.get("zeroshot")
+    return {**exp, "zeroshot": {k: v for k, v in zs.items() if k != "sparsities"} if zs else zs}
+
+
+def _control_config(cfg: dict, exp: dict) -> dict:
+    return {
+        "model": cfg["model"],
+        "method": "dense",
+        "label": "dense",
+        "sparsity": 0.0,
+        "kl_weight": 0.0,
+        "train": exp["train"],
+        "eval": _eval_cfg(_control_section(exp)),
+    }
 
 
 def _recovery_config(cfg: dict, acc: dict, exp: dict, entry: dict, sparsity: float, kl: float) -> dict:
@@ -539,6 +593,44 @@ def _recovery_config(cfg: dict, acc: dict, exp: dict, entry: dict, sparsity: flo
         "train": exp["train"],
         "eval": _eval_cfg(exp),
     }
+
+
+def _train_windows(tok, train: dict):
+    """The recovery training windows of one budget (from the calibration novels, never the perplexity text)."""
+    return calibration_windows(tok, train["windows"], train["seqlen"], seed=train.get("seed", 1))
+
+
+def _lora(recover, model, windows, train: dict, teacher, kl: float, progress: bool):
+    """`recover` with one budget's settings; every recovery record, pruned or control, is trained through here."""
+    return recover(
+        model,
+        windows,
+        rank=train["rank"],
+        alpha=train["alpha"],
+        lr=train["lr"],
+        steps=train["steps"],
+        batch_size=train["batch_size"],
+        teacher=teacher if kl else None,
+        kl_weight=kl,
+        seed=train.get("seed", 0),
+        progress=progress,
+    )
+
+
+def _recover_control(cfg: dict, exp: dict, path: Path, recover, progress: bool) -> None:
+    """The dense control of one budget: the unpruned model evaluated, trained with the pruned runs' kl=0 loss
+    (cross-entropy alone: KL to itself would only hold the model in place), evaluated again."""
+    section = _control_section(exp)
+    model, tok = _load(cfg)
+    before = _evaluate(model, tok, section, 0.0)
+    merged, rec = _lora(recover, model, _train_windows(tok, exp["train"]), exp["train"], None, 0.0, progress)
+    del model
+    after = _evaluate(merged, tok, section, 0.0)
+    del merged
+    _free_device()
+    save_record(
+        path, "recovery", _control_config(cfg, exp), {"before": before, "after": after, "recovery": rec}, rec["time_s"]
+    )
 
 
 def _recover_one(cfg, acc, exp, entry, sparsity, kl_weights, files, recover, progress) -> None:
@@ -556,8 +648,7 @@ def _recover_one(cfg, acc, exp, entry, sparsity, kl_weights, files, recover, pro
         plan = _prune_entry(base, entry, sparsity, calib, calib_info, prune_options, progress)
     prune_time = time.perf_counter() - t0
     before = _evaluate(base, tok, exp, sparsity)
-    train = exp["train"]
-    windows = calibration_windows(tok, train["windows"], train["seqlen"], seed=train.get("seed", 1))
+    windows = _train_windows(tok, exp["train"])
     teacher = None
     plan_summary = _plan_summary(plan)
     # removed on exit, on errors and on SIGTERM (a killed run must not leave a model copy in /tmp)
@@ -573,19 +664,7 @@ def _recover_one(cfg, acc, exp, entry, sparsity, kl_weights, files, recover, pro
             model, _ = load_pruned(tmp, device=cfg.get("device", "cpu"), dtype=_dtype(cfg))
             if kl > 0 and teacher is None:
                 teacher, _ = _load(cfg)
-            merged, rec = recover(
-                model,
-                windows,
-                rank=train["rank"],
-                alpha=train["alpha"],
-                lr=train["lr"],
-                steps=train["steps"],
-                batch_size=train["batch_size"],
-                teacher=teacher if kl else None,
-                kl_weight=kl,
-                seed=train.get("seed", 0),
-                progress=progress,
-            )
+            merged, rec = _lora(recover, model, windows, exp["train"], teacher, kl, progress)
             del model
             after = _evaluate(merged, tok, exp, sparsity)
             del merged

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -713,51 +714,106 @@ def plot_widths(df: pd.DataFrame, title: str = ""):
 # --- recovery -------------------------------------------------------------------------------------------------------
 
 
+def _recovery_row(r: dict) -> dict:
+    """The before/after values and training summary of one recovery record."""
+    cfg, m = r["config"], r["metrics"]
+    row = {
+        "method": cfg["label"],
+        "sparsity": cfg["sparsity"],
+        "kl_weight": cfg["kl_weight"],
+        "ppl_before": m["before"]["perplexity"]["ppl"],
+        "ppl_after": m["after"]["perplexity"]["ppl"],
+    }
+    if "zeroshot" in m["before"] and "zeroshot" in m["after"]:
+        row["zs_before"] = m["before"]["zeroshot"]["average"]
+        row["zs_after"] = m["after"]["zeroshot"]["average"]
+    rec = m["recovery"]
+    row.update(
+        {
+            "steps": rec["steps"],
+            "loss_first": rec["mean_loss_first_10pct"],
+            "loss_last": rec["mean_loss_last_10pct"],
+            "train_s": rec["time_s"],
+        }
+    )
+    return row
+
+
 def recovery_frame(records: list[dict]) -> pd.DataFrame:
-    """Before/after LoRA recovery (with or without KL to the parent), one row per (method, sparsity, KL weight)."""
+    """Before/after LoRA recovery (with or without KL to the parent), one row per pruned (method, sparsity, KL
+    weight), beside the dense control of the same training budget.
+
+    The dense control (records with method "dense") is the unpruned model trained with the same LoRA settings on the
+    same windows, without KL; a row's control is the one whose `train` settings and model equal the row's. Its
+    columns: `ppl_dense_before` (the unpruned model), `ppl_dense_after` (after the control's LoRA), and
+    `zs_dense_before` / `zs_dense_after` where zero-shot was measured. In log-perplexity (mean NLL per token, nats):
+    `recovered` = ln(ppl_before) - ln(ppl_after), what LoRA gave the pruned model; `control_gain` =
+    ln(ppl_dense_before) - ln(ppl_dense_after), what the same LoRA gave the unpruned model (adaptation to the
+    training text, not repair of pruning damage); `control_share` = control_gain / recovered. A share near 1 means
+    the pruned model gained no more than the dense one did; near 0 (or below), that the gain repaired the pruning.
+    The share is NaN without a control or when recovered <= 0 (nothing recovered to explain)."""
+
+    def budget(r: dict) -> str:
+        return json.dumps([r["config"]["model"], r["config"]["train"]], sort_keys=True)
+
+    controls = {budget(r): r["metrics"] for r in records if r["config"]["method"] == "dense"}
     rows = []
     for r in records:
-        cfg, m = r["config"], r["metrics"]
-        row = {
-            "method": cfg["label"],
-            "sparsity": cfg["sparsity"],
-            "kl_weight": cfg["kl_weight"],
-            "ppl_before": m["before"]["perplexity"]["ppl"],
-            "ppl_after": m["after"]["perplexity"]["ppl"],
-        }
-        if "zeroshot" in m["before"] and "zeroshot" in m["after"]:
-            row["zs_before"] = m["before"]["zeroshot"]["average"]
-            row["zs_after"] = m["after"]["zeroshot"]["average"]
-        rec = m["recovery"]
-        row.update(
-            {
-                "steps": rec["steps"],
-                "loss_first": rec["mean_loss_first_10pct"],
-                "loss_last": rec["mean_loss_last_10pct"],
-                "train_s": rec["time_s"],
-            }
-        )
+        if r["config"]["method"] == "dense":
+            continue
+        row = _recovery_row(r)
+        control = controls.get(budget(r), {})
+        before, after = control.get("before", {}), control.get("after", {})
+        row["ppl_dense_before"] = before.get("perplexity", {}).get("ppl", np.nan)
+        row["ppl_dense_after"] = after.get("perplexity", {}).get("ppl", np.nan)
+        if "zeroshot" in before and "zeroshot" in after:
+            row["zs_dense_before"] = before["zeroshot"]["average"]
+            row["zs_dense_after"] = after["zeroshot"]["average"]
+        row["recovered"] = math.log(row["ppl_before"]) - math.log(row["ppl_after"])
+        row["control_gain"] = math.log(row["ppl_dense_before"]) - math.log(row["ppl_dense_after"])
+        row["control_share"] = row["control_gain"] / row["recovered"] if row["recovered"] > 0 else np.nan
         rows.append(row)
     df = pd.DataFrame(rows)
     return df.sort_values(["sparsity", "method", "steps", "kl_weight"]).reset_index(drop=True) if not df.empty else df
 
 
 def plot_recovery(df: pd.DataFrame, title: str = ""):
+    """Per row of `recovery_frame`: the pruned model's perplexity (light bar) and after LoRA recovery (solid bar) in
+    the method's colour (minillm.styles); the unpruned model's perplexity as a horizontal line; the dense control
+    of the row's training budget (the unpruned model after the same LoRA) as a dashed tick over the row, with the
+    row's `control_share` written above it."""
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    from .styles import method_style
 
     fig, ax = plt.subplots(figsize=(max(7, 0.45 * len(df)), 4))
-    labels, before, after = [], [], []
-    for _, r in df.iterrows():
+    dense = method_style("dense")["color"]
+    labels = []
+    for i, (_, r) in enumerate(df.iterrows()):
         labels.append(f"{r['method']} @{r['sparsity']:.0%}\nKL {r['kl_weight']:g}, {r['steps']} steps")
-        before.append(r["ppl_before"])
-        after.append(r["ppl_after"])
-    x = range(len(labels))
-    ax.bar([i - 0.2 for i in x], before, width=0.4, label="pruned")
-    ax.bar([i + 0.2 for i in x], after, width=0.4, label="after LoRA recovery")
-    ax.set_xticks(list(x), labels, fontsize=7, rotation=45, ha="right")
+        colour = method_style(r["method"])["color"]
+        ax.bar(i - 0.2, r["ppl_before"], width=0.4, color=colour, alpha=0.35)
+        ax.bar(i + 0.2, r["ppl_after"], width=0.4, color=colour)
+        if np.isfinite(r["ppl_dense_after"]):
+            ax.hlines(r["ppl_dense_after"], i - 0.45, i + 0.45, colors=dense, linestyles="--", lw=1.5)
+        if np.isfinite(r["control_share"]):
+            top = max(r["ppl_before"], r["ppl_after"])
+            ax.annotate(f"{r['control_share']:.0%}", (i, top), ha="center", va="bottom", fontsize=7)
+    dense_ppl = df["ppl_dense_before"].dropna().unique() if len(df) else []
+    for value in dense_ppl:
+        ax.axhline(value, color=dense, lw=1.0)
+    ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=45, ha="right")
     ax.set_yscale("log")
     ax.set_ylabel("perplexity (log)")
-    ax.legend()
+    handles = [
+        Patch(facecolor="0.6", alpha=0.35, label="pruned"),
+        Patch(facecolor="0.6", label="after LoRA recovery"),
+        Line2D([], [], color=dense, lw=1.0, label="dense (unpruned)"),
+        Line2D([], [], color=dense, ls="--", lw=1.5, label="dense + same LoRA (control)"),
+    ]
+    ax.legend(handles=handles, fontsize=7, title="above bars: control_share", title_fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -308,6 +308,18 @@ Where notebook 01 already wrote a record for the same method, settings and spars
 compensation biases), the pruned model is rebuilt from that record's kept indices instead of being scored again;
 the record's `plan_source` says which.
 
+The training text is Austen too, so part of any gain is adaptation to her prose rather than repair of what pruning
+removed. The dense control separates the two: for every training budget the rows use (steps, windows, rank, ...),
+the unpruned model is trained with the same LoRA settings on the same windows, with cross-entropy alone (the KL=0
+loss: KL towards itself would only hold it in place), and evaluated before and after like the pruned models. The
+figure shows the unpruned model's perplexity as a solid line and the control after its LoRA as a dashed tick over
+each row of the same budget.
+
+How to read `control_share`: in log-perplexity (mean NLL per token), `recovered` is what LoRA gave the pruned model
+and `control_gain` what the same LoRA gave the unpruned one; `control_share` = control_gain / recovered. Near 1,
+the pruned model gained no more than a model that lost nothing, so the recovery says little about repairing the
+pruning; near 0, the gain is specific to the pruned model. It is left empty where nothing was recovered.
+
 Expect large perplexity drops for heavily damaged models and smaller ones near the dense model; on 2 CPU cores the
 training budget is tiny (a few dozen steps), so this shows the direction, not converged numbers."""),
         code(PARAMS),

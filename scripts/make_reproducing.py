@@ -204,8 +204,9 @@ def recovery_section(profile: str) -> list[str]:
         f"## recovery ({profile} profile)",
         "",
         f"Command: `python -m minillm experiment recovery --profile {profile}` (notebook 06). LoRA on the pruned "
-        "model, optionally with KL to the unpruned parent. Tolerances: perplexity ±10% relative (training is "
-        f"seeded but BLAS-dependent); zero-shot {TOLERANCE['zeroshot']}.",
+        "model, optionally with KL to the unpruned parent; rows labelled dense are the control of each training "
+        "budget (the unpruned model with the same LoRA settings and data, KL 0). Tolerances: perplexity ±10% "
+        f"relative (training is seeded but BLAS-dependent); zero-shot {TOLERANCE['zeroshot']}.",
         "",
         "| method | sparsity | KL weight | steps | PPL before | PPL after | zero-shot before | zero-shot after | "
         "train s | record | device, commit, date |",
@@ -252,22 +253,26 @@ def run_time_line(profile: str) -> list[str]:
 
 
 def pending_lines(profile: str) -> list[str]:
-    """Records the profile names that are not committed yet (results/<profile>/pending.json), with the reason."""
+    """Records the profile names that are not committed yet (results/<profile>/pending.json: one {reason, command,
+    records} entry or a list of them), with the reasons."""
     import json
 
     path = ROOT / "results" / profile / "pending.json"
     if not path.exists():
         return []
-    p = json.loads(path.read_text())
-    return [
-        f"## pending records ({profile} profile)",
-        "",
-        f"Not committed: {p['reason']}. `{p['command']}` computes them (it resumes from the committed records). "
-        "Tables and figures of this profile leave them out until then:",
-        "",
-        *[f"* `results/{profile}/{r}`" for r in p["records"]],
-        "",
-    ]
+    listed = json.loads(path.read_text())
+    lines = [f"## pending records ({profile} profile)", ""]
+    for p in listed if isinstance(listed, list) else [listed]:
+        lines += [
+            (
+                f"Not committed: {p['reason']}. `{p['command']}` computes them (it resumes from the committed "
+                "records). Tables and figures of this profile leave them out until then:"
+            ),
+            "",
+            *[f"* `results/{profile}/{r}`" for r in p["records"]],
+            "",
+        ]
+    return lines
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ def test_recovery_rebuilds_the_accuracy_records_pruned_model(tmp_path, monkeypat
     monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path)
     cfg = _profile("t", compensate=False)
     acc = experiments.run_accuracy(cfg)[1]
-    (rec,) = experiments.run_recovery(cfg)
+    rec, _control = experiments.run_recovery(cfg)
     source = rec["plan_source"]
     assert source["record"].endswith("wanda_sp_s20.json")
     # the model rebuilt from the recorded kept indices is the accuracy run's pruned model: same perplexity
@@ -52,7 +52,7 @@ def test_recovery_prunes_again_when_the_record_cannot_be_reused(tmp_path, monkey
     monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path)
     cfg = _profile("t", compensate=True)  # compensation biases are not in the record
     acc = experiments.run_accuracy(cfg)[1]
-    (rec,) = experiments.run_recovery(cfg)
+    rec, _control = experiments.run_recovery(cfg)
     assert rec["plan_source"] == "pruned here"
     assert rec["metrics"]["before"]["perplexity"]["ppl"] == pytest.approx(acc["metrics"]["perplexity"]["ppl"], 1e-5)
 
@@ -65,7 +65,7 @@ def test_a_record_made_with_other_calibration_is_not_reused(tmp_path, monkeypatc
     record = json.loads(path.read_text())
     record["config"]["calibration"]["seed"] = 7
     path.write_text(json.dumps(record))
-    (rec,) = experiments.run_recovery(cfg)
+    rec, _control = experiments.run_recovery(cfg)
     assert rec["plan_source"] == "pruned here"
 
 
@@ -75,10 +75,15 @@ def test_recovery_entries_override_training_and_experiments_resume(tmp_path, mon
     first = experiments.run_accuracy(cfg)
     assert experiments.run_accuracy(cfg) == first  # resumed from the records, nothing recomputed
     cfg["recovery"]["methods"] = ["wanda_sp", {"label": "wanda_sp", "train": {"steps": 2}, "tag": "steps2"}]
-    default, longer = experiments.run_recovery(cfg)
+    default, longer, control, longer_control = experiments.run_recovery(cfg)
     assert (tmp_path / "t" / "recovery" / "wanda_sp_s20_kl0_steps2.json").exists()
     assert default["metrics"]["recovery"]["steps"] == 1 and longer["metrics"]["recovery"]["steps"] == 2
     assert longer["config"]["train"]["steps"] == 2 and longer["config"]["train"]["rank"] == 2
+    # the dense control of each budget, on the same evaluation windows as the pruned runs
+    assert (tmp_path / "t" / "recovery" / "dense_s00_kl0_steps2.json").exists()
+    assert control["config"]["train"] == default["config"]["train"]
+    assert longer_control["config"]["train"] == longer["config"]["train"]
+    assert control["metrics"]["before"]["perplexity"]["ppl"] == pytest.approx(first[0]["metrics"]["perplexity"]["ppl"])
     cfg["recovery"]["methods"] = [{"label": "wanda_sp", "train": {"steps": 3}}]
     with pytest.raises(ValueError, match="needs a 'tag'"):
         experiments.run_recovery(cfg)

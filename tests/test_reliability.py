@@ -201,15 +201,17 @@ def test_new_records_carry_the_hash_of_their_configuration(fake_compute):
 def test_every_committed_record_is_current_under_its_unchanged_profile(profile):
     """Nothing of the committed results is recomputed by accident: each record the profile names exists and matches
     the profile's effective configuration, and no record is left over. Records whose method changed and which have
-    not been recomputed yet are listed, with the reason, in results/<profile>/pending.json; a listed record must be
-    absent (a stale one is deleted, not kept) and `make reproduce` computes it."""
+    not been recomputed yet are listed, with the reason, in results/<profile>/pending.json (one {reason, command,
+    records} entry, or a list of them); a listed record must be absent (a stale one is deleted, not kept) and
+    `make reproduce` computes it."""
     cfg = experiments.load_profile(profile)
     pending_file = experiments.RESULTS_DIR / profile / "pending.json"
     pending = set()
     if pending_file.exists():
         listed = json.loads(pending_file.read_text())
-        assert listed["reason"] and listed["records"]
-        pending = {experiments.RESULTS_DIR / profile / r for r in listed["records"]}
+        for entry in listed if isinstance(listed, list) else [listed]:
+            assert entry["reason"] and entry["command"] and entry["records"]
+            pending |= {experiments.RESULTS_DIR / profile / r for r in entry["records"]}
     for exp in ("accuracy", "ablations", "recovery", "memory", "latency", "fms_diagnostics"):
         wanted = experiments.expected_records(cfg, exp)
         assert wanted, (profile, exp)
