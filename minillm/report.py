@@ -597,6 +597,8 @@ def latency_frame(records: list[dict]) -> pd.DataFrame:
                             "device": r["provenance"]["device"],
                         }
                     )
+    if not rows:  # no records (e.g. the gpu profile here): an empty frame the notebook can test
+        return pd.DataFrame()
     return pd.DataFrame(rows).astype({"speedup_ci95_lo": float, "speedup_ci95_hi": float, "ceiling": float})
 
 

@@ -434,3 +434,9 @@ def test_reproducing_tolerances_come_from_the_seed_spread():
     assert largest == spread[("a", 0.2)]
     assert f"±{2 * largest:.1%}" in mod.tolerance_text(spread, largest)
     assert "no seed replicates" in mod.tolerance_text(*mod.seed_spread([rec("a", 0.1, 9.0)]))
+
+
+def test_latency_frame_of_no_records_is_empty():
+    """Notebook 03 renders the gpu profile's latency too; without records that must be an empty frame, not an
+    error (the cpu run of 2026-11-25 stopped there)."""
+    assert report.latency_frame([]).empty
