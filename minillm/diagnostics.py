@@ -518,10 +518,18 @@ def _forward_only_fms(label: str) -> bool:
     return label.startswith("fms-") and "backprop" not in label and label != "fms-g1"
 
 
+def _best_of(part, criterion: str):
+    """The row of `criterion` with the lowest mean perplexity over its allocations, or None."""
+    rows = part[part.criterion == criterion].sort_values("mean")
+    return None if rows.empty else next(rows.itertuples())
+
+
 def goal_frame(criteria: dict, memory_ratios: dict | None = None):
     """Issue 17's goal, per sparsity and bias compensation: the forward-only FMS-family criterion with the lowest
-    mean perplexity over its seeds (best of its allocations) against backprop Taylor (per-layer uniform, as
-    LLM-Pruner) and FLAP's score (global, as FLAP), all pruned from the same calibration tokens. `memory_ratios`
+    mean perplexity over its seeds (best of its allocations) against backprop Taylor and FLAP's score, each also
+    at the better of its allocations (the stricter comparison: with few calibration tokens Taylor's per-layer
+    uniform allocation, LLM-Pruner's, can be far worse than its global one), all pruned from the same calibration
+    tokens. `memory_ratios`
     maps an estimator name ('spsa', 'ablation', 'allocation') to its measured scoring peak / dense forward.
     Verdicts are 'met' / 'not met' on the means; `within_noise` says when the gap to the reference is smaller than
     the best criterion's seed standard deviation (or when one seed only gives no spread: None)."""
@@ -535,8 +543,7 @@ def goal_frame(criteria: dict, memory_ratios: dict | None = None):
     agg = agg.reset_index()
     out = []
     for (comp, sparsity), part in agg.groupby(["compensate_bias", "sparsity"]):
-        ref = {r.criterion + "/" + r.allocation: r for r in part.itertuples()}
-        taylor, flap = ref.get("taylor (backprop)/uniform"), ref.get("flap-score (no compensation)/global")
+        taylor, flap = _best_of(part, "taylor (backprop)"), _best_of(part, "flap-score (no compensation)")
         mine = part[part.criterion.map(_forward_only_fms)]
         if mine.empty or taylor is None:
             continue
@@ -552,6 +559,7 @@ def goal_frame(criteria: dict, memory_ratios: dict | None = None):
             "ppl_std": spread,
             "seeds": int(best["size"]),
             "taylor_ppl": taylor.mean,
+            "taylor_allocation": taylor.allocation,
             "ratio_to_taylor": best["mean"] / taylor.mean,
             "taylor_goal": "met" if best["mean"] <= GOAL_TAYLOR_RATIO * taylor.mean else "not met",
             "taylor_within_noise": None if spread is None else abs(best["mean"] - taylor.mean) < spread,
@@ -560,6 +568,7 @@ def goal_frame(criteria: dict, memory_ratios: dict | None = None):
             row.update(
                 {
                     "flap_ppl": flap.mean,
+                    "flap_allocation": flap.allocation,
                     "flap_goal": "met" if best["mean"] <= flap.mean else "not met",
                     "flap_within_noise": None if spread is None else abs(best["mean"] - flap.mean) < spread,
                 }

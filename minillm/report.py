@@ -41,7 +41,21 @@ def save_figure(fig, path_stem: Path) -> list[Path]:
     paths = [path_stem.with_suffix(".png"), path_stem.with_suffix(".pdf")]
     fig.savefig(paths[0], dpi=150, bbox_inches="tight")
     fig.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None, "ModDate": None})
+    _show_in_notebook(paths[0])
     return paths
+
+
+def _show_in_notebook(png: Path) -> None:
+    """Embed the saved PNG in the executed notebook (the Agg backend shows nothing by itself), so that committed
+    notebooks carry their figures; outside a kernel nothing happens."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None and getattr(shell, "kernel", None) is not None:
+        display(Image(filename=str(png)))
 
 
 # --- accuracy -----------------------------------------------------------------------------------------------------

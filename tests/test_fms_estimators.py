@@ -274,8 +274,8 @@ def test_goal_frame_verdicts_follow_the_means_and_the_seed_spread():
                 "seed_index": k, "ppl": ppl}
 
     rows = [
-        row("taylor (backprop)", "uniform", 20.0),
-        row("taylor (backprop)", "global", 15.0),  # not the reference: LLM-Pruner's allocation is uniform
+        row("taylor (backprop)", "uniform", 25.0),
+        row("taylor (backprop)", "global", 20.0),  # the reference: the better of Taylor's allocations
         row("flap-score (no compensation)", "global", 22.0),
         row("fms-exact-grad (backprop)", "uniform", 10.0),  # uses backprop: never the best forward-only
         row("fms-g1", "uniform", 11.0),  # a control, not an estimator
@@ -290,6 +290,7 @@ def test_goal_frame_verdicts_follow_the_means_and_the_seed_spread():
     plain = goal.loc[False]
     assert plain.best_forward_only == "fms-allocation-n128" and plain.ppl_mean == pytest.approx(21.0)
     assert plain.ratio_to_taylor == pytest.approx(1.05) and plain.taylor_goal == "met"
+    assert plain.taylor_allocation == "global" and plain.flap_allocation == "global"
     assert plain.flap_goal == "met"
     assert not plain.flap_within_noise and not plain.taylor_within_noise  # gaps 1.0 > seed std 0.71
     assert plain.memory_goal == "not met"
