@@ -237,7 +237,13 @@ def run_time_line(profile: str) -> list[str]:
 
     path = ROOT / "results" / profile / "run_times.json"
     if not path.exists():
-        return []
+        return [
+            f"## run time ({profile} profile)",
+            "",
+            "No timed run of the notebooks from scratch exists for the current records (`results/"
+            f"{profile}/run_times.json` is written only by a computing run that started from no records).",
+            "",
+        ]
     t = json.loads(path.read_text())
     p = t["provenance"]
     how = "from scratch (no records before it)" if t["from_scratch"] else f"resuming ({t['records_before']} records)"
