@@ -71,6 +71,25 @@ def flat(scores: list[LayerScores], kind: str = "both") -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
+def _mean_loss_backward(model, calib: torch.Tensor, trainable: list, batch_size: int = 16) -> None:
+    """Backward of the token-mean calibration loss in batches; only `trainable` parameters (and any tensors the
+    caller's hooks make require grad) get gradients; every parameter's requires_grad flag is restored."""
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    try:
+        batches = [calib[i : i + batch_size] for i in range(0, calib.shape[0], batch_size)]
+        tokens = sum(b[:, 1:].numel() for b in batches)
+        device = next(model.parameters()).device
+        for b in batches:
+            (lm_loss(model, b.to(device)) * (b[:, 1:].numel() / tokens)).backward()
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+
+
 def exact_gate_gradient(model, calib: torch.Tensor, batch_size: int = 16) -> dict[tuple[int, str], torch.Tensor]:
     """dL/dgate for every head output and MLP channel gate at gates = 1, by backprop through `VirtualMasks`
     (a diagnostic: uses a backward pass). Keys (layer, 'heads' | 'channels'), fp64 on CPU."""
@@ -82,18 +101,8 @@ def exact_gate_gradient(model, calib: torch.Tensor, batch_size: int = 16) -> dic
             gates_h[i] = torch.ones(n_q, requires_grad=True)
         if adapter.n_channels(layer):
             gates_c[i] = torch.ones(adapter.n_channels(layer), requires_grad=True)
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        batches = [calib[i : i + batch_size] for i in range(0, calib.shape[0], batch_size)]
-        tokens = sum(b[:, 1:].numel() for b in batches)
-        with VirtualMasks(adapter, gates_h, gates_c):
-            for b in batches:
-                (lm_loss(model, b.to(next(model.parameters()).device)) * (b[:, 1:].numel() / tokens)).backward()
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
+    with VirtualMasks(adapter, gates_h, gates_c):
+        _mean_loss_backward(model, calib, [], batch_size)
     out = {(i, "heads"): g.grad.double() for i, g in gates_h.items()}
     out.update({(i, "channels"): g.grad.double() for i, g in gates_c.items()})
     return out
@@ -264,24 +273,15 @@ def exact_weight_fms_scores(ctx: ScoringContext, stats: dict, combination: str =
 
     model = ctx.model
     linears = [m.linear for _, m in all_members(ctx.adapter).values()]
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
     for lin in linears:
-        lin.weight.requires_grad_(True)
         lin.weight.grad = None
     try:
-        batches = [ctx.calib[i : i + 16] for i in range(0, ctx.calib.shape[0], 16)]
-        tokens = sum(b[:, 1:].numel() for b in batches)
-        for b in batches:
-            (lm_loss(model, b.to(ctx.device)) * (b[:, 1:].numel() / tokens)).backward()
+        _mean_loss_backward(model, ctx.calib, [lin.weight for lin in linears])
         grads = {id(lin): lin.weight.grad.detach() for lin in linears}
         return weight_fms_scores(ctx, stats, lambda lin: grads[id(lin)], combination=combination)
     finally:
         for lin in linears:
             lin.weight.grad = None
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
 
 
 def _bonsai_oracle_rows(coefficients: dict, oracle: dict) -> list[dict]:
