@@ -1,4 +1,7 @@
-"""Fail if any table or figure the notebooks should produce for a profile is missing or empty."""
+"""Fail if any table or figure the notebooks should produce for a profile is missing or empty, or if the claims table
+was rendered before the records it reads existed."""
+
+from __future__ import annotations
 
 import sys
 from pathlib import Path
@@ -35,6 +38,22 @@ DIAGNOSTICS = [
 ]
 
 
+def stale_claims(profile: str, folder: Path) -> str | None:
+    """The claims table at the end of notebook 01 reads the memory and latency records of notebooks 02 and 03; a
+    table rendered before those records existed (a run from scratch renders 01 first) differs from one rendered from
+    the records on disk now. Returns a message when the verdicts differ, else None."""
+    import pandas as pd
+
+    from minillm import claims
+
+    saved = pd.read_csv(folder / "claims.csv", keep_default_na=False)
+    now = claims.claims_frame(profile)
+    if list(saved["verdict"]) == [str(v) for v in now["verdict"]]:
+        return None
+    changed = [c for c, a, b in zip(now["claim"], saved["verdict"], now["verdict"]) if a != str(b)]
+    return f"claims.csv in {folder} is stale (rendered before some records existed): {'; '.join(changed)}"
+
+
 def main(profile: str) -> int:
     folder = ROOT / "figures" / profile
     config = ROOT / "configs" / f"{profile}.yaml"
@@ -47,6 +66,10 @@ def main(profile: str) -> int:
     executed = sorted((ROOT / "notebooks" / "executed" / profile).glob("*.ipynb"))
     if missing:
         print(f"missing outputs in {folder}: {', '.join(missing)}")
+        return 1
+    stale = stale_claims(profile, folder)
+    if stale:
+        print(stale)
         return 1
     print(f"all {len(expected)} expected outputs present in {folder}; {len(executed)} executed notebooks")
     return 0

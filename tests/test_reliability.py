@@ -639,3 +639,46 @@ def test_the_cli_cleans_its_temporary_output_on_sigterm(tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=30)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_run_notebooks_renders_the_claims_notebook_again_after_a_computing_run(tmp_path):
+    """Notebook 01's claims table reads records that notebooks 02/03 write; after a computing run of several
+    notebooks the script must render 01 once more with no_compute 1, and not after a single notebook or a render."""
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\ncat > /dev/null\n')
+    fake.chmod(0o755)
+
+    def calls(*notebooks, no_compute="0"):
+        log.write_text("")
+        env = {**os.environ, "PYTHON": str(fake), "PROFILE": "test-claims", "MINILLM_NO_COMPUTE": no_compute}
+        script = REPO_ROOT / "scripts" / "run_notebooks.sh"
+        subprocess.run(["bash", str(script), *notebooks], cwd=tmp_path, env=env, check=True, capture_output=True)
+        return [line for line in log.read_text().splitlines() if "papermill" in line]
+
+    run = calls("01_accuracy.ipynb", "02_memory.ipynb", "03_latency.ipynb")
+    assert len(run) == 4
+    assert "01_accuracy.ipynb" in run[-1] and "no_compute 1" in run[-1]
+    assert all("no_compute 0" in line for line in run[:3])
+    assert len(calls("01_accuracy.ipynb")) == 1
+    assert len(calls("01_accuracy.ipynb", "02_memory.ipynb", no_compute="1")) == 2
+    assert len(calls("02_memory.ipynb", "03_latency.ipynb")) == 2
+
+
+def test_check_outputs_flags_a_claims_table_rendered_before_its_records(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_outputs", REPO_ROOT / "scripts" / "check_outputs.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    from minillm.claims import claims_frame
+
+    frame = claims_frame("cpu")
+    frame.to_csv(tmp_path / "claims.csv", index=False)
+    assert check.stale_claims("cpu", tmp_path) is None
+    memory = frame["claim"].str.contains("memory akin")
+    assert memory.sum() == 1
+    frame.loc[memory, "verdict"] = "insufficient evidence (no memory record with both an FMS and a gradient-free step)"
+    frame.to_csv(tmp_path / "claims.csv", index=False)
+    message = check.stale_claims("cpu", tmp_path)
+    assert message is not None and "memory akin" in message
