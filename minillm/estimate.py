@@ -412,6 +412,7 @@ def estimate_profile(cfg: dict, hw: dict = H100, sections: list[str] | None = No
     wanted = sections or [s for s in ("accuracy", "ablations", "recovery", "memory", "latency") if s in cfg]
     if any(s in cfg for s in ("accuracy", "ablations", "recovery")):
         tok = _tokenizer(model)
+    from .experiments import _entry_section
     from .scores import get_method
 
     for section in ("accuracy", "ablations"):
@@ -430,7 +431,7 @@ def estimate_profile(cfg: dict, hw: dict = H100, sections: list[str] | None = No
             for s in sparsities:
                 if not shared or s == sparsities[0]:
                     total = total + counter.method(entry, s, c["n_samples"], c["seqlen"], po)
-                ev, k = _eval_cost(counter, tok, exp, s, zs_cache)
+                ev, k = _eval_cost(counter, tok, _entry_section(exp, entry), s, zs_cache)
                 total, calls, loads = total + ev, calls + k, loads + 1
             add(Row(section, entry["label"], len(sparsities), total, (loads + 1) * load_s,
                             [f"zero-shot calls {calls}", "scores shared across sparsities" if shared else ""]))

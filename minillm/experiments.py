@@ -221,6 +221,14 @@ def _eval_cfg(exp: dict) -> dict:
     return {"perplexity": exp["perplexity"], "zeroshot": exp.get("zeroshot")}
 
 
+def _entry_section(exp: dict, entry: dict) -> dict:
+    """The section as one method entry is evaluated: an entry with `zeroshot: false` gets perplexity only (a
+    profile's time budget buys zero-shot for some methods; the others keep the same perplexity protocol)."""
+    if entry.get("zeroshot", True) or not exp.get("zeroshot"):
+        return exp
+    return {**exp, "zeroshot": None}
+
+
 def _dense_config(cfg: dict, exp: dict) -> dict:
     return {"model": cfg["model"], "method": "dense", "sparsity": 0.0, "label": "dense", "eval": _eval_cfg(exp)}
 
@@ -237,7 +245,7 @@ def _method_config(cfg: dict, exp: dict, entry: dict, sparsity: float, replicate
         "prune_options": {**exp.get("prune_options", {}), **entry.get("prune_options", {})},
         "calibration": describe_calibration(*_calibration_settings(exp, entry)),
         "seed": entry.get("seed", 0),
-        "eval": _eval_cfg(exp),
+        "eval": _eval_cfg(_entry_section(exp, entry)),
         **({"replicate": replicate} if replicate else {}),
     }
 
@@ -295,7 +303,7 @@ def _run_method(cfg, exp, entry, force, experiment, progress, sparsities, replic
                     model, entry, s, calib, calib_info, prune_options, progress, scores=copy.deepcopy(shared_scores)
                 )
             prune_time = time.perf_counter() - t0
-            metrics = _evaluate(model, tok, exp, s)
+            metrics = _evaluate(model, tok, _entry_section(exp, entry), s)
             config = configs[s]
             timing = {"prune_time_s": prune_time, "prune_peak_memory_in_process": mem.to_json()}
             if shared_scores is not None:

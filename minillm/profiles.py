@@ -175,6 +175,7 @@ ACCURACY_ENTRY = _method_entry(
         "seed": _int(),
         "seeds": _list(_int(0), min_len=1),
         "seed_sparsities": _list(SPARSITY, min_len=1),
+        "zeroshot": _bool,  # false: perplexity only for this entry (the section's zero-shot covers the others)
     }
 )
 ACCURACY = {

@@ -146,6 +146,37 @@ def test_run_accuracy_writes_one_record_per_seed_and_resumes(tmp_path, monkeypat
     assert len(calls) == 3
 
 
+def test_an_entry_can_skip_zero_shot_and_its_records_say_so(tmp_path, monkeypatch):
+    """`zeroshot: false` on a method entry: its records are evaluated without zero-shot and their configuration says
+    so (a record made with zero-shot is not reused for it); the other entries and the dense record keep theirs."""
+    import minillm
+
+    zs = {"limit": 5, "sparsities": [0.0, 0.2]}
+    cfg = _cfg({"zeroshot": zs, "sparsities": [0.2]}, {"zeroshot": False})
+    validate_profile(cfg)
+    with_zs = _names(_cfg({"zeroshot": zs, "sparsities": [0.2]}))
+    names = _names(cfg)
+    assert names["rnd_s20.json"]["eval"]["zeroshot"] is None and with_zs["rnd_s20.json"]["eval"]["zeroshot"] == zs
+    assert names["mag_s20.json"] == with_zs["mag_s20.json"] and names["dense_s00.json"] == with_zs["dense_s00.json"]
+
+    monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(experiments, "_load", lambda cfg: (minillm.load_model("tiny-llama")[0], None))
+    monkeypatch.setattr(
+        experiments, "_calibration", lambda tok, exp, entry: (torch.randint(0, 128, (2, 32)), {"seed": 0})
+    )
+    seen = []
+
+    def evaluate(model, tok, exp, sparsity):
+        seen.append(exp.get("zeroshot"))
+        return {"perplexity": {"ppl": 1.0}}
+
+    monkeypatch.setattr(experiments, "_evaluate", evaluate)
+    experiments.run_accuracy(cfg)
+    assert seen == [zs, None, zs]  # dense, rnd (no zero-shot), mag
+    with pytest.raises(ProfileError, match="zeroshot: must be true or false"):
+        validate_profile(_cfg(entry_extra={"zeroshot": "no"}))
+
+
 @pytest.mark.parametrize(
     ("accuracy_extra", "entry_extra", "message"),
     [
