@@ -37,21 +37,24 @@ trap on_signal INT TERM HUP
 records_before=$( (find "results/$PROFILE" -name "*.json" ! -name "run_times*.json" 2>/dev/null || true) | wc -l)
 times=()
 run_start=$(date +%s)
-for nb in "$@"; do
-  name=$(basename "$nb")
-  echo "== $name (profile $PROFILE)"
-  start=$(date +%s)
-  # in the background, so that the trap runs as soon as a signal arrives (bash defers traps while a foreground
-  # child runs)
-  "$PYTHON" -m papermill --cwd notebooks -k python3 -p profile "$PROFILE" -p no_compute "$NO_COMPUTE" \
-    "$nb" "$out/$name" --log-output --no-progress-bar &
+# papermill NOTEBOOK NO_COMPUTE: execute one notebook into $out; stop the script with its status if it fails. In the
+# background, so that the trap runs as soon as a signal arrives (bash defers traps while a foreground child runs).
+execute() {
+  "$PYTHON" -m papermill --cwd notebooks -k python3 -p profile "$PROFILE" -p no_compute "$2" \
+    "$1" "$out/$(basename "$1")" --log-output --no-progress-bar &
   child=$!
-  status=0
+  local status=0
   wait "$child" || status=$?
   child=""
   if [ "$status" -ne 0 ]; then
     exit "$status"
   fi
+}
+for nb in "$@"; do
+  name=$(basename "$nb")
+  echo "== $name (profile $PROFILE)"
+  start=$(date +%s)
+  execute "$nb" "$NO_COMPUTE"
   secs=$(( $(date +%s) - start ))
   times+=("$name=$secs")
   echo "== $name done in $secs s"
@@ -66,15 +69,7 @@ for nb in "$@"; do
 done
 if [ "$NO_COMPUTE" = "0" ] && [ -n "$claims_nb" ] && [ "$#" -gt 1 ]; then
   echo "== $(basename "$claims_nb") rendered again from the records (claims table with every experiment's records)"
-  "$PYTHON" -m papermill --cwd notebooks -k python3 -p profile "$PROFILE" -p no_compute 1 \
-    "$claims_nb" "$out/$(basename "$claims_nb")" --log-output --no-progress-bar &
-  child=$!
-  status=0
-  wait "$child" || status=$?
-  child=""
-  if [ "$status" -ne 0 ]; then
-    exit "$status"
-  fi
+  execute "$claims_nb" 1
 fi
 if [ "$NO_COMPUTE" = "0" ]; then
   "$PYTHON" - "$PROFILE" "$records_before" "${times[@]}" <<'PY'
