@@ -124,14 +124,14 @@ def _gate_estimate_space(ctx):
     return GateSpace(ctx.adapter)
 
 
-def _gate_estimate(ctx, n: int, eps: float, seed: int):
+def _gate_estimate(ctx, n: int, eps: float, seed: int, done=None, checkpoint=None):
     from .precision import fp32_forward
     from .scores.common import calibration_loss
     from .scores.spsa import estimate
 
     space = _gate_estimate_space(ctx)
     with fp32_forward(ctx.model):
-        est = estimate(space, lambda: calibration_loss(ctx), n, eps, seed, ctx.progress)
+        est = estimate(space, lambda: calibration_loss(ctx), n, eps, seed, ctx.progress, done, checkpoint)
     return space, est
 
 
@@ -219,10 +219,18 @@ class PartialStore:
 
     def value(self, name: str, compute):
         if name not in self.values:
-            self.values[name] = compute()
-            if self.folder is not None:
-                write_json_atomic(self.folder / "values.json", self.values)
+            self.put(name, compute())
         return self.values[name]
+
+    def put(self, name: str, value) -> None:
+        """Store a value now (the progress of a long piece, which `value` would only store once it finishes)."""
+        self.values[name] = value
+        if self.folder is not None:
+            write_json_atomic(self.folder / "values.json", self.values)
+
+    def drop(self, name: str) -> None:
+        if self.values.pop(name, None) is not None and self.folder is not None:
+            write_json_atomic(self.folder / "values.json", self.values)
 
     def scores(self, name: str, compute) -> list[LayerScores]:
         if self.folder is None:
@@ -360,10 +368,14 @@ def run(model_loader, tok, section: dict, progress: bool = False, store: Partial
         n_max = ns[-1] if j < section.get("full_n_seeds", len(seeds)) else short
 
         def projections(s=s, n_max=n_max):
-            est = _gate_estimate(ctx, n_max, eps, s)[1]
+            # the queries done so far are kept too (seed 0 of cpu-full runs 1,024 queries, over an hour on 2 cores)
+            partial = f"gate-estimate-seed{s}-partial"
+            done = store.values.get(partial)
+            est = _gate_estimate(ctx, n_max, eps, s, done, lambda so_far: store.put(partial, so_far))[1]
             return {"seeds": list(est.seeds), "projected": [float(v) for v in est.projected], "eps": est.eps}
 
         est = store.value(f"gate-estimate-seed{s}", projections)
+        store.drop(f"gate-estimate-seed{s}-partial")
         space = _gate_estimate_space(ctx)
         for n in (n for n in ns if n <= n_max):
             g = _grads_of(space, SPSAEstimate(est["seeds"][:n], est["projected"][:n], est["eps"]))

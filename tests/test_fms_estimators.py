@@ -238,6 +238,98 @@ def test_fms_diagnostics_resume_after_a_crash(tmp_path, monkeypatch):
     assert diagnostics.PartialStore(partial, {"a": 2}).values == {}
 
 
+def test_an_spsa_estimate_interrupted_mid_way_resumes_from_its_checkpoint():
+    """The diagnostics' long gate estimates keep their progress: an estimate stopped after some checkpoints and
+    resumed from the last one repeats no stored query and equals the estimate that never stopped."""
+    from minillm.scores.spsa import estimate
+
+    class Space:  # a quadratic loss over a 5-vector, perturbed in place
+        dim = 5
+        x = torch.zeros(5)
+
+        def noise(self, seed, block):
+            return torch.randn(5, generator=torch.Generator().manual_seed(seed))
+
+        def perturbed(self, seed, scale):
+            space = self
+
+            class Ctx:
+                def __enter__(self):
+                    space.x = scale * space.noise(seed, 0)
+
+                def __exit__(self, *exc):
+                    space.x = torch.zeros(5)
+
+            return Ctx()
+
+    space = Space()
+    target = torch.arange(5.0)
+    losses = []
+
+    def loss():
+        losses.append(1)
+        return float(((space.x - target) ** 2).sum())
+
+    whole = estimate(space, loss, 10, 1e-2, 7, progress=False)
+    saved = []
+
+    class Stop(Exception):
+        pass
+
+    def checkpoint(so_far):
+        saved.append(so_far)
+        if len(saved) == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        estimate(space, loss, 10, 1e-2, 7, progress=False, checkpoint=checkpoint, every=3)
+    assert [len(p) for p in saved] == [3, 6]
+    losses.clear()
+    resumed = estimate(space, loss, 10, 1e-2, 7, progress=False, done=saved[-1], checkpoint=saved.append, every=3)
+    assert len(losses) == 2 * 4  # only queries 7..10 ran again
+    assert resumed.seeds == whole.seeds and resumed.projected == whole.projected
+    assert len(saved[-1]) == 9  # a checkpoint at 9, none at the end (the caller stores the whole estimate)
+
+
+def test_fms_diagnostics_resume_inside_a_gate_estimate(tmp_path, monkeypatch):
+    """A run that dies inside a gate-space SPSA estimate (checkpoints every query here) resumes from the stored
+    queries of that estimate, and its records equal those of a run that never stopped."""
+    import functools
+
+    from minillm import diagnostics, experiments
+    from minillm.scores import spsa
+
+    section = copy.deepcopy(experiments.load_profile("smoke")["fms_diagnostics"])
+    section["queries"] = [1, 3]
+    cfg = {"profile": "t", "model": "tiny-llama-gqa3", "device": "cpu", "fms_diagnostics": section}
+    monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path / "whole")
+    whole = [r["metrics"] for r in experiments.run_fms_diagnostics(cfg)]
+
+    monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path / "resumed")
+    real_estimate, resumed_from = spsa.estimate, []
+
+    def estimate(*a, **k):
+        resumed_from.append(len(a[6] or []) if len(a) > 6 else 0)
+        return functools.partial(real_estimate, every=1)(*a, **k)
+
+    monkeypatch.setattr(spsa, "estimate", estimate)
+    real_put = diagnostics.PartialStore.put
+
+    def dying_put(self, name, value):
+        if name == "gate-estimate-seed0-partial" and len(value) == 2:
+            raise RuntimeError("session ended")
+        return real_put(self, name, value)
+
+    monkeypatch.setattr(diagnostics.PartialStore, "put", dying_put)
+    with pytest.raises(RuntimeError, match="session ended"):
+        experiments.run_fms_diagnostics(cfg)
+    monkeypatch.setattr(diagnostics.PartialStore, "put", real_put)
+    resumed_from.clear()
+    resumed = [r["metrics"] for r in experiments.run_fms_diagnostics(cfg)]
+    assert resumed_from[0] == 1  # seed 0 went on after its first stored query
+    assert resumed == whole
+
+
 def test_exact_weight_space_fms_with_taylor_combination_is_llm_pruner_element1(tiny):
     """The weight-space exact-gradient diagnostic computes |W dL/dW| per weight like `taylor` (element1) when its
     combination is 'taylor': one gradient, one pooling."""

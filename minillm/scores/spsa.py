@@ -154,22 +154,38 @@ class SPSAEstimate:
 
 
 def estimate(
-    space: PerturbationSpace, loss_fn: Callable[[], float], n: int, eps: float, seed: int, progress: bool = True
+    space: PerturbationSpace,
+    loss_fn: Callable[[], float],
+    n: int,
+    eps: float,
+    seed: int,
+    progress: bool = True,
+    done: list[float] | None = None,
+    checkpoint: Callable[[list[float]], None] | None = None,
+    every: int = 32,
 ) -> SPSAEstimate:
-    """Run n two-sided SPSA queries. `loss_fn` evaluates the calibration loss (fp32) with no gradient."""
+    """Run n two-sided SPSA queries. `loss_fn` evaluates the calibration loss (fp32) with no gradient.
+
+    Resuming (the diagnostics' 1,024-query estimates outlast a session): `done` holds the projected gradients of
+    the first len(done) queries of this same (seed, eps) run, which are not repeated; `checkpoint(projected)` is
+    called with the list so far every `every` queries, so that a caller can store it."""
     if n < 1:
         raise ValueError(f"the number of SPSA queries must be >= 1, got {n}")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     gen = torch.Generator().manual_seed(seed)
     seeds = torch.randint(0, _SEED_MOD, (n,), generator=gen, dtype=torch.long).tolist()
-    projected = []
-    bar = tqdm(seeds, desc=f"SPSA queries (d={space.dim:,})", disable=not progress, leave=False)
+    projected = [float(v) for v in (done or [])][:n]
+    bar = tqdm(seeds, desc=f"SPSA queries (d={space.dim:,})", disable=not progress, leave=False, initial=len(projected))
     with torch.no_grad():
-        for s in bar:
+        for k, s in enumerate(seeds[len(projected) :], start=len(projected) + 1):
             with space.perturbed(s, eps):
                 plus = float(loss_fn())
             with space.perturbed(s, -eps):
                 minus = float(loss_fn())
             projected.append((plus - minus) / (2 * eps))
+            bar.update(1)
+            if checkpoint is not None and k % every == 0 and k < n:
+                checkpoint(list(projected))
+    bar.close()
     return SPSAEstimate(seeds, projected, eps)
