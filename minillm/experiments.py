@@ -108,7 +108,9 @@ def seed_replicates(exp: dict, entry: dict) -> list[tuple[int, dict, list[float]
     the entry itself at all its sparsities, so its records keep their names and configurations. Replicate k > 0
     adds k to the calibration seed (a new draw of calibration windows) and to the method seed together, and runs
     at the `seed_sparsities` (the entry's own, else the section's) that the entry runs, or at all of its
-    sparsities when none are given."""
+    sparsities when none are given. With `seed_zeroshot: false` (the entry's own, else the section's; default true)
+    the replicates are evaluated by perplexity only: zero-shot then comes from replicate 0 with lm-eval's standard
+    error, and its seed spread from the entries that keep `seed_zeroshot: true`."""
     sparsities = entry.get("sparsities", exp["sparsities"])
     seeds = entry.get("seeds", exp.get("seeds", [0]))
     chosen = entry.get("seed_sparsities", exp.get("seed_sparsities"))
@@ -120,6 +122,8 @@ def seed_replicates(exp: dict, entry: dict) -> list[tuple[int, dict, list[float]
             "seed": entry.get("seed", 0) + k,
             "calibration": {**entry.get("calibration", {}), "seed": calibration_seed + k},
         }
+        if not entry.get("seed_zeroshot", exp.get("seed_zeroshot", True)):
+            replicate["zeroshot"] = False
         runs = [s for s in sparsities if chosen is None or any(abs(s - c) < 1e-9 for c in chosen)]
         if runs:
             out.append((k, replicate, runs))

@@ -176,6 +176,7 @@ ACCURACY_ENTRY = _method_entry(
         "seeds": _list(_int(0), min_len=1),
         "seed_sparsities": _list(SPARSITY, min_len=1),
         "zeroshot": _bool,  # false: perplexity only for this entry (the section's zero-shot covers the others)
+        "seed_zeroshot": _bool,  # false: its seed replicates (k > 0) get perplexity only
     }
 )
 ACCURACY = {
@@ -187,6 +188,7 @@ ACCURACY = {
     # record without replicates; an entry's own `seeds` / `seed_sparsities` override these
     "seeds": _list(_int(0), min_len=1),
     "seed_sparsities": _list(SPARSITY, min_len=1),
+    "seed_zeroshot": _bool,  # false: seed replicates get perplexity only (an entry's own `seed_zeroshot` wins)
     "prune_options": PRUNE_OPTIONS,
     "methods": (_list(ACCURACY_ENTRY, min_len=1), REQUIRED),
 }

@@ -109,7 +109,7 @@ def accuracy_frame(records: list[dict]) -> pd.DataFrame:
 def seed_summary(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (method, pattern, sparsity) over seed replicates: the mean of every numeric column, the
     sample standard deviation (ddof 1) of `ppl` and `zs_avg` across seeds (`ppl_std`, `zs_avg_std`; NaN for one
-    seed) and the number of seeds `n_seeds`. Bootstrap bounds become their envelope over seeds (lowest lo,
+    seed), the number of seeds `n_seeds` and of those with zero-shot `zs_n_seeds`. Bootstrap bounds become their envelope over seeds (lowest lo,
     highest hi). A frame without a `seed` column (no replicates) is returned as it is."""
     if df.empty or "seed" not in df:
         return df
@@ -120,8 +120,9 @@ def seed_summary(df: pd.DataFrame) -> pd.DataFrame:
     grouped = df.groupby(keys, sort=False)
     out = grouped.agg(how)
     out["ppl_std"] = grouped["ppl"].std(ddof=1)
-    if "zs_avg" in df:
+    if "zs_avg" in df:  # replicates evaluated by perplexity only (`seed_zeroshot: false`) are not counted here
         out["zs_avg_std"] = grouped["zs_avg"].std(ddof=1)
+        out["zs_n_seeds"] = grouped["zs_avg"].count()
     out["n_seeds"] = grouped["seed"].nunique()
     return out.reset_index().sort_values(["sparsity", "ppl"]).reset_index(drop=True)
 

@@ -66,6 +66,7 @@ VARIANTS = {
         "fms-allocation",
         "fms-allocation-n16",
         "fms-allocation-n128",
+        "fms-ablation-heads",
     ],
     "bonsai": ["bonsai", "bonsai-m16", "bonsai-masks16", "bonsai-1round"],
 }

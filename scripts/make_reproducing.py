@@ -275,10 +275,25 @@ def pending_lines(profile: str) -> list[str]:
                 "records). Tables and figures of this profile leave them out until then:"
             ),
             "",
-            *[f"* `results/{profile}/{r}`" for r in p["records"]],
+            *_record_list(profile, p["records"]),
             "",
         ]
     return lines
+
+
+def _record_list(profile: str, records: list[str], most: int = 12) -> list[str]:
+    """Bullet lines naming pending records: each one, or, for a long list, a count per folder (the names are in
+    pending.json)."""
+    if len(records) <= most:
+        return [f"* `results/{profile}/{r}`" for r in records]
+    folders: dict[str, int] = {}
+    for r in records:
+        folder = r.rsplit("/", 1)[0] if "/" in r else "."
+        folders[folder] = folders.get(folder, 0) + 1
+    return [
+        f"* `results/{profile}/{f}/`: {n} records (named in `results/{profile}/pending.json`)"
+        for f, n in sorted(folders.items())
+    ]
 
 
 def main() -> None:

@@ -177,6 +177,25 @@ def test_an_entry_can_skip_zero_shot_and_its_records_say_so(tmp_path, monkeypatc
         validate_profile(_cfg(entry_extra={"zeroshot": "no"}))
 
 
+def test_seed_zeroshot_false_gives_replicates_perplexity_only():
+    """`seed_zeroshot: false` (section, or the entry's own): replicate 0 keeps zero-shot, replicates k > 0 are
+    evaluated by perplexity only and their configuration says so; an entry's `seed_zeroshot: true` wins."""
+    zs = {"limit": 5, "sparsities": [0.0, 0.2]}
+    base = {"zeroshot": zs, "sparsities": [0.2], "seeds": [0, 1]}
+    both = _names(_cfg(base))
+    cfg = _cfg({**base, "seed_zeroshot": False})
+    validate_profile(cfg)
+    off = _names(cfg)
+    assert both["rnd_s20_seed1.json"]["eval"]["zeroshot"] == zs
+    for label in ("rnd", "mag"):
+        assert off[f"{label}_s20_seed1.json"]["eval"]["zeroshot"] is None
+        assert off[f"{label}_s20.json"] == both[f"{label}_s20.json"]
+    kept = _names(_cfg({**base, "seed_zeroshot": False}, {"seed_zeroshot": True}))
+    assert kept["rnd_s20_seed1.json"]["eval"]["zeroshot"] == zs and kept["mag_s20_seed1.json"]["eval"]["zeroshot"] is None
+    with pytest.raises(ProfileError, match="seed_zeroshot: must be true or false"):
+        validate_profile(_cfg({**base, "seed_zeroshot": "no"}))
+
+
 @pytest.mark.parametrize(
     ("accuracy_extra", "entry_extra", "message"),
     [
@@ -206,12 +225,11 @@ def test_interval_fields_are_validated():
 
 @pytest.mark.parametrize("profile", ["cpu", "cpu-full"])
 def test_committed_records_stay_named_and_current(profile):
-    """The committed profiles ask for no seeds or intervals: every committed accuracy record is still expected under
-    its name and still current (nothing to recompute)."""
+    """Every committed accuracy and ablation record, seed replicates included, is expected by its profile under its
+    name and still current (nothing to recompute)."""
     cfg = experiments.load_profile(profile)
     for exp in ("accuracy", "ablations"):
         wanted = experiments.expected_records(cfg, exp)
-        assert not any("_seed" in p.name for p in wanted)
         for path in sorted((REPO_ROOT / "results" / profile / exp).glob("*.json")):
             assert path in wanted, path
             assert experiments.is_current(path, wanted[path]), path
@@ -229,6 +247,11 @@ def test_seed_summary_aggregates_over_seeds():
     assert out.loc["a", "ppl"] == 12.0 and out.loc["a", "ppl_std"] == pytest.approx(math.sqrt(8))
     assert out.loc["a", "zs_avg_std"] == pytest.approx(math.sqrt(0.02)) and out.loc["a", "n_seeds"] == 2
     assert out.loc["b", "n_seeds"] == 1 and math.isnan(out.loc["b", "ppl_std"])
+    ppl_only = df.copy()
+    ppl_only.loc[1, "zs_avg"] = float("nan")  # a replicate evaluated by perplexity only
+    out = report.seed_summary(ppl_only).set_index("method")
+    assert (out.loc["a", "zs_avg"], out.loc["a", "zs_n_seeds"], out.loc["a", "n_seeds"]) == (0.5, 1, 2)
+    assert math.isnan(out.loc["a", "zs_avg_std"])
     no_seeds = df[df.seed == 0].drop(columns="seed")
     assert report.seed_summary(no_seeds) is no_seeds
 
