@@ -366,13 +366,15 @@ def cmd_experiment(args) -> int:
 
     cfg = experiments.load_profile(args.profile)
     runners = {
-        "accuracy": lambda: experiments.run_accuracy(cfg, args.force, "accuracy", not args.quiet),
-        "ablations": lambda: experiments.run_accuracy(cfg, args.force, "ablations", not args.quiet),
+        "accuracy": lambda: experiments.run_accuracy(cfg, args.force, "accuracy", not args.quiet, args.labels),
+        "ablations": lambda: experiments.run_accuracy(cfg, args.force, "ablations", not args.quiet, args.labels),
         "memory": lambda: experiments.run_memory(cfg, args.force),
         "latency": lambda: experiments.run_latency(cfg, args.force),
         "recovery": lambda: experiments.run_recovery(cfg, args.force, not args.quiet),
         "fms_diagnostics": lambda: experiments.run_fms_diagnostics(cfg, args.force, not args.quiet),
     }
+    if args.labels is not None and args.name not in ("accuracy", "ablations"):
+        raise SystemExit(f"--labels selects method entries of accuracy or ablations, not of {args.name}")
     records = runners[args.name]()
     print(f"{len(records)} records in {experiments.results_dir(args.profile, args.name)}")
     return 0
@@ -563,6 +565,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--profile", default="cpu")
     ex.add_argument("--force", action="store_true", help="recompute records that exist")
     ex.add_argument("--quiet", action="store_true")
+    ex.add_argument(
+        "--labels",
+        nargs="+",
+        metavar="LABEL",
+        help="accuracy/ablations: only these method entries (and the dense record if 'dense' is listed), e.g. to "
+        "share a long grid between processes",
+    )
     ex.set_defaults(func=cmd_experiment)
 
     rc = sub.add_parser("recover", help="LoRA fine-tuning of a pruned directory (optionally KL to the parent)")

@@ -202,20 +202,32 @@ def _evaluate(model, tok, cfg: dict, sparsity: float) -> dict:
     return metrics
 
 
-def run_accuracy(cfg: dict, force: bool = False, experiment: str = "accuracy", progress: bool = False) -> list[dict]:
+def run_accuracy(
+    cfg: dict, force: bool = False, experiment: str = "accuracy", progress: bool = False, labels=None
+) -> list[dict]:
     """Prune the profile's model with every configured method at every sparsity, evaluate, write records.
-    Scores that do not depend on the sparsity are computed once per method and reused for each sparsity."""
+    Scores that do not depend on the sparsity are computed once per method and reused for each sparsity.
+    `labels` (None: all) runs only those method entries, and the dense record only when "dense" is among them, so
+    that several processes can share a long grid (each record is its own file, written atomically)."""
     profile = cfg["profile"]
     exp = cfg[experiment]
+    if labels is not None:
+        known = ["dense"] + [e["label"] for e in exp["methods"]]
+        unknown = [x for x in labels if x not in known]
+        if unknown:
+            raise ValueError(f"{experiment} of profile {profile!r} has no method labels {unknown}; it has {known}")
     records = []
     dense_file = _record_file(profile, experiment, "dense", 0.0)
-    if force or not is_current(dense_file, _dense_config(cfg, exp)):
-        model, tok = _load(cfg)
-        t0 = time.perf_counter()
-        metrics = _evaluate(model, tok, exp, 0.0)
-        save_record(dense_file, experiment, _dense_config(cfg, exp), metrics, time.perf_counter() - t0)
-    records.append(load_record(dense_file))
+    if labels is None or "dense" in labels:
+        if force or not is_current(dense_file, _dense_config(cfg, exp)):
+            model, tok = _load(cfg)
+            t0 = time.perf_counter()
+            metrics = _evaluate(model, tok, exp, 0.0)
+            save_record(dense_file, experiment, _dense_config(cfg, exp), metrics, time.perf_counter() - t0)
+        records.append(load_record(dense_file))
     for entry in exp["methods"]:
+        if labels is not None and entry["label"] not in labels:
+            continue
         for replicate, replicate_entry, sparsities in seed_replicates(exp, entry):
             records += _run_method(cfg, exp, replicate_entry, force, experiment, progress, sparsities, replicate)
     return records

@@ -146,6 +146,29 @@ def test_run_accuracy_writes_one_record_per_seed_and_resumes(tmp_path, monkeypat
     assert len(calls) == 3
 
 
+def test_run_accuracy_labels_select_entries_and_dense(tmp_path, monkeypatch):
+    """`labels` (CLI --labels) runs only the named entries, and the dense record only when "dense" is named; an
+    unknown label is refused with the profile's labels; a second run without labels computes only what is left."""
+    import minillm
+
+    monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(experiments, "_load", lambda cfg: (minillm.load_model("tiny-llama")[0], None))
+    monkeypatch.setattr(
+        experiments, "_calibration", lambda tok, exp, entry: (torch.randint(0, 128, (2, 32)), {"seed": 0})
+    )
+    calls = []
+    monkeypatch.setattr(experiments, "_evaluate", lambda *a: calls.append(a[-1]) or {"perplexity": {"ppl": 1.0}})
+    cfg = _cfg({"sparsities": [0.2]})
+    records = experiments.run_accuracy(cfg, labels=["mag"])
+    assert [r["config"]["label"] for r in records] == ["mag"] and len(calls) == 1
+    folder = experiments.results_dir(cfg["profile"], "accuracy")
+    assert sorted(p.name for p in folder.glob("*.json")) == ["mag_s20.json"]
+    with pytest.raises(ValueError, match=r"no method labels \['nosuch'\]; it has \['dense', 'rnd', 'mag'\]"):
+        experiments.run_accuracy(cfg, labels=["nosuch"])
+    experiments.run_accuracy(cfg)
+    assert len(calls) == 3  # dense and rnd only
+
+
 def test_an_entry_can_skip_zero_shot_and_its_records_say_so(tmp_path, monkeypatch):
     """`zeroshot: false` on a method entry: its records are evaluated without zero-shot and their configuration says
     so (a record made with zero-shot is not reused for it); the other entries and the dense record keep theirs."""
