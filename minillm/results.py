@@ -67,7 +67,17 @@ def provenance(device: Any = None) -> dict:
         "device": device_name(device),
         "python": platform.python_version(),
         "packages": package_versions(),
+        # CPU float reductions and every wall time depend on it (records may be made by processes sharing cores)
+        "torch_threads": _torch_threads(),
     }
+
+
+def _torch_threads() -> int | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.get_num_threads()
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
