@@ -380,6 +380,18 @@ def cmd_experiment(args) -> int:
     return 0
 
 
+def cmd_pending(args) -> int:
+    """`pending --profile P`: drop the records computed since from pending.json (results/P), print what is left."""
+    from minillm import experiments
+
+    left = experiments.refresh_pending(args.profile)
+    if not left:
+        print(f"nothing pending for profile {args.profile}")
+    for entry in left:
+        print(f"{len(entry['records'])} left: {entry['command']}")
+    return 0
+
+
 def cmd_recover(args) -> int:
     import minillm
     from minillm.data import calibration_windows
@@ -573,6 +585,12 @@ def build_parser() -> argparse.ArgumentParser:
         "share a long grid between processes",
     )
     ex.set_defaults(func=cmd_experiment)
+
+    pe = sub.add_parser(
+        "pending", help="update results/<profile>/pending.json from the records on disk and list what is left"
+    )
+    pe.add_argument("--profile", default="cpu-full")
+    pe.set_defaults(func=cmd_pending)
 
     rc = sub.add_parser("recover", help="LoRA fine-tuning of a pruned directory (optionally KL to the parent)")
     rc.add_argument("directory", type=Path, help="a directory written by prune (left untouched)")

@@ -8,6 +8,7 @@ it stopped.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from .measure import BENCH_REPEATS, LATENCY_PROTOCOL, peak_memory
 from .models import load_model
 from .profiles import ProfileError, validate_profile
 from .prune import prune, score
-from .results import REPO_ROOT, config_diff, load_record, save_record, temporary_directory
+from .results import REPO_ROOT, config_diff, load_record, save_record, temporary_directory, write_json_atomic
 from .scores import get_method
 
 log = logging.getLogger(__name__)
@@ -371,6 +372,38 @@ def expected_records(cfg: dict, experiment: str) -> dict[Path, dict]:
         for part in DIAGNOSTICS_PARTS:
             out[results_dir(profile, experiment) / f"{part}.json"] = _diagnostics_config(cfg, part)
     return out
+
+
+def refresh_pending(profile: str) -> list[dict]:
+    """Update results/<profile>/pending.json after records were computed: each entry ({reason, command, records})
+    keeps the records that are still missing or not current, an entry with none left is dropped, and the file is
+    deleted when no entry remains. Returns the entries left. (A long run that spans sessions commits its records
+    with this list, which `tests/test_reliability.py` checks against the records on disk.)"""
+    path = RESULTS_DIR / profile / "pending.json"
+    if not path.exists():
+        return []
+    listed = json.loads(path.read_text())
+    entries = listed if isinstance(listed, list) else [listed]
+    cfg = load_profile(profile)
+    wanted = {}
+    for exp in ("accuracy", "ablations", "recovery", "memory", "latency", "fms_diagnostics"):
+        wanted.update(expected_records(cfg, exp))
+    left = []
+    for entry in entries:
+        records = []
+        for r in entry["records"]:
+            p = RESULTS_DIR / profile / r
+            if p not in wanted:
+                raise ValueError(f"{path} lists {r}, which profile {profile!r} does not name (edit the list by hand)")
+            if not is_current(p, wanted[p]):
+                records.append(r)
+        if records:
+            left.append({**entry, "records": records})
+    if left:
+        write_json_atomic(path, left)
+    else:
+        path.unlink()
+    return left
 
 
 def collect(profile: str, experiment: str) -> list[dict]:

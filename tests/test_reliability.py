@@ -197,6 +197,36 @@ def test_new_records_carry_the_hash_of_their_configuration(fake_compute):
     assert all(r["config_hash"] == config_hash(r["config"]) for r in records)
 
 
+def test_refresh_pending_keeps_only_what_is_still_missing(fake_compute, tmp_path, monkeypatch):
+    """`python -m minillm pending`: records computed since leave pending.json, an entry with none left goes, the
+    file goes with the last entry; a listed record the profile does not name is refused."""
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    monkeypatch.setattr(experiments, "CONFIG_DIR", configs)
+    cfg = _tiny_profile("mini")
+    cfg["accuracy"]["sparsities"] = [0.2, 0.5]
+    (configs / "mini.yaml").write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "profile"}))
+    folder = experiments.RESULTS_DIR / "mini"
+    folder.mkdir(parents=True)
+    pending = folder / "pending.json"
+    entries = [
+        {"reason": "r1", "command": "c1", "records": ["accuracy/dense_s00.json", "accuracy/mag_s20.json"]},
+        {"reason": "r2", "command": "c2", "records": ["accuracy/mag_s50.json"]},
+    ]
+    pending.write_text(json.dumps(entries))
+    assert experiments.refresh_pending("mini") == entries  # nothing computed yet
+    experiments.run_accuracy(cfg, labels=["dense"])
+    experiments.run_accuracy(cfg)
+    (folder / "accuracy" / "mag_s50.json").unlink()
+    left = experiments.refresh_pending("mini")
+    assert left == [entries[1]] and json.loads(pending.read_text()) == left
+    experiments.run_accuracy(cfg)
+    assert experiments.refresh_pending("mini") == [] and not pending.exists()
+    pending.write_text(json.dumps([{"reason": "r", "command": "c", "records": ["accuracy/other_s20.json"]}]))
+    with pytest.raises(ValueError, match="does not name"):
+        experiments.refresh_pending("mini")
+
+
 @pytest.mark.parametrize("profile", ["cpu", "cpu-full"])
 def test_every_committed_record_is_current_under_its_unchanged_profile(profile):
     """Nothing of the committed results is recomputed by accident: each record the profile names exists and matches
