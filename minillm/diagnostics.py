@@ -250,6 +250,24 @@ class PartialStore:
             shutil.rmtree(self.folder)
 
 
+class _StoreProgress:
+    """ScoringContext.resume for one criterion run: its progress under a prefix in the diagnostics' PartialStore."""
+
+    def __init__(self, store: PartialStore, prefix: str):
+        self.store, self.prefix, self.names = store, prefix, set()
+
+    def get(self, name: str):
+        return self.store.values.get(self.prefix + name)
+
+    def put(self, name: str, value) -> None:
+        self.names.add(name)
+        self.store.put(self.prefix + name, value)
+
+    def clear(self) -> None:
+        for name in self.names or [n[len(self.prefix) :] for n in self.store.values if n.startswith(self.prefix)]:
+            self.store.drop(self.prefix + name)
+
+
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
@@ -396,13 +414,20 @@ def run(model_loader, tok, section: dict, progress: bool = False, store: Partial
     thunks.update(spsa)
     for n in section.get("weight_queries", []):
         thunks[f"fms-spsa-weights-n{n}"] = [method("fms", seed=s, queries=n, space="weights") for s in seeds]
+    progresses = []  # the estimators keep their progress in the store (the ablation one takes hours on 2 cores)
     for label, opts in section.get("estimators", {}).items():
         stochastic = opts.get("estimator") == "allocation"
-        thunks[label] = [method("fms", seed=s, **opts) for s in (seeds if stochastic else seeds[:1])]
+        runs = []
+        for k, s in enumerate(seeds if stochastic else seeds[:1]):
+            progresses.append(_StoreProgress(store, f"{label}-{k}/"))
+            runs.append(method("fms", seed=s, resume=progresses[-1], **opts))
+        thunks[label] = runs
     criteria = {
         label: [store.scores(f"{label}-{k}", thunk) for k, thunk in enumerate(runs)]
         for label, runs in tqdm(thunks.items(), desc="diagnostics: criteria", disable=not progress)
     }
+    for finished in progresses:  # their scores are stored now
+        finished.clear()
     o = section.get("oracle", {})
     oracle = store.value(
         "oracle",

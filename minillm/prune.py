@@ -117,16 +117,17 @@ def score(
     attention_units: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    resume=None,
     **method_options,
 ) -> list[LayerScores]:
     """Step 1: unit scores of an (unpruned or pruned) model without removing anything, one LayerScores per layer
-    (higher = more important)."""
+    (higher = more important). `resume` (ScoringContext.resume) keeps the progress of long scoring steps."""
     m = get_method(method)
     if m.spec.scores_and_removes:
         raise ValueError(f"method {method!r} has no separate scoring step")
     check_options(m, method, method_options)
     _check_calibration_for(model, calib, method, m.spec.needs_calibration)
-    ctx = ScoringContext(model, get_adapter(model), calib, attention_units, seed, progress)
+    ctx = ScoringContext(model, get_adapter(model), calib, attention_units, seed, progress, resume=resume)
     with _eval_mode(model):
         return m.score(ctx, **method_options)
 

@@ -389,3 +389,72 @@ def test_goal_frame_verdicts_follow_the_means_and_the_seed_spread():
     comp = goal.loc[True]  # one seed: no spread, so no noise verdict
     assert comp.taylor_goal == "not met" and comp.ratio_to_taylor == pytest.approx(2.0)
     assert comp.taylor_within_noise is None
+
+
+class _Resume(dict):
+    """ScoringContext.resume backed by a dict that can be made to die on its n-th put (a session that ends)."""
+
+    def __init__(self, die_at=None):
+        super().__init__()
+        self.die_at, self.puts = die_at, 0
+
+    def put(self, name, value):
+        self.puts += 1
+        if self.puts == self.die_at:
+            raise RuntimeError("session ended")
+        self[name] = copy.deepcopy(value)
+
+
+def test_ablation_interrupted_between_layers_resumes_without_remeasuring(tiny, monkeypatch):
+    """The ablation estimator stores each finished layer in `resume`: a run that dies after two layers resumes at
+    the third (no finished layer is measured again) and gives the scores of a run that never stopped, which equal
+    those without `resume`."""
+    from minillm.scores import fms_estimators
+
+    calib, model = _calib(), tiny("tiny-llama-gqa")
+    opts = dict(estimator="ablation", shortlist=0.25, batch_tokens=200, progress=False)
+    plain = minillm.score(model, "fms", calib, **opts)
+    dying = _Resume(die_at=3)
+    with pytest.raises(RuntimeError, match="session ended"):
+        minillm.score(model, "fms", calib, resume=dying, **opts)
+    (stored,) = dying.values()
+    assert sorted(stored) == ["0", "1"]
+    calls = []
+    real = fms_estimators.Ablator.loss_changes
+    monkeypatch.setattr(
+        fms_estimators.Ablator, "loss_changes", lambda self, i, masks: calls.append(i) or real(self, i, masks)
+    )
+    resumed = minillm.score(model, "fms", calib, resume=dying, **opts)
+    assert 0 not in calls and 1 not in calls and 2 in calls
+    assert torch.equal(_flat(resumed), _flat(plain))
+
+
+def test_fms_diagnostics_resume_inside_the_ablation_estimator(tmp_path, monkeypatch):
+    """A diagnostics run that dies inside the ablation estimator resumes from its stored layers, drops them from
+    the store once the criterion's scores are stored, and writes the records of a run that never stopped."""
+    from minillm import diagnostics, experiments
+
+    section = copy.deepcopy(experiments.load_profile("smoke")["fms_diagnostics"])
+    section["estimators"] = {"fms-ablation": {"estimator": "ablation", "shortlist": 0.25}}
+    cfg = {"profile": "t", "model": "tiny-llama-gqa3", "device": "cpu", "fms_diagnostics": section}
+    monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path / "whole")
+    whole = [r["metrics"] for r in experiments.run_fms_diagnostics(cfg)]
+
+    monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path / "resumed")
+    real_put = diagnostics.PartialStore.put
+
+    def dying_put(self, name, value):
+        if name.startswith("fms-ablation-0/") and len(value) == 2:
+            raise RuntimeError("session ended")
+        return real_put(self, name, value)
+
+    monkeypatch.setattr(diagnostics.PartialStore, "put", dying_put)
+    with pytest.raises(RuntimeError, match="session ended"):
+        experiments.run_fms_diagnostics(cfg)
+    monkeypatch.setattr(diagnostics.PartialStore, "put", real_put)
+    seen = []
+    real_drop = diagnostics.PartialStore.drop
+    monkeypatch.setattr(diagnostics.PartialStore, "drop", lambda self, name: seen.append(name) or real_drop(self, name))
+    resumed = [r["metrics"] for r in experiments.run_fms_diagnostics(cfg)]
+    assert any(name.startswith("fms-ablation-0/ablation-layers") for name in seen)
+    assert resumed == whole

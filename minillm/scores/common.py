@@ -22,7 +22,8 @@ from ..surgery import CurrentKeep
 class ScoringContext:
     """One scoring step on one model: the model and its adapter, the calibration tokens, the options every method
     shares, and the input statistics, computed once on first request (`input_stats`). `pruning` is set when the
-    method may remove units itself (`remove`), so that the original indices stay recorded."""
+    method may remove units itself (`remove`), so that the original indices stay recorded; `resume` (optional)
+    keeps the progress of long steps (the `ablation` estimator stores each finished layer there)."""
 
     model: nn.Module
     adapter: Adapter
@@ -32,6 +33,9 @@ class ScoringContext:
     progress: bool = True
     batch_size: int = 16
     pruning: PruningState | None = None
+    # where a long scoring step keeps its progress so that an interrupted run continues (an object with
+    # get(name) -> value or None and put(name, value), JSON-serialisable values); None keeps nothing
+    resume: object | None = None
     _stats: dict[str, dict[str, InputStats]] = field(default_factory=dict, repr=False)
 
     def input_stats(self, members: str = "all") -> dict[str, InputStats]:

@@ -231,29 +231,38 @@ def ablation_scores(
     ablator = Ablator(ctx, batch_tokens)
     out, measured = [], {"attention": 0, "channels": 0}
     layers = adapter.layers()
+    # finished layers' measurements (ctx.resume): a run that dies resumes at the first unfinished layer
+    name = f"ablation-layers-shortlist{shortlist:g}-batch{batch_tokens}"
+    done = (ctx.resume.get(name) if ctx.resume is not None else None) or {}
     for i, layer in enumerate(tqdm(layers, desc="exact ablations", disable=not ctx.progress, leave=False)):
         unit = ctx.unit(layer)
         n_att = _units_of(adapter, layer, unit)
-        att = torch.zeros(n_att, dtype=torch.float64)
-        if n_att:
-            att = torch.tensor(
-                ablator.loss_changes(i, [(_head_mask(adapter, layer, unit, u), None) for u in range(n_att)]),
-                dtype=torch.float64,
-            )
-            measured["attention"] += n_att
         n_ch = adapter.n_channels(layer)
-        ch = torch.zeros(n_ch, dtype=torch.float64)
-        if n_ch:
-            p = prior[i].channels.double()
-            k = min(n_ch, max(1, math.ceil(shortlist * n_ch))) if shortlist > 0 else 0
-            order = torch.argsort(p, stable=True)
-            chosen = order[:k].tolist()
+        p = prior[i].channels.double() if n_ch else None
+        k = min(n_ch, max(1, math.ceil(shortlist * n_ch))) if n_ch and shortlist > 0 else 0
+        order = torch.argsort(p, stable=True) if n_ch else None
+        chosen = order[:k].tolist() if n_ch else []
+        if str(i) in done:
+            att_values, values = done[str(i)]
+        else:
+            att_values = (
+                ablator.loss_changes(i, [(_head_mask(adapter, layer, unit, u), None) for u in range(n_att)])
+                if n_att
+                else []
+            )
             masks = []
             for c in chosen:
                 m = torch.ones(n_ch)
                 m[c] = 0
                 masks.append((None, m))
             values = ablator.loss_changes(i, masks) if masks else []
+            if ctx.resume is not None:
+                done[str(i)] = [att_values, values]
+                ctx.resume.put(name, done)
+        att = torch.tensor(att_values, dtype=torch.float64) if n_att else torch.zeros(0, dtype=torch.float64)
+        measured["attention"] += n_att
+        ch = torch.zeros(n_ch, dtype=torch.float64)
+        if n_ch:
             for c, v in zip(chosen, values):
                 ch[c] = v
             measured["channels"] += k
