@@ -291,12 +291,30 @@ def test_an_spsa_estimate_interrupted_mid_way_resumes_from_its_checkpoint():
     assert len(saved[-1]) == 9  # a checkpoint at 9, none at the end (the caller stores the whole estimate)
 
 
+def _run_dying_in_put(monkeypatch, cfg, dies):
+    """Run the diagnostics of `cfg` until the partial store is asked to keep a value for which dies(name, value)
+    holds (a session that ends there), then restore the store."""
+    from minillm import diagnostics, experiments
+
+    real_put = diagnostics.PartialStore.put
+
+    def dying_put(self, name, value):
+        if dies(name, value):
+            raise RuntimeError("session ended")
+        return real_put(self, name, value)
+
+    monkeypatch.setattr(diagnostics.PartialStore, "put", dying_put)
+    with pytest.raises(RuntimeError, match="session ended"):
+        experiments.run_fms_diagnostics(cfg)
+    monkeypatch.setattr(diagnostics.PartialStore, "put", real_put)
+
+
 def test_fms_diagnostics_resume_inside_a_gate_estimate(tmp_path, monkeypatch):
     """A run that dies inside a gate-space SPSA estimate (checkpoints every query here) resumes from the stored
     queries of that estimate, and its records equal those of a run that never stopped."""
     import functools
 
-    from minillm import diagnostics, experiments
+    from minillm import experiments
     from minillm.scores import spsa
 
     section = copy.deepcopy(experiments.load_profile("smoke")["fms_diagnostics"])
@@ -313,17 +331,7 @@ def test_fms_diagnostics_resume_inside_a_gate_estimate(tmp_path, monkeypatch):
         return functools.partial(real_estimate, every=1)(*a, **k)
 
     monkeypatch.setattr(spsa, "estimate", estimate)
-    real_put = diagnostics.PartialStore.put
-
-    def dying_put(self, name, value):
-        if name == "gate-estimate-seed0-partial" and len(value) == 2:
-            raise RuntimeError("session ended")
-        return real_put(self, name, value)
-
-    monkeypatch.setattr(diagnostics.PartialStore, "put", dying_put)
-    with pytest.raises(RuntimeError, match="session ended"):
-        experiments.run_fms_diagnostics(cfg)
-    monkeypatch.setattr(diagnostics.PartialStore, "put", real_put)
+    _run_dying_in_put(monkeypatch, cfg, lambda name, value: name == "gate-estimate-seed0-partial" and len(value) == 2)
     resumed_from.clear()
     resumed = [r["metrics"] for r in experiments.run_fms_diagnostics(cfg)]
     assert resumed_from[0] == 1  # seed 0 went on after its first stored query
@@ -441,17 +449,7 @@ def test_fms_diagnostics_resume_inside_the_ablation_estimator(tmp_path, monkeypa
     whole = [r["metrics"] for r in experiments.run_fms_diagnostics(cfg)]
 
     monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path / "resumed")
-    real_put = diagnostics.PartialStore.put
-
-    def dying_put(self, name, value):
-        if name.startswith("fms-ablation-0/") and len(value) == 2:
-            raise RuntimeError("session ended")
-        return real_put(self, name, value)
-
-    monkeypatch.setattr(diagnostics.PartialStore, "put", dying_put)
-    with pytest.raises(RuntimeError, match="session ended"):
-        experiments.run_fms_diagnostics(cfg)
-    monkeypatch.setattr(diagnostics.PartialStore, "put", real_put)
+    _run_dying_in_put(monkeypatch, cfg, lambda name, value: name.startswith("fms-ablation-0/") and len(value) == 2)
     seen = []
     real_drop = diagnostics.PartialStore.drop
     monkeypatch.setattr(diagnostics.PartialStore, "drop", lambda self, name: seen.append(name) or real_drop(self, name))
