@@ -374,6 +374,9 @@ def expected_records(cfg: dict, experiment: str) -> dict[Path, dict]:
     return out
 
 
+EXPERIMENTS = ("accuracy", "ablations", "recovery", "memory", "latency", "fms_diagnostics")  # a profile's record sets
+
+
 def refresh_pending(profile: str) -> list[dict]:
     """Update results/<profile>/pending.json after records were computed: each entry ({reason, command, records})
     keeps the records that are still missing or not current, an entry with none left is dropped, and the file is
@@ -386,7 +389,7 @@ def refresh_pending(profile: str) -> list[dict]:
     entries = listed if isinstance(listed, list) else [listed]
     cfg = load_profile(profile)
     wanted = {}
-    for exp in ("accuracy", "ablations", "recovery", "memory", "latency", "fms_diagnostics"):
+    for exp in EXPERIMENTS:
         wanted.update(expected_records(cfg, exp))
     left = []
     for entry in entries:

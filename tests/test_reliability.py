@@ -242,7 +242,7 @@ def test_every_committed_record_is_current_under_its_unchanged_profile(profile):
         for entry in listed if isinstance(listed, list) else [listed]:
             assert entry["reason"] and entry["command"] and entry["records"]
             pending |= {experiments.RESULTS_DIR / profile / r for r in entry["records"]}
-    for exp in ("accuracy", "ablations", "recovery", "memory", "latency", "fms_diagnostics"):
+    for exp in experiments.EXPERIMENTS:
         wanted = experiments.expected_records(cfg, exp)
         assert wanted, (profile, exp)
         for path, config in wanted.items():
