@@ -155,9 +155,12 @@ def _noise_like(grads: dict, seed: int) -> dict:
     return out
 
 
-def oracle_losses(ctx, channels: int, seed: int, batch_tokens: int = 4096) -> dict:
+def oracle_losses(ctx, channels: int, seed: int, batch_tokens: int = 4096, resume=None) -> dict:
     """Exact loss change of removing each attention unit alone and `channels` random MLP channels alone (all of
-    them when `channels` exceeds their number), measured with forward passes (fms_estimators.Ablator)."""
+    them when `channels` exceeds their number), measured with forward passes (fms_estimators.Ablator).
+
+    `resume` (get/put, like ScoringContext.resume) keeps each finished layer's measurements, so that a run that
+    dies (about 1,100 ablations, close to an hour on 2 cores for SmolLM2) resumes at its first unfinished layer."""
     from .scores.fms_estimators import Ablator, _head_mask, _units_of
 
     adapter = ctx.adapter
@@ -167,7 +170,15 @@ def oracle_losses(ctx, channels: int, seed: int, batch_tokens: int = 4096) -> di
     pick = torch.randperm(len(all_ch), generator=torch.Generator().manual_seed(seed))[: min(channels, len(all_ch))]
     chosen = sorted(all_ch[j] for j in pick.tolist())
     att, ch = [], []
-    for i, layer in enumerate(layers):
+    name = f"oracle-layers-channels{channels}-seed{seed}-batch{batch_tokens}"
+    done = (resume.get(name) if resume is not None else None) or {}
+    for i, layer in enumerate(tqdm(layers, desc="oracle ablations", disable=not ctx.progress, leave=False)):
+        if str(i) in done:
+            layer_att, layer_ch = done[str(i)]
+            att += [tuple(r) for r in layer_att]
+            ch += [tuple(r) for r in layer_ch]
+            continue
+        n_before = (len(att), len(ch))
         unit = ctx.unit(layer)
         n_att = _units_of(adapter, layer, unit)
         if n_att:
@@ -182,6 +193,9 @@ def oracle_losses(ctx, channels: int, seed: int, batch_tokens: int = 4096) -> di
                 m[c] = 0
                 masks.append((None, m))
             ch += [(i, c, v) for c, v in zip(mine, ablator.loss_changes(i, masks))]
+        if resume is not None:
+            done[str(i)] = [att[n_before[0] :], ch[n_before[1] :]]
+            resume.put(name, done)
     return {"base_loss": ablator.base_loss, "attention": att, "channels": ch}
 
 
@@ -429,10 +443,14 @@ def run(model_loader, tok, section: dict, progress: bool = False, store: Partial
     for finished in progresses:  # their scores are stored now
         finished.clear()
     o = section.get("oracle", {})
+    oracle_progress = _StoreProgress(store, "oracle-progress/")
     oracle = store.value(
         "oracle",
-        lambda: oracle_losses(ctx, o.get("channels", 1000), o.get("seed", 0), section.get("batch_tokens", 4096)),
+        lambda: oracle_losses(
+            ctx, o.get("channels", 1000), o.get("seed", 0), section.get("batch_tokens", 4096), oracle_progress
+        ),
     )
+    oracle_progress.clear()  # the whole oracle is stored now
     oracle_rows = [
         {"criterion": label, "seed_index": k, **_oracle_spearman(sc, oracle)}
         for label, runs in criteria.items()

@@ -456,3 +456,32 @@ def test_fms_diagnostics_resume_inside_the_ablation_estimator(tmp_path, monkeypa
     resumed = [r["metrics"] for r in experiments.run_fms_diagnostics(cfg)]
     assert any(name.startswith("fms-ablation-0/ablation-layers") for name in seen)
     assert resumed == whole
+
+
+def test_fms_diagnostics_resume_inside_the_oracle(tmp_path, monkeypatch):
+    """A diagnostics run that dies inside the single-unit oracle resumes at its first unfinished layer (the
+    finished ones are not measured again), drops that progress once the oracle is stored, and writes the records
+    of a run that never stopped."""
+    from minillm import diagnostics, experiments
+    from minillm.scores import fms_estimators
+
+    section = copy.deepcopy(experiments.load_profile("smoke")["fms_diagnostics"])
+    cfg = {"profile": "t", "model": "tiny-llama-gqa3", "device": "cpu", "fms_diagnostics": section}
+    monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path / "whole")
+    whole = [r["metrics"] for r in experiments.run_fms_diagnostics(cfg)]
+
+    monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path / "resumed")
+    _run_dying_in_put(monkeypatch, cfg, lambda name, value: name.startswith("oracle-progress/") and len(value) == 2)
+    calls = []
+    real = fms_estimators.Ablator.loss_changes
+    monkeypatch.setattr(
+        fms_estimators.Ablator, "loss_changes", lambda self, i, masks: calls.append(i) or real(self, i, masks)
+    )
+    dropped = []
+    real_drop = diagnostics.PartialStore.drop
+    monkeypatch.setattr(diagnostics.PartialStore, "drop", lambda self, name: dropped.append(name) or real_drop(self, name))
+    resumed = [r["metrics"] for r in experiments.run_fms_diagnostics(cfg)]
+    # the run died storing its second layer: layer 0 comes from the store, layers 1 and 2 are measured again
+    assert 0 not in calls and {1, 2} <= set(calls)
+    assert any(name.startswith("oracle-progress/oracle-layers") for name in dropped)
+    assert resumed == whole
