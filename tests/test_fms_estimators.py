@@ -437,24 +437,34 @@ def test_ablation_interrupted_between_layers_resumes_without_remeasuring(tiny, m
     assert torch.equal(_flat(resumed), _flat(plain))
 
 
-def test_fms_diagnostics_resume_inside_the_ablation_estimator(tmp_path, monkeypatch):
-    """A diagnostics run that dies inside the ablation estimator resumes from its stored layers, drops them from
-    the store once the criterion's scores are stored, and writes the records of a run that never stopped."""
+def _resume_after_dying(tmp_path, monkeypatch, section, dies, before_resume=lambda: None):
+    """Records of an uninterrupted diagnostics run of `section` on a tiny model, and of a run that died where
+    dies(name, value) holds and then resumed, with the names that the resumed run dropped from its partial store."""
     from minillm import diagnostics, experiments
 
-    section = copy.deepcopy(experiments.load_profile("smoke")["fms_diagnostics"])
-    section["estimators"] = {"fms-ablation": {"estimator": "ablation", "shortlist": 0.25}}
     cfg = {"profile": "t", "model": "tiny-llama-gqa3", "device": "cpu", "fms_diagnostics": section}
     monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path / "whole")
     whole = [r["metrics"] for r in experiments.run_fms_diagnostics(cfg)]
-
     monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path / "resumed")
-    _run_dying_in_put(monkeypatch, cfg, lambda name, value: name.startswith("fms-ablation-0/") and len(value) == 2)
-    seen = []
+    _run_dying_in_put(monkeypatch, cfg, dies)
+    dropped = []
     real_drop = diagnostics.PartialStore.drop
-    monkeypatch.setattr(diagnostics.PartialStore, "drop", lambda self, name: seen.append(name) or real_drop(self, name))
-    resumed = [r["metrics"] for r in experiments.run_fms_diagnostics(cfg)]
-    assert any(name.startswith("fms-ablation-0/ablation-layers") for name in seen)
+    monkeypatch.setattr(diagnostics.PartialStore, "drop", lambda self, name: dropped.append(name) or real_drop(self, name))
+    before_resume()
+    return whole, [r["metrics"] for r in experiments.run_fms_diagnostics(cfg)], dropped
+
+
+def test_fms_diagnostics_resume_inside_the_ablation_estimator(tmp_path, monkeypatch):
+    """A diagnostics run that dies inside the ablation estimator resumes from its stored layers, drops them from
+    the store once the criterion's scores are stored, and writes the records of a run that never stopped."""
+    from minillm import experiments
+
+    section = copy.deepcopy(experiments.load_profile("smoke")["fms_diagnostics"])
+    section["estimators"] = {"fms-ablation": {"estimator": "ablation", "shortlist": 0.25}}
+    whole, resumed, dropped = _resume_after_dying(
+        tmp_path, monkeypatch, section, lambda name, value: name.startswith("fms-ablation-0/") and len(value) == 2
+    )
+    assert any(name.startswith("fms-ablation-0/ablation-layers") for name in dropped)
     assert resumed == whole
 
 
@@ -462,25 +472,21 @@ def test_fms_diagnostics_resume_inside_the_oracle(tmp_path, monkeypatch):
     """A diagnostics run that dies inside the single-unit oracle resumes at its first unfinished layer (the
     finished ones are not measured again), drops that progress once the oracle is stored, and writes the records
     of a run that never stopped."""
-    from minillm import diagnostics, experiments
+    from minillm import experiments
     from minillm.scores import fms_estimators
 
-    section = copy.deepcopy(experiments.load_profile("smoke")["fms_diagnostics"])
-    cfg = {"profile": "t", "model": "tiny-llama-gqa3", "device": "cpu", "fms_diagnostics": section}
-    monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path / "whole")
-    whole = [r["metrics"] for r in experiments.run_fms_diagnostics(cfg)]
-
-    monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path / "resumed")
-    _run_dying_in_put(monkeypatch, cfg, lambda name, value: name.startswith("oracle-progress/") and len(value) == 2)
     calls = []
     real = fms_estimators.Ablator.loss_changes
-    monkeypatch.setattr(
-        fms_estimators.Ablator, "loss_changes", lambda self, i, masks: calls.append(i) or real(self, i, masks)
+
+    def spy():
+        monkeypatch.setattr(
+            fms_estimators.Ablator, "loss_changes", lambda self, i, masks: calls.append(i) or real(self, i, masks)
+        )
+
+    section = copy.deepcopy(experiments.load_profile("smoke")["fms_diagnostics"])
+    whole, resumed, dropped = _resume_after_dying(
+        tmp_path, monkeypatch, section, lambda name, value: name.startswith("oracle-progress/") and len(value) == 2, spy
     )
-    dropped = []
-    real_drop = diagnostics.PartialStore.drop
-    monkeypatch.setattr(diagnostics.PartialStore, "drop", lambda self, name: dropped.append(name) or real_drop(self, name))
-    resumed = [r["metrics"] for r in experiments.run_fms_diagnostics(cfg)]
     # the run died storing its second layer: layer 0 comes from the store, layers 1 and 2 are measured again
     assert 0 not in calls and {1, 2} <= set(calls)
     assert any(name.startswith("oracle-progress/oracle-layers") for name in dropped)
