@@ -490,7 +490,8 @@ def test_claims_untestable_models_and_missing_records():
 
 def test_reproducing_tolerances_come_from_the_seed_spread():
     """REPRODUCING.md's perplexity tolerance is 2 x the measured relative seed SD of each (method, sparsity), the
-    largest measured one for rows without replicates, and the fixed text only when no record has replicates."""
+    same method's largest for a sparsity without replicates, the fixed one for a method never replicated, and the
+    fixed text only when no record has replicates."""
     import importlib.util
     import statistics
     from pathlib import Path
@@ -509,8 +510,16 @@ def test_reproducing_tolerances_come_from_the_seed_spread():
     assert spread[("a", 0.2)] == pytest.approx(statistics.stdev([10, 12, 11]) / 11)
     assert spread[("b", 0.2)] == 0.0 and ("a", 0.1) not in spread
     assert largest == spread[("a", 0.2)]
-    assert f"±{2 * largest:.1%}" in mod.tolerance_text(spread, largest)
+    assert f"the largest is {largest:.1%}" in mod.tolerance_text(spread, largest)
     assert "no seed replicates" in mod.tolerance_text(*mod.seed_spread([rec("a", 0.1, 9.0)]))
+    # a row without replicates takes its own method's largest spread; a method never replicated the fixed one
+    records.append(rec("a", 0.5, 50.0))
+    records += [rec("a", 0.5, 70.0), rec("b", 0.5, 30.0)]
+    spread, _ = mod.seed_spread(records)
+    assert mod.row_tolerance(spread, "a", 0.2) == spread[("a", 0.2)]
+    assert mod.row_tolerance(spread, "a", 0.1) == spread[("a", 0.5)] > spread[("a", 0.2)]
+    assert mod.row_tolerance(spread, "b", 0.1) == 0.0
+    assert mod.row_tolerance(spread, "dense", 0.0) is None
 
 
 def test_latency_frame_of_no_records_is_empty():
