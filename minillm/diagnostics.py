@@ -161,7 +161,7 @@ def oracle_losses(ctx, channels: int, seed: int, batch_tokens: int = 4096, resum
 
     `resume` (get/put, like ScoringContext.resume) keeps each finished layer's measurements, so that a run that
     dies (about 1,100 ablations, close to an hour on 2 cores for SmolLM2) resumes at its first unfinished layer."""
-    from .scores.fms_estimators import Ablator, _head_mask, _units_of
+    from .scores.fms_estimators import Ablator, LayerProgress, single_unit_losses
 
     adapter = ctx.adapter
     ablator = Ablator(ctx, batch_tokens)
@@ -170,32 +170,12 @@ def oracle_losses(ctx, channels: int, seed: int, batch_tokens: int = 4096, resum
     pick = torch.randperm(len(all_ch), generator=torch.Generator().manual_seed(seed))[: min(channels, len(all_ch))]
     chosen = sorted(all_ch[j] for j in pick.tolist())
     att, ch = [], []
-    name = f"oracle-layers-channels{channels}-seed{seed}-batch{batch_tokens}"
-    done = (resume.get(name) if resume is not None else None) or {}
+    progress = LayerProgress(resume, f"oracle-layers-channels{channels}-seed{seed}-batch{batch_tokens}")
     for i, layer in enumerate(tqdm(layers, desc="oracle ablations", disable=not ctx.progress, leave=False)):
-        if str(i) in done:
-            layer_att, layer_ch = done[str(i)]
-            att += [tuple(r) for r in layer_att]
-            ch += [tuple(r) for r in layer_ch]
-            continue
-        n_before = (len(att), len(ch))
-        unit = ctx.unit(layer)
-        n_att = _units_of(adapter, layer, unit)
-        if n_att:
-            d = ablator.loss_changes(i, [(_head_mask(adapter, layer, unit, u), None) for u in range(n_att)])
-            att += [(i, u, v) for u, v in enumerate(d)]
         mine = [c for (j, c) in chosen if j == i]
-        if mine:
-            n = adapter.n_channels(layer)
-            masks = []
-            for c in mine:
-                m = torch.ones(n)
-                m[c] = 0
-                masks.append((None, m))
-            ch += [(i, c, v) for c, v in zip(mine, ablator.loss_changes(i, masks))]
-        if resume is not None:
-            done[str(i)] = [att[n_before[0] :], ch[n_before[1] :]]
-            resume.put(name, done)
+        heads, values = progress.measure(i, lambda: single_unit_losses(ablator, i, ctx.unit(layer), mine))
+        att += [(i, u, v) for u, v in enumerate(heads)]
+        ch += [(i, c, v) for c, v in zip(mine, values)]
     return {"base_loss": ablator.base_loss, "attention": att, "channels": ch}
 
 

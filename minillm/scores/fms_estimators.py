@@ -224,6 +224,41 @@ def _detach(o):
     return o.detach()
 
 
+class LayerProgress:
+    """The finished layers of one long ablation run, kept through `resume` (get/put, like ScoringContext.resume)
+    under `name`, so that a run that dies resumes at its first unfinished layer. Without `resume` it only runs."""
+
+    def __init__(self, resume, name: str):
+        self.resume, self.name = resume, name
+        self.done = (resume.get(name) if resume is not None else None) or {}
+
+    def measure(self, i: int, run):
+        """`run()`'s value for layer `i`: the kept one when layer `i` finished before, else run and kept."""
+        key = str(i)
+        if key in self.done:
+            return self.done[key]
+        value = run()
+        if self.resume is not None:
+            self.done[key] = value
+            self.resume.put(self.name, self.done)
+        return value
+
+
+def single_unit_losses(ablator: Ablator, i: int, unit: str, channels: list[int]) -> list[list[float]]:
+    """[loss changes of removing each attention unit of layer `i` alone, those of removing each of `channels`
+    alone]: one list each, in unit order and in the order of `channels`."""
+    adapter = ablator.ctx.adapter
+    layer = adapter.layers()[i]
+    n_att = _units_of(adapter, layer, unit)
+    heads = [(_head_mask(adapter, layer, unit, u), None) for u in range(n_att)]
+    masks = []
+    for c in channels:
+        m = torch.ones(adapter.n_channels(layer))
+        m[c] = 0
+        masks.append((None, m))
+    return [ablator.loss_changes(i, heads) if heads else [], ablator.loss_changes(i, masks) if masks else []]
+
+
 def ablation_scores(
     ctx: ScoringContext, prior: list[LayerScores], shortlist: float, batch_tokens: int
 ) -> tuple[list[LayerScores], dict]:
@@ -231,9 +266,7 @@ def ablation_scores(
     ablator = Ablator(ctx, batch_tokens)
     out, measured = [], {"attention": 0, "channels": 0}
     layers = adapter.layers()
-    # finished layers' measurements (ctx.resume): a run that dies resumes at the first unfinished layer
-    name = f"ablation-layers-shortlist{shortlist:g}-batch{batch_tokens}"
-    done = (ctx.resume.get(name) if ctx.resume is not None else None) or {}
+    progress = LayerProgress(ctx.resume, f"ablation-layers-shortlist{shortlist:g}-batch{batch_tokens}")
     for i, layer in enumerate(tqdm(layers, desc="exact ablations", disable=not ctx.progress, leave=False)):
         unit = ctx.unit(layer)
         n_att = _units_of(adapter, layer, unit)
@@ -242,23 +275,7 @@ def ablation_scores(
         k = min(n_ch, max(1, math.ceil(shortlist * n_ch))) if n_ch and shortlist > 0 else 0
         order = torch.argsort(p, stable=True) if n_ch else None
         chosen = order[:k].tolist() if n_ch else []
-        if str(i) in done:
-            att_values, values = done[str(i)]
-        else:
-            att_values = (
-                ablator.loss_changes(i, [(_head_mask(adapter, layer, unit, u), None) for u in range(n_att)])
-                if n_att
-                else []
-            )
-            masks = []
-            for c in chosen:
-                m = torch.ones(n_ch)
-                m[c] = 0
-                masks.append((None, m))
-            values = ablator.loss_changes(i, masks) if masks else []
-            if ctx.resume is not None:
-                done[str(i)] = [att_values, values]
-                ctx.resume.put(name, done)
+        att_values, values = progress.measure(i, lambda: single_unit_losses(ablator, i, unit, chosen))
         att = torch.tensor(att_values, dtype=torch.float64) if n_att else torch.zeros(0, dtype=torch.float64)
         measured["attention"] += n_att
         ch = torch.zeros(n_ch, dtype=torch.float64)
