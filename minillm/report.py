@@ -217,6 +217,50 @@ def ranking_markdown(df: pd.DataFrame, metric: str = "ppl") -> str:
     return "\n".join(["Generated from this profile's records:", "", *lines, "", note])
 
 
+def _envelope(row) -> tuple[float, float]:
+    """(low, high) of a seed-summary row: its bootstrap envelope over seeds, or the point value without one."""
+    lo, hi = row.get("ppl_ci95_lo"), row.get("ppl_ci95_hi")
+    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
+        return float(row["ppl"]), float(row["ppl"])
+    return float(lo), float(hi)
+
+
+def conclusions_frame(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """Does each perplexity order of an earlier set of records (`old`, accuracy_frame rows) survive a newer one
+    (`new`)? One row per sparsity and pair of methods present in `old`, the better one first as `old` had it:
+
+    * ``holds``: the newer records separate them the same way: the better one's highest bound (bootstrap interval
+      over windows, enveloped over seeds) lies below the other's lowest;
+    * ``reversed``: separated the other way;
+    * ``within noise``: the ranges overlap, so the newer evidence cannot order them;
+    * ``not measured yet``: either method has no newer record at that sparsity.
+
+    `min_seeds` is the fewer seeds of the two: an order that holds with one seed only excludes window noise, not the
+    calibration draw's, which for some methods moves perplexity several-fold."""
+    cols = ["sparsity", "better", "worse", "old_better", "old_worse", "new_better", "new_worse", "min_seeds", "verdict"]
+    if old.empty:
+        return pd.DataFrame(columns=cols)
+    o = seed_summary(old)
+    n = seed_summary(new) if not new.empty else new
+    rows = []
+    for sparsity, g in o[o.method != "dense"].groupby("sparsity"):
+        g = g.sort_values("ppl")
+        current = {} if n.empty else {r["method"]: r for _, r in n[np.isclose(n.sparsity, sparsity)].iterrows()}
+        for (_, a), (_, b) in itertools.combinations(list(g.iterrows()), 2):
+            ra, rb = current.get(a["method"]), current.get(b["method"])
+            row = {"sparsity": sparsity, "better": a["method"], "worse": b["method"], "old_better": a["ppl"],
+                   "old_worse": b["ppl"], "new_better": np.nan, "new_worse": np.nan, "min_seeds": 0}
+            if ra is None or rb is None:
+                row["verdict"] = "not measured yet"
+            else:
+                (alo, ahi), (blo, bhi) = _envelope(ra), _envelope(rb)
+                row.update(new_better=float(ra["ppl"]), new_worse=float(rb["ppl"]),
+                           min_seeds=int(min(ra.get("n_seeds", 1), rb.get("n_seeds", 1))))
+                row["verdict"] = "holds" if ahi < blo else "reversed" if bhi < alo else "within noise"
+            rows.append(row)
+    return pd.DataFrame(rows, columns=cols)
+
+
 def plot_accuracy(df: pd.DataFrame, title: str = ""):
     """Perplexity (log) and, when present, the zero-shot average against sparsity: one colour and marker per method
     (minillm.styles), error bars from seeds or intervals where the records have them, the dense model as a dashed

@@ -1,6 +1,7 @@
 """Issue 18, evidence a reviewer can trust: bootstrap intervals, seed replicates, one style per method, the claims
 table's verdict rules. Fast: tiny models and synthetic records only."""
 
+import importlib.util
 import math
 
 import numpy as np
@@ -296,6 +297,44 @@ def test_accuracy_frame_carries_intervals_and_seeds_only_when_present():
     assert (summary.ppl_ci95_lo[0], summary.ppl_ci95_hi[0], summary.n_seeds[0]) == (9, 13, 2)
 
 
+def test_conclusions_frame_checks_old_orders_against_new_intervals():
+    old = report.accuracy_frame(
+        [_acc_record(m, m, 0.2, v) for m, v in (("a", 10.0), ("b", 20.0), ("c", 30.0), ("d", 40.0), ("e", 50.0))]
+    )
+    new = report.accuracy_frame(
+        [
+            _acc_record("a", "a", 0.2, 10.0, (9, 11)),
+            _acc_record("a", "a", 0.2, 14.0, (13, 15), replicate=1),  # envelope of a: 9-15
+            _acc_record("b", "b", 0.2, 18.0, (16, 20)),  # above a's envelope: a < b holds
+            _acc_record("c", "c", 0.2, 12.0, (11, 14)),  # inside a's envelope: within noise; below b: reversed
+            _acc_record("d", "d", 0.2, 99.0),  # a point value without an interval is its own envelope
+        ]
+    )
+    got = report.conclusions_frame(old, new).set_index(["better", "worse"])
+    assert len(got) == 10  # every pair of the five old methods, once, the better one first
+    assert got.loc[("a", "b"), "verdict"] == "holds" and got.loc[("a", "b"), "min_seeds"] == 1
+    assert got.loc[("a", "c"), "verdict"] == "within noise"
+    assert got.loc[("b", "c"), "verdict"] == "reversed"
+    assert got.loc[("c", "d"), "verdict"] == "holds"
+    assert got.loc[("a", "e"), "verdict"] == "not measured yet" and math.isnan(got.loc[("a", "e"), "new_worse"])
+    assert got.loc[("a", "b"), "new_better"] == 12.0  # the mean over a's two seeds
+    assert report.conclusions_frame(old.iloc[0:0], new).empty
+
+
+def test_compare_conclusions_script_on_the_committed_records(capsys):
+    """The records of HEAD against themselves: every order is measured, none is reversed, nothing changed."""
+    spec = importlib.util.spec_from_file_location("compare", REPO_ROOT / "scripts" / "compare_conclusions.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    assert compare.main(["--old", "HEAD", "--profile", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "not measured yet" not in out and "| reversed |" not in out and "holds" in out
+    old = compare.records_at("HEAD", "results/cpu/accuracy")
+    assert old and not any(compare.changed_settings(old, old).values())
+    with pytest.raises(SystemExit, match="cannot list"):
+        compare.records_at("HEAD", "results/no-such-profile/accuracy")
+
+
 def test_zeroshot_chance_is_the_mean_of_one_over_choices():
     assert report.zeroshot_chance(["bb_cloze_hyperbaton", "bb_cloze_wikihow_step"]) == pytest.approx((0.5 + 0.25) / 2)
     with pytest.raises(ValueError, match="no chance level"):
@@ -492,7 +531,6 @@ def test_reproducing_tolerances_come_from_the_seed_spread():
     """REPRODUCING.md's perplexity tolerance is 2 x the measured relative seed SD of each (method, sparsity), the
     same method's largest for a sparsity without replicates, the fixed one for a method never replicated, and the
     fixed text only when no record has replicates."""
-    import importlib.util
     import statistics
     from pathlib import Path
 
