@@ -399,6 +399,35 @@ def test_goal_frame_verdicts_follow_the_means_and_the_seed_spread():
     assert comp.taylor_within_noise is None
 
 
+def test_grid_goal_frame_takes_the_accuracy_grid_labels_and_both_spreads():
+    import pandas as pd
+
+    from minillm.diagnostics import grid_goal_frame
+
+    def row(method, ppl, seed=0, sparsity=0.2):
+        return {"method": method, "pattern": "structured", "sparsity": sparsity, "ppl": ppl, "seed": seed}
+
+    acc = pd.DataFrame(
+        [
+            {"method": "dense", "pattern": "-", "sparsity": 0.0, "ppl": 5.0, "seed": 0},
+            row("taylor", 100.0), row("taylor", 800.0, 1), row("taylor", 900.0, 2),  # mean 600, sd 436
+            row("flap", 38.0), row("flap", 37.0, 1),
+            row("fms-gates-n64", 370.0), row("fms-gates-n64", 150.0, 1),  # mean 260, sd 156
+            row("fms-ablation-heads", 300.0),
+            row("magnitude", 1.0),  # not FMS-family: never the best forward-only
+            row("taylor", 50.0, sparsity=0.1),  # no forward-only FMS at 10%: no row
+        ]
+    )
+    goal = grid_goal_frame(acc)
+    assert list(goal.sparsity) == [0.2]
+    g = goal.iloc[0]
+    assert g.best_forward_only == "fms-gates-n64" and g.ppl_mean == pytest.approx(260.0) and g.seeds == 2
+    assert g.taylor_ppl == pytest.approx(600.0) and g.taylor_seeds == 3 and g.taylor_goal == "met"
+    assert g.taylor_within_noise  # the gap 340 is below Taylor's own seed sd (436), not the FMS label's (156)
+    assert g.flap_goal == "not met" and not g.flap_within_noise  # gap 222.5 > both sds
+    assert grid_goal_frame(pd.DataFrame()).empty
+
+
 class _Resume(dict):
     """ScoringContext.resume backed by a dict that can be made to die on its n-th put (a session that ends)."""
 
