@@ -409,6 +409,24 @@ def refresh_pending(profile: str) -> list[dict]:
     return left
 
 
+def pending_note(profile: str) -> str:
+    """A sentence for the top of each notebook when results/<profile>/pending.json lists records still to compute
+    (read as it is, not refreshed): the tables and figures of such a profile are partial. Empty when none are."""
+    path = RESULTS_DIR / profile / "pending.json"
+    if not path.exists():
+        return ""
+    listed = json.loads(path.read_text())
+    entries = listed if isinstance(listed, list) else [listed]
+    parts = [f"{len(e['records'])} by `{e['command']}`" for e in entries if e.get("records")]
+    if not parts:
+        return ""
+    return (
+        f"**Partial profile:** {sum(len(e['records']) for e in entries)} records of profile {profile!r} are still "
+        f"to compute ({'; '.join(parts)}; list in `results/{profile}/pending.json`). The tables and figures below "
+        "show the records that exist, so rows, seeds and intervals may be missing."
+    )
+
+
 def collect(profile: str, experiment: str) -> list[dict]:
     """The records of one experiment that the profile names and that were made with the profile's configuration,
     sorted by file name. Records of labels the profile no longer has, or made with another configuration, are left

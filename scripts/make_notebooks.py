@@ -37,7 +37,9 @@ warnings.filterwarnings("ignore")
 logging.getLogger("lm_eval").setLevel(logging.ERROR)
 cfg = experiments.load_profile(profile)
 out = report.out_dir(profile)
-print(cfg["description"])"""
+print(cfg["description"])
+if experiments.pending_note(profile):
+    display(Markdown(experiments.pending_note(profile)))"""
 
 
 def nb(cells):

@@ -199,7 +199,8 @@ def test_new_records_carry_the_hash_of_their_configuration(fake_compute):
 
 def test_refresh_pending_keeps_only_what_is_still_missing(fake_compute, tmp_path, monkeypatch):
     """`python -m minillm pending`: records computed since leave pending.json, an entry with none left goes, the
-    file goes with the last entry; a listed record the profile does not name is refused."""
+    file goes with the last entry; a listed record the profile does not name is refused. The notebooks' partial
+    note counts what the file lists and disappears with it."""
     configs = tmp_path / "configs"
     configs.mkdir()
     monkeypatch.setattr(experiments, "CONFIG_DIR", configs)
@@ -214,6 +215,8 @@ def test_refresh_pending_keeps_only_what_is_still_missing(fake_compute, tmp_path
         {"reason": "r2", "command": "c2", "records": ["accuracy/mag_s50.json"]},
     ]
     pending.write_text(json.dumps(entries))
+    assert experiments.pending_note("mini").startswith("**Partial profile:** 3 records")
+    assert "2 by `c1`; 1 by `c2`" in experiments.pending_note("mini")
     assert experiments.refresh_pending("mini") == entries  # nothing computed yet
     experiments.run_accuracy(cfg, labels=["dense"])
     experiments.run_accuracy(cfg)
@@ -222,6 +225,7 @@ def test_refresh_pending_keeps_only_what_is_still_missing(fake_compute, tmp_path
     assert left == [entries[1]] and json.loads(pending.read_text()) == left
     experiments.run_accuracy(cfg)
     assert experiments.refresh_pending("mini") == [] and not pending.exists()
+    assert experiments.pending_note("mini") == ""  # a complete profile's notebooks say nothing
     pending.write_text(json.dumps([{"reason": "r", "command": "c", "records": ["accuracy/other_s20.json"]}]))
     with pytest.raises(ValueError, match="does not name"):
         experiments.refresh_pending("mini")
