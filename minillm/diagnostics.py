@@ -570,7 +570,8 @@ def goal_frame(
     at the better of its allocations (the stricter comparison: with few calibration tokens Taylor's per-layer
     uniform allocation, LLM-Pruner's, can be far worse than its global one), all pruned from the same calibration
     tokens. `memory_ratios`
-    maps an estimator name ('spsa', 'ablation', 'allocation') to its measured scoring peak / dense forward.
+    maps an estimator name ('spsa', 'ablation', 'allocation') to its measured peak / dense forward and the phase
+    that peak covers (memory_ratios).
     Verdicts are 'met' / 'not met' on the means; `within_noise` says when the gap to the reference is smaller than
     the larger seed standard deviation of the two (None when neither has two seeds). `taylor` and `flap` name the
     reference criteria (grid_goal_frame passes the accuracy grid's labels)."""
@@ -625,8 +626,14 @@ def goal_frame(
                 }
             )
         if memory_ratios and estimator in memory_ratios:
-            ratio = memory_ratios[estimator]
-            row.update({"peak_ratio_to_dense": ratio, "memory_goal": "met" if ratio <= GOAL_MEMORY_RATIO else "not met"})
+            ratio, phase = memory_ratios[estimator]["ratio"], memory_ratios[estimator]["phase"]
+            row.update(
+                {
+                    "peak_ratio_to_dense": ratio,
+                    "peak_of": phase,
+                    "memory_goal": "met" if ratio <= GOAL_MEMORY_RATIO else "not met",
+                }
+            )
         out.append(row)
     return pd.DataFrame(out)
 
@@ -651,8 +658,9 @@ def grid_goal_frame(accuracy: "pd.DataFrame", memory_ratios: dict | None = None)
 
 
 def memory_ratios(memory_records: list[dict], methods: list[dict]) -> dict:
-    """estimator name -> highest scoring peak / dense forward among the memory records' FMS entries (`methods`:
-    the profile's memory methods, which say each label's estimator)."""
+    """estimator name -> {ratio, phase}: the highest peak / dense forward among the memory records' FMS entries
+    (`methods`: the profile's memory methods, which say each label's estimator). The peak is that of scoring alone
+    where the record has it (measure.memory_step), else that of the whole step, scoring and removal."""
     estimator_of = {
         m["label"]: (m.get("options") or {}).get("estimator", "spsa") for m in methods if m.get("method") == "fms"
     }
@@ -660,8 +668,13 @@ def memory_ratios(memory_records: list[dict], methods: list[dict]) -> dict:
     for rec in memory_records:
         for m in rec["metrics"].get("methods", []):
             name = estimator_of.get(m.get("label"))
-            if name is not None and "ratio_to_dense_forward" in m:
-                out[name] = max(out.get(name, 0.0), m["ratio_to_dense_forward"])
+            if name is None or "ratio_to_dense_forward" not in m:
+                continue
+            scoring = "scoring_ratio_to_dense_forward" in m
+            ratio = m["scoring_ratio_to_dense_forward" if scoring else "ratio_to_dense_forward"]
+            phase = "scoring" if scoring else "scoring and removal"
+            if name not in out or ratio > out[name]["ratio"]:
+                out[name] = {"ratio": ratio, "phase": phase}
     return out
 
 

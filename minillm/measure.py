@@ -122,12 +122,14 @@ def memory_step(
     """In *this* process: load the model, then measure the peak memory of either the dense forward pass
     (method='dense', no grad) or the method's full scoring-and-pruning step on a batch of random token ids
     (memory depends on shapes, not on values). Meant to run in a fresh process (see `memory_in_subprocess`).
+    For a method with a scoring step of its own, `scoring` also gives the peak of scoring alone: the removal that
+    follows allocates the pruned weights anew, which is not what a scoring criterion costs.
     warmup: first run a forward pass on 1 x 8 tokens, outside the measurement."""
     import gc
     import time
 
     from .models import load_model
-    from .prune import prune
+    from .prune import prune, score
 
     torch_dtype = getattr(torch, dtype)
     model, _ = load_model(model_name, dtype=torch_dtype, device=device)
@@ -143,18 +145,51 @@ def memory_step(
             model(input_ids=tokens[:1, :8])
         gc.collect()
     t0 = time.perf_counter()
+    scoring = None
     try:
-        with peak_memory(dev) as mem:
-            if method == "dense":
-                with torch.no_grad():
-                    model(input_ids=tokens)
-            else:
+        if method == "dense":
+            with peak_memory(dev) as mem, torch.no_grad():
+                model(input_ids=tokens)
+        elif _separate_scoring(method, options or {}):
+            # two phases measured one after the other in this process: scoring alone (what a scoring criterion
+            # costs), then allocation and physical removal (new, smaller weight tensors) with the scores kept
+            score_opts, prune_opts = _split_options(options or {})
+            with peak_memory(dev) as scoring:
+                scores = score(model, method, tokens, progress=False, **score_opts)
+            with peak_memory(dev) as mem:
+                prune(model, method, sparsity, tokens, progress=False, scores=scores, **prune_opts)
+        else:
+            with peak_memory(dev) as mem:
                 prune(model, method, sparsity, tokens, progress=False, **(options or {}))
     except Exception as e:
         if not is_oom(e):
             raise
         return oom_result(method, dev, weights, e)
-    return {"method": method, "wall_time_s": time.perf_counter() - t0, "weights_bytes": weights, **mem.to_json()}
+    out = {"method": method, "wall_time_s": time.perf_counter() - t0, "weights_bytes": weights, **mem.to_json()}
+    if scoring is not None:  # the whole step's peak is the higher of the two phases', from the step's start
+        whole = PeakMemory(mem.device, max(scoring.peak_bytes, mem.peak_bytes), scoring.baseline_bytes)
+        whole.reserved_bytes = max(filter(None, (scoring.reserved_bytes, mem.reserved_bytes)), default=None)
+        out.update(whole.to_json(), scoring=scoring.to_json())
+    return out
+
+
+# prune() keywords that belong to allocation and removal, not to scoring (see prune.prune)
+_PRUNE_ONLY = {"allocation", "targets", "skip_layers", "round_to", "calibration", "compensate_bias"}
+
+
+def _separate_scoring(method: str, options: dict) -> bool:
+    """Whether the step can be measured as scoring, then removal: the method has a scoring step of its own
+    (not Bonsai or the N:M baselines) and scores without layer streaming (whose peak belongs to both phases)."""
+    from .scores import get_method
+
+    return not get_method(method).spec.scores_and_removes and "stream_device" not in options
+
+
+def _split_options(options: dict) -> tuple[dict, dict]:
+    """(score() keywords, prune() keywords with precomputed scores) from one memory entry's options."""
+    score_opts = {k: v for k, v in options.items() if k not in _PRUNE_ONLY}
+    prune_opts = {k: v for k, v in options.items() if k in _PRUNE_ONLY or k in ("attention_units", "seed")}
+    return score_opts, prune_opts
 
 
 def oom_result(method: str, device: torch.device, weights_bytes: int, exc: BaseException) -> dict:
@@ -254,6 +289,8 @@ def bench_memory(
             r["ratio_to_dense_forward"] = r["peak_bytes"] / dense["peak_bytes"]
             extra_dense = dense["peak_bytes"] - dense["baseline_bytes"]
             r["increase_ratio_to_dense_forward"] = (r["peak_bytes"] - r["baseline_bytes"]) / max(extra_dense, 1)
+            if "scoring" in r:
+                r["scoring_ratio_to_dense_forward"] = r["scoring"]["peak_bytes"] / dense["peak_bytes"]
         rows.append(r)
     return {
         "model": model_name,

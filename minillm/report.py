@@ -522,6 +522,8 @@ def plot_cross_model(cross_df: pd.DataFrame, models, metric: str = "ppl", title:
 
 
 def memory_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per step and shape: absolute peak, its ratio to the dense forward, the increase over the pre-step
+    baseline, status; `scoring_peak_gib` / `scoring_ratio` where a record measured scoring apart from removal."""
     rows = []
     for r in records:
         m = r["metrics"]
@@ -552,9 +554,13 @@ def memory_frame(records: list[dict]) -> pd.DataFrame:
                     "status": memory_status(x),
                     "capacity_gib": x.get("capacity_gib"),
                     "error": "; ".join(x.get("error", [])) or None,
+                    # scoring alone, where the step was measured in two phases (measure.memory_step)
+                    "scoring_peak_gib": (x.get("scoring") or {}).get("peak_gib"),
+                    "scoring_ratio": x.get("scoring_ratio_to_dense_forward"),
                 }
             )
     df = pd.DataFrame(rows)
+    df = df.drop(columns=[c for c in ("scoring_peak_gib", "scoring_ratio") if c in df and df[c].isna().all()])
     if "status" in df:
         df["status"] = df["status"].fillna("ok")
     return df

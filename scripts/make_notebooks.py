@@ -372,8 +372,9 @@ elif not no_compute:
         md("""The **goal** table checks issue 17's target on the criteria rows: the best forward-only FMS-family
 criterion (SPSA or an `estimator`, mean over its seeds, best of its allocations; not g = 1, noise or anything using
 backprop) against backprop Taylor and FLAP's score, each at the better of its allocations, with and
-without bias compensation where the profile has both, and the estimator's scoring peak over the dense forward
-from notebook 02's records where they exist. `*_within_noise` is true when the gap is smaller than the best
+without bias compensation where the profile has both, and the estimator's peak memory over the dense forward
+from notebook 02's records where they exist (`peak_of`: scoring alone where the record measured it apart, else
+the whole step, whose removal allocates the pruned weights anew). `*_within_noise` is true when the gap is smaller than the best
 criterion's seed standard deviation: such a verdict is not a difference."""),
         code("""memory = diagnostics.memory_ratios(
     experiments.collect(profile, "memory"), cfg.get("memory", {}).get("methods", [])

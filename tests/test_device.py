@@ -125,7 +125,11 @@ def test_report_keeps_out_of_memory_rows():
             ],
         },
     }
+    assert "scoring_ratio" not in report.memory_frame([record])  # no record measured scoring apart: no column
+    fms = record["metrics"]["methods"][0]
+    fms.update(scoring={"peak_gib": 14.0}, scoring_ratio_to_dense_forward=0.54)
     df = report.memory_frame([record])
+    assert df.set_index("method").loc["fms", ["scoring_peak_gib", "scoring_ratio"]].tolist() == [14.0, 0.54]
     assert list(df["method"]) == ["dense forward", "fms", "taylor"]
     assert df.loc[df["method"] == "taylor", "status"].item() == "out of memory (79.19 GiB device)"
     fig = report.plot_memory(df)

@@ -384,8 +384,13 @@ def test_goal_frame_verdicts_follow_the_means_and_the_seed_spread():
         row("fms-allocation-n128", "global", 40.0, comp=True), row("taylor (backprop)", "uniform", 20.0, comp=True),
     ]
     memory = [{"metrics": {"methods": [{"label": "fms-alloc", "ratio_to_dense_forward": 1.2}]}}]
-    ratios = memory_ratios(memory, [{"label": "fms-alloc", "method": "fms", "options": {"estimator": "allocation"}}])
-    assert ratios == {"allocation": 1.2}
+    methods = [{"label": "fms-alloc", "method": "fms", "options": {"estimator": "allocation"}}]
+    ratios = memory_ratios(memory, methods)
+    assert ratios == {"allocation": {"ratio": 1.2, "phase": "scoring and removal"}}
+    split = {"label": "fms-alloc", "ratio_to_dense_forward": 1.3, "scoring_ratio_to_dense_forward": 1.05}
+    two_shapes = memory + [{"metrics": {"methods": [split]}}]  # the highest peak over shapes, scoring alone if known
+    assert memory_ratios(two_shapes, methods) == {"allocation": {"ratio": 1.2, "phase": "scoring and removal"}}
+    assert memory_ratios(two_shapes[1:], methods) == {"allocation": {"ratio": 1.05, "phase": "scoring"}}
     goal = goal_frame({"rows": rows}, ratios).set_index("compensate_bias")
     plain = goal.loc[False]
     assert plain.best_forward_only == "fms-allocation-n128" and plain.ppl_mean == pytest.approx(21.0)
@@ -393,7 +398,7 @@ def test_goal_frame_verdicts_follow_the_means_and_the_seed_spread():
     assert plain.taylor_allocation == "global" and plain.flap_allocation == "global"
     assert plain.flap_goal == "met"
     assert not plain.flap_within_noise and not plain.taylor_within_noise  # gaps 1.0 > seed std 0.71
-    assert plain.memory_goal == "not met"
+    assert plain.memory_goal == "not met" and plain.peak_of == "scoring and removal"
     comp = goal.loc[True]  # one seed: no spread, so no noise verdict
     assert comp.taylor_goal == "not met" and comp.ratio_to_taylor == pytest.approx(2.0)
     assert comp.taylor_within_noise is None

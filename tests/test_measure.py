@@ -50,6 +50,23 @@ def test_memory_step_in_fresh_process_dense_and_method():
     assert dense["peak_bytes"] > 0 and taylor["weights_bytes"] == dense["weights_bytes"]
 
 
+def test_memory_step_measures_scoring_alone_where_the_method_has_a_scoring_step():
+    from minillm import measure
+
+    fms = measure.memory_step("tiny-llama", "fms", 2, 8, options={"queries": 2, "allocation": "global"}, warmup=False)
+    s = fms["scoring"]
+    assert s["baseline_bytes"] == fms["baseline_bytes"] and 0 < s["peak_bytes"] <= fms["peak_bytes"]
+    assert fms["increase_gib"] == round((fms["peak_bytes"] - fms["baseline_bytes"]) / 2**30, 4)
+    bonsai = measure.memory_step("tiny-llama", "bonsai", 2, 8, sparsity=0.05, options={"masks_per_round": 2}, warmup=False)
+    dense = measure.memory_step("tiny-llama", "dense", 2, 8, warmup=False)
+    assert "scoring" not in bonsai and "scoring" not in dense  # one phase: scores and removes in one go
+    assert measure._split_options({"queries": 2, "allocation": "global", "seed": 1, "compensate_bias": True}) == (
+        {"queries": 2, "seed": 1},
+        {"allocation": "global", "seed": 1, "compensate_bias": True},
+    )
+    assert not measure._separate_scoring("fms", {"stream_device": "cpu"})
+
+
 def test_cpu_memory_children_return_freed_blocks_to_the_system():
     env = child_env("cpu")
     assert all(env[k] == v for k, v in CPU_MALLOC_ENV.items())
