@@ -525,3 +525,22 @@ def test_fms_diagnostics_resume_inside_the_oracle(tmp_path, monkeypatch):
     assert 0 not in calls and {1, 2} <= set(calls)
     assert any(name.startswith("oracle-progress/oracle-layers") for name in dropped)
     assert resumed == whole
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
+def test_row_losses_are_each_rows_mean_cross_entropy_whatever_the_chunks(tiny, name):
+    """Per-row loss from chunked LM-head calls equals the float64 cross-entropy of the full logits, row by row
+    (a chunk that mixed rows or positions would not), for chunks that do and do not divide the sequence."""
+    import torch.nn.functional as F
+
+    from minillm.scores.fms_estimators import row_losses
+
+    model = tiny(name).eval()
+    ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1].double()
+        want = torch.stack([F.cross_entropy(logits[r], ids[r, 1:]) for r in range(3)])
+        for chunk_tokens in (3, 7, 12, 512):
+            got = row_losses(model, ids, chunk_tokens)
+            assert got.dtype == torch.float32 and got.shape == (3,)
+            torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)

@@ -81,16 +81,27 @@ def prior_scores(ctx: ScoringContext, stats: dict) -> list[LayerScores]:
 
 
 def row_losses(model: nn.Module, input_ids: torch.Tensor, chunk_tokens: int = 512) -> torch.Tensor:
-    """Mean next-token cross-entropy of every row, fp32, [batch] (LM head applied in chunks like `lm_loss`)."""
+    """Mean next-token cross-entropy of every row, fp32, [batch] (LM head applied in chunks like `lm_loss`).
+
+    The cross-entropy takes the chunk's logits as [tokens, vocab], contiguous, as `lm_loss` does. Taking them as
+    [rows, vocab, positions] (a transposed view, as this function did before) made log-softmax copy the chunk and
+    reduce over a strided dimension. Measured on SmolLM2-135M, 10 x 64 tokens, fp32, one thread: this function's
+    peak above the baseline was 289 MiB and is 192 MiB (the dense forward without a loss: 152 MiB); on random
+    tokens (loss 14) the largest per-row error against a float64 reference was 5.5e-5 and is 4.2e-6. On the
+    calibration text, the loss change of removing one MLP channel (12 channels of layer 10, changes of 2.5e-5
+    to 2.8e-3) differed from float64 by 1e-9 to 7e-7 with either layout, so scores and records made before the
+    change differ from today's by about that."""
     hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
     targets = input_ids[:, 1:]
     head = model.get_output_embeddings()
-    total = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
-    chunk = max(1, chunk_tokens // hidden.shape[0])
+    rows = hidden.shape[0]
+    total = hidden.new_zeros(rows, dtype=torch.float32)
+    chunk = max(1, chunk_tokens // rows)
     for start in range(0, hidden.shape[1], chunk):
         logits = head(hidden[:, start : start + chunk]).float()
-        nll = F.cross_entropy(logits.transpose(1, 2), targets[:, start : start + chunk], reduction="none")
-        total = total + nll.sum(1)
+        part = targets[:, start : start + chunk]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), part.reshape(-1), reduction="none")
+        total = total + nll.view(rows, -1).sum(1)
     return total / targets.shape[1]
 
 
