@@ -592,15 +592,14 @@ def goal_frame(
         best = mine.sort_values("mean").iloc[0]
         estimator = "ablation" if "ablation" in best.criterion else "allocation" if "allocation" in best.criterion else "spsa"
 
-        def spread(ref):
-            sds = [float(r["std"]) for r in (best, ref._asdict()) if r["size"] >= 2 and not pd.isna(r["std"])]
-            return max(sds) if sds else None
+        def seed_sd(r):  # None without two seeds
+            return None if r["size"] < 2 or pd.isna(r["std"]) else float(r["std"])
+
+        best_sd = seed_sd(best)
 
         def within(ref):
-            sd = spread(ref)
-            return None if sd is None else abs(best["mean"] - ref.mean) < sd
-
-        best_sd = None if best["size"] < 2 or pd.isna(best["std"]) else float(best["std"])
+            sds = [x for x in (best_sd, seed_sd(ref._asdict())) if x is not None]
+            return None if not sds else abs(best["mean"] - ref.mean) < max(sds)
         row = {
             "sparsity": sparsity,
             "compensate_bias": bool(comp),
