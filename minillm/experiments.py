@@ -377,16 +377,24 @@ def expected_records(cfg: dict, experiment: str) -> dict[Path, dict]:
 EXPERIMENTS = ("accuracy", "ablations", "recovery", "memory", "latency", "fms_diagnostics")  # a profile's record sets
 
 
+def _pending_entries(profile: str) -> list[dict]:
+    """The entries of results/<profile>/pending.json as written ({reason, command, records}); none without it."""
+    path = RESULTS_DIR / profile / "pending.json"
+    if not path.exists():
+        return []
+    listed = json.loads(path.read_text())
+    return listed if isinstance(listed, list) else [listed]
+
+
 def refresh_pending(profile: str) -> list[dict]:
     """Update results/<profile>/pending.json after records were computed: each entry ({reason, command, records})
     keeps the records that are still missing or not current, an entry with none left is dropped, and the file is
     deleted when no entry remains. Returns the entries left. (A long run that spans sessions commits its records
     with this list, which `tests/test_reliability.py` checks against the records on disk.)"""
     path = RESULTS_DIR / profile / "pending.json"
-    if not path.exists():
+    entries = _pending_entries(profile)
+    if not entries:
         return []
-    listed = json.loads(path.read_text())
-    entries = listed if isinstance(listed, list) else [listed]
     cfg = load_profile(profile)
     wanted = {}
     for exp in EXPERIMENTS:
@@ -412,11 +420,7 @@ def refresh_pending(profile: str) -> list[dict]:
 def pending_note(profile: str) -> str:
     """A sentence for the top of each notebook when results/<profile>/pending.json lists records still to compute
     (read as it is, not refreshed): the tables and figures of such a profile are partial. Empty when none are."""
-    path = RESULTS_DIR / profile / "pending.json"
-    if not path.exists():
-        return ""
-    listed = json.loads(path.read_text())
-    entries = listed if isinstance(listed, list) else [listed]
+    entries = _pending_entries(profile)
     parts = [f"{len(e['records'])} by `{e['command']}`" for e in entries if e.get("records")]
     if not parts:
         return ""
