@@ -394,6 +394,7 @@ def refresh_pending(profile: str) -> list[dict]:
     path = RESULTS_DIR / profile / "pending.json"
     entries = _pending_entries(profile)
     if not entries:
+        path.unlink(missing_ok=True)  # an empty list is nothing pending
         return []
     cfg = load_profile(profile)
     wanted = {}
