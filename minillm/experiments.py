@@ -209,7 +209,8 @@ def run_accuracy(
     """Prune the profile's model with every configured method at every sparsity, evaluate, write records.
     Scores that do not depend on the sparsity are computed once per method and reused for each sparsity.
     `labels` (None: all) runs only those method entries, and the dense record only when "dense" is among them, so
-    that several processes can share a long grid (each record is its own file, written atomically)."""
+    that several processes can share a long grid (each record is its own file, written atomically). Replicate 0
+    (seed 0) of every entry is computed before any seed replicate."""
     profile = cfg["profile"]
     exp = cfg[experiment]
     if labels is not None:
@@ -226,11 +227,19 @@ def run_accuracy(
             metrics = _evaluate(model, tok, exp, 0.0)
             save_record(dense_file, experiment, _dense_config(cfg, exp), metrics, time.perf_counter() - t0)
         records.append(load_record(dense_file))
-    for entry in exp["methods"]:
-        if labels is not None and entry["label"] not in labels:
-            continue
-        for replicate, replicate_entry, sparsities in seed_replicates(exp, entry):
-            records += _run_method(cfg, exp, replicate_entry, force, experiment, progress, sparsities, replicate)
+    plans = [seed_replicates(exp, e) for e in exp["methods"] if labels is None or e["label"] in labels]
+    done: dict[tuple[int, int], list[dict]] = {}
+    # replicate 0 of every entry first, then the next replicate of every entry, ...: a run cut off part-way (the
+    # cpu-full grids span sessions) leaves a complete single-seed table before any seed spread
+    for position in range(max((len(p) for p in plans), default=0)):
+        for i, plan in enumerate(plans):
+            if position < len(plan):
+                replicate, replicate_entry, sparsities = plan[position]
+                done[i, position] = _run_method(
+                    cfg, exp, replicate_entry, force, experiment, progress, sparsities, replicate
+                )
+    for key in sorted(done):  # returned in the order of expected_records: entry by entry
+        records += done[key]
     return records
 
 

@@ -147,6 +147,32 @@ def test_run_accuracy_writes_one_record_per_seed_and_resumes(tmp_path, monkeypat
     assert len(calls) == 3
 
 
+def test_run_accuracy_computes_seed_0_of_every_entry_before_any_replicate(tmp_path, monkeypatch):
+    """A grid cut off part-way must leave a complete single-seed table: the computation order is replicate 0 of
+    every entry, then replicate 1 of every entry; the returned records keep the order of expected_records."""
+    import minillm
+
+    monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(experiments, "_load", lambda cfg: (minillm.load_model("tiny-llama")[0], None))
+    monkeypatch.setattr(
+        experiments, "_calibration", lambda tok, exp, entry: (torch.randint(0, 128, (2, 32)), {"seed": 0})
+    )
+    order = []
+    real = experiments._run_method
+
+    def run_method(cfg, exp, entry, *args):
+        order.append((entry["label"], args[-1]))
+        return real(cfg, exp, entry, *args)
+
+    monkeypatch.setattr(experiments, "_run_method", run_method)
+    monkeypatch.setattr(experiments, "_evaluate", lambda *a: {"perplexity": {"ppl": 1.0}})
+    cfg = _cfg({"sparsities": [0.2], "seeds": [0, 1, 2]}, {"seeds": [0, 1]})  # rnd: 2 seeds, mag: 3
+    records = experiments.run_accuracy(cfg)
+    assert order == [("rnd", 0), ("mag", 0), ("rnd", 1), ("mag", 1), ("mag", 2)]
+    expected = [c for c in experiments.expected_records(cfg, "accuracy").values()]
+    assert [r["config"] for r in records] == expected
+
+
 def test_run_accuracy_labels_select_entries_and_dense(tmp_path, monkeypatch):
     """`labels` (CLI --labels) runs only the named entries, and the dense record only when "dense" is named; an
     unknown label is refused with the profile's labels; a second run without labels computes only what is left."""
