@@ -4,7 +4,8 @@ A label's family (the pruning method behind it) gives the hue; the label's posit
 variants gives the marker (cycling through MARKERS) and a shade of the hue (base, darker, lighter), so the
 (colour, marker) pair differs between any two of a family's first 30 variants. Labels not listed below (a new
 profile's) get a position after the listed ones, derived from the label's text, so they too keep one style
-everywhere; list them here to be sure they differ from their siblings.
+everywhere; list them here to be sure they differ from their siblings. A few labels that share figures are pinned
+to hand-picked styles (PINNED).
 """
 
 from __future__ import annotations
@@ -72,6 +73,19 @@ VARIANTS = {
 }
 
 
+# Labels shown together in the accuracy figures get hand-picked styles where the rule above would give two of one
+# family the same shade or the same marker (the FMS family has five labels in cpu-full's accuracy grid, more than its
+# three shades): issue 17's two estimators get hues of their own (cyan, indigo), the three SPSA labels three clearly
+# different blues and markers.
+PINNED = {
+    "fms-gates-n64": {"color": "#1f77b4", "marker": "*"},
+    "fms-weights-n64": {"color": "#9ec5e6", "marker": "s"},
+    "fms-gates-split-n32": {"color": "#0b3c5d", "marker": "^"},
+    "fms-ablation-heads": {"color": "#17becf", "marker": "D"},
+    "fms-allocation-n128": {"color": "#393b79", "marker": "v"},
+}
+
+
 def method_family(label: str, method: str | None = None) -> str:
     """The family of a label: `method` when it is a known family, else the longest family name the label starts
     with ("fms-gates-n16" -> "fms", "wanda_sp+comp" -> "wanda_sp", "magnitude_24" -> "magnitude_24"), else
@@ -98,6 +112,8 @@ def method_style(label: str, method: str | None = None) -> dict:
     """{"color": hex colour, "marker": matplotlib marker} of a method label (`method`, the record's method name,
     when known, picks the family). The same label always gets the same style."""
     family = method_family(label, method)
+    if label in PINNED:
+        return dict(PINNED[label])
     listed = VARIANTS.get(family, [])
     if label in listed:
         position = listed.index(label)

@@ -440,6 +440,21 @@ def test_every_committed_label_has_its_own_colour_and_marker():
     assert len(set(pairs)) == len(pairs) == len(set(listed))
 
 
+def test_labels_of_one_accuracy_figure_can_be_told_apart():
+    """In every profile's accuracy figure two labels of one family (one hue) differ in both shade and marker, and
+    any two labels differ in colour or marker (it failed for fms-weights-n64 / fms-allocation-n128, one light blue,
+    and fms-gates-n64 / fms-ablation-heads, two stars in close blues, before PINNED)."""
+    for path in sorted((REPO_ROOT / "configs").glob("*.yaml")):
+        methods = experiments.load_profile(path.stem).get("accuracy", {}).get("methods", [])
+        shown = [(m["label"], styles.method_family(m["label"], m["method"])) for m in methods]
+        for i, (a, fa) in enumerate(shown):
+            for b, fb in shown[i + 1 :]:
+                sa, sb = styles.method_style(a, fa), styles.method_style(b, fb)
+                assert sa != sb, (path.stem, a, b)
+                if fa == fb:
+                    assert sa["color"] != sb["color"] and sa["marker"] != sb["marker"], (path.stem, a, b, sa, sb)
+
+
 def test_style_follows_the_family_and_is_stable():
     assert styles.method_family("fms-gates-n16") == "fms"
     assert styles.method_family("wanda_sp+comp") == "wanda_sp"
