@@ -584,9 +584,16 @@ def run_latency(cfg: dict, force: bool = False) -> list[dict]:
 def run_recovery(cfg: dict, force: bool = False, progress: bool = False) -> list[dict]:
     """Prune with each configured method (re-using the accuracy configuration of the same label), evaluate, then
     recover with LoRA (optionally with KL to the parent) and evaluate again. One record per (label, sparsity, kl),
-    then one dense control per training budget (`_recovery_controls`)."""
+    and one dense control per training budget (`_recovery_controls`).
+
+    The controls are computed first: every pruned row's `control_share` needs its budget's control, so a run cut
+    off part-way still leaves rows that can be read. The returned list is the pruned records, then the controls."""
     from .recover import recover
 
+    controls = _recovery_controls(cfg)
+    for path, item_exp in controls.items():
+        if force or not is_current(path, _control_config(cfg, item_exp)):
+            _recover_control(cfg, item_exp, path, recover, progress)
     out = []
     groups: dict = {}
     for index, entry, item_exp, s, kl, path in _recovery_items(cfg):
@@ -597,11 +604,7 @@ def run_recovery(cfg: dict, force: bool = False, progress: bool = False) -> list
         if todo:
             _recover_one(cfg, cfg["accuracy"], item_exp, entry, s, todo, files, recover, progress)
         out += [load_record(f) for f in files.values()]
-    for path, item_exp in _recovery_controls(cfg).items():
-        if force or not is_current(path, _control_config(cfg, item_exp)):
-            _recover_control(cfg, item_exp, path, recover, progress)
-        out.append(load_record(path))
-    return out
+    return out + [load_record(path) for path in controls]
 
 
 def _recovery_entries(cfg: dict):

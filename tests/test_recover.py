@@ -155,9 +155,10 @@ def test_the_dense_control_is_the_unpruned_model_with_the_pruned_runs_training(t
     assert control["config"]["train"] == kl0["config"]["train"] == TRAIN
     same = ("rank", "alpha", "lr", "steps", "batch_size", "seqlen", "train_windows", "seed", "kl_weight", "method")
     assert {k: control["metrics"]["recovery"][k] for k in same} == {k: kl0["metrics"]["recovery"][k] for k in same}
-    # unpruned: trained with every parameter of the dense model, evaluated before training as the dense model
+    # unpruned: trained with every parameter of the dense model, evaluated before training as the dense model;
+    # trained first, before the pruned runs (a run cut off part-way leaves rows with their control)
     dense = minillm.load_model("tiny-llama")[0]
-    assert tiny_recovery[-1] == sum(p.numel() for p in dense.parameters()) > tiny_recovery[0]
+    assert tiny_recovery[0] == sum(p.numel() for p in dense.parameters()) > tiny_recovery[1] == tiny_recovery[-1]
     assert control["metrics"]["recovery"]["target_modules"] == lora_targets(dense)
     assert control["metrics"]["before"]["perplexity"]["ppl"] == perplexity(dense, EVAL_IDS, progress=False)["ppl"]
     assert control["metrics"]["after"]["perplexity"]["ppl"] != control["metrics"]["before"]["perplexity"]["ppl"]
@@ -183,6 +184,10 @@ def test_each_training_budget_has_its_own_control_recomputed_when_it_changes(tin
     controls = sorted(p.name for p in folder.glob("dense_*.json"))
     assert controls == ["dense_s00_kl0.json", "dense_s00_kl0_steps3.json"]
     assert len(records) == 5 and len(tiny_recovery) == 5
+    dense_size = sum(p.numel() for p in minillm.load_model("tiny-llama")[0].parameters())
+    # both controls before any pruned run; the returned records: the pruned ones, then the controls
+    assert tiny_recovery[:2] == [dense_size] * 2 and dense_size not in tiny_recovery[2:]
+    assert [r["config"]["method"] for r in records] == ["magnitude"] * 3 + ["dense"] * 2
     longer = experiments.load_record(folder / "dense_s00_kl0_steps3.json")
     assert longer["config"]["train"] == {**TRAIN, "steps": 3} and longer["metrics"]["recovery"]["steps"] == 3
     experiments.run_recovery(cfg)
