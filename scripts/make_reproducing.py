@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from minillm import claims, experiments  # noqa: E402
+from minillm import claims, experiments, report  # noqa: E402
 
 TOLERANCE = {
     "ppl": "±3% relative (fp32 CPU; other BLAS/hardware: ±10%)",
@@ -28,7 +28,9 @@ Every record carries its full configuration, package versions, git commit, devic
   without CUDA), `cpu-full` (the same model with the full grid behind the closing notes: more FMS and Bonsai
   variants and budgets, 64 x 512 perplexity tokens and 500 zero-shot examples per task, 3 seeds at 20% and
   50%, two memory shapes, recovery of four methods at 20% and 50% with 20 steps and at 50% with 100; about a day
-  on 2 cores, computed across sessions and resumed from its records, never timed as one run), `gpu` (larger grids and 7B-class shapes on a CUDA GPU; **no GPU records are committed
+  on 2 cores, computed across sessions and resumed from its records, never timed as one run), `cpu-full-gemma3`
+  (cpu-full's accuracy grid on Gemma 3 270M, the second pretrained model; its method order against SmolLM2's is
+  the last section), `gpu` (larger grids and 7B-class shapes on a CUDA GPU; **no GPU records are committed
   yet**: this repository's sessions had no GPU), `smoke` (CI, numbers not meaningful), `paper` (Hub checkpoints;
   needs network).
 * **Everything at once:** `make reproduce PROFILE=cpu` (set-up, then every notebook). It resumes from the records
@@ -308,6 +310,27 @@ def _record_list(profile: str, records: list[str], most: int = 12) -> list[str]:
     ]
 
 
+def cross_model_section(first: str, second: str) -> list[str]:
+    """Kendall tau-b of the method orders of two profiles' accuracy records (notebook 01's numbers, from the same
+    report functions), per sparsity; nothing until both have records."""
+    a, b = experiments.collect(first, "accuracy"), experiments.collect(second, "accuracy")
+    if not a or not b:
+        return []
+    models = [experiments.load_profile(p)["model"] for p in (first, second)]
+    if models[0] == models[1]:  # one model under two profiles: name the columns by profile
+        models = [first, second]
+    cross = report.cross_model_frame({models[0]: report.accuracy_frame(a), models[1]: report.accuracy_frame(b)})
+    return [
+        f"## method order across models ({first} and {second} profiles)",
+        "",
+        f"Labels measured on both: {len(set(cross.method) - {'dense'})}; table and figure in notebook 01 "
+        f"(`figures/{first}/cross_model.md`).",
+        "",
+        report.rank_agreement_markdown(report.rank_agreement(cross)),
+        "",
+    ]
+
+
 def main() -> None:
     out = [HEADER]
     for profile in ("cpu", "cpu-full", "gpu"):
@@ -316,6 +339,9 @@ def main() -> None:
         out += accuracy_section(profile, "accuracy") + accuracy_section(profile, "ablations")
         out += memory_section(profile) + latency_section(profile) + recovery_section(profile)
         out += claims_section(profile)
+    # the second pretrained model (issue 19): only its accuracy grid is run
+    out += pending_lines("cpu-full-gemma3") + accuracy_section("cpu-full-gemma3", "accuracy")
+    out += cross_model_section("cpu-full", "cpu-full-gemma3")
     (ROOT / "REPRODUCING.md").write_text("\n".join(out))
     print("wrote", ROOT / "REPRODUCING.md")
 

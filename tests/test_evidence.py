@@ -605,3 +605,21 @@ def test_latency_frame_of_no_records_is_empty():
     """Notebook 03 renders the gpu profile's latency too; without records that must be an empty frame, not an
     error (the cpu run of 2026-11-25 stopped there)."""
     assert report.latency_frame([]).empty
+
+
+def test_reproducing_cross_model_section_waits_for_both_profiles(monkeypatch):
+    """REPRODUCING.md's last section (issue 19) appears only when both profiles have accuracy records, and then
+    states Kendall's tau from the same report functions as notebook 01."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "make_reproducing.py"
+    spec = importlib.util.spec_from_file_location("make_reproducing", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    collect = mod.experiments.collect
+    monkeypatch.setattr(mod.experiments, "collect", lambda p, e: [] if p == "cpu-full-gemma3" else collect(p, e))
+    assert mod.cross_model_section("cpu-full", "cpu-full-gemma3") == []
+    monkeypatch.setattr(mod.experiments, "collect", lambda p, e: collect("cpu", e))  # one profile's records twice
+    lines = mod.cross_model_section("cpu", "cpu-full")
+    assert lines[0].startswith("## method order across models") and "Kendall tau-b" in "\n".join(lines)
+    assert "tau = 1.00" in "\n".join(lines)  # a model against itself orders the methods identically
