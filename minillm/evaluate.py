@@ -157,8 +157,8 @@ def zeroshot(
 
     `scorer`: "continuation" (default) scores requests with `loglikelihood.ContinuationHFLM`, which applies the LM
     head only at continuation positions (the same log-likelihoods up to float rounding; 1.49x faster for Gemma 3
-    270M, measured by scripts/bench_zeroshot.py); "hflm" with lm-eval's own `HFLM`. The result names it under "scorer"; records
-    without that key were made with "hflm"."""
+    270M, measured by scripts/bench_zeroshot.py); "hflm" with lm-eval's own `HFLM`. The result names it under
+    "scorer"; records without that key were made with "hflm"."""
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {scorer!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):

@@ -568,17 +568,24 @@ def test_claims_untestable_models_and_missing_records():
     assert all(r["quoted"].startswith("quoted: ") for r in rows)
 
 
-def test_reproducing_tolerances_come_from_the_seed_spread():
-    """REPRODUCING.md's perplexity tolerance is 2 x the measured relative seed SD of each (method, sparsity), the
-    same method's largest for a sparsity without replicates, the fixed one for a method never replicated, and the
-    fixed text only when no record has replicates."""
-    import statistics
+def _make_reproducing():
+    """scripts/make_reproducing.py as a module."""
     from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "scripts" / "make_reproducing.py"
     spec = importlib.util.spec_from_file_location("make_reproducing", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_reproducing_tolerances_come_from_the_seed_spread():
+    """REPRODUCING.md's perplexity tolerance is 2 x the measured relative seed SD of each (method, sparsity), the
+    same method's largest for a sparsity without replicates, the fixed one for a method never replicated, and the
+    fixed text only when no record has replicates."""
+    import statistics
+
+    mod = _make_reproducing()
 
     def rec(label, sparsity, ppl):
         return {"config": {"label": label, "method": label, "sparsity": sparsity}, "metrics": {"perplexity": {"ppl": ppl}}}
@@ -610,12 +617,7 @@ def test_latency_frame_of_no_records_is_empty():
 def test_reproducing_cross_model_section_waits_for_both_profiles(monkeypatch):
     """REPRODUCING.md's last section (issue 19) appears only when both profiles have accuracy records, and then
     states Kendall's tau from the same report functions as notebook 01."""
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "scripts" / "make_reproducing.py"
-    spec = importlib.util.spec_from_file_location("make_reproducing", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _make_reproducing()
     collect = mod.experiments.collect
     monkeypatch.setattr(mod.experiments, "collect", lambda p, e: [] if p == "cpu-full-gemma3" else collect(p, e))
     assert mod.cross_model_section("cpu-full", "cpu-full-gemma3") == []
