@@ -463,6 +463,83 @@ def rank_agreement_markdown(agreement: pd.DataFrame, metric: str = "ppl") -> str
     return "\n".join([*lines, "", note])
 
 
+# what cross_model_orders calls each combination of the two models' separations
+SAME_ORDER, OPPOSITE_ORDERS, NEITHER_SEPARATES = "same order on both", "opposite orders", "neither separates"
+
+
+def _separation(a_row, b_row) -> str:
+    """'<' if method a's perplexity range lies wholly below b's, '>' if wholly above, '~' if they overlap (ranges:
+    `_envelope`)."""
+    (alo, ahi), (blo, bhi) = _envelope(a_row), _envelope(b_row)
+    return "<" if ahi < blo else ">" if bhi < alo else "~"
+
+
+def cross_model_orders(cross_df: pd.DataFrame, models) -> pd.DataFrame:
+    """Which pairwise perplexity conclusions hold on both models of a cross-model frame. For every sparsity and pair
+    of methods measured on both (dense excluded), each model separates the two, or not, as `conclusions_frame` does:
+    one method's range (bootstrap 95% interval over windows, enveloped over seeds) wholly below the other's. The
+    verdict is
+
+    * ``same order on both``: both models separate them, the same way round;
+    * ``opposite orders``: both separate them, in opposite ways (a conclusion of one model that the other reverses);
+    * ``only <model> separates``: one model orders them, the other's ranges overlap (no conclusion carries over);
+    * ``neither separates``.
+
+    `better` is the method with the lower perplexity on models[0] (on models[1] where models[0] ties it)."""
+    if len(models) != 2:
+        raise ValueError(f"cross_model_orders compares two models, got {list(models)}")
+    a, b = models
+    cols = ["sparsity", "better", "worse", f"ppl_better ({a})", f"ppl_worse ({a})", f"ppl_better ({b})",
+            f"ppl_worse ({b})", "min_seeds", "verdict"]
+    if cross_df.empty:
+        return pd.DataFrame(columns=cols)
+    views = {m: _model_view(cross_df, m) for m in models}
+    rows = []
+    for sparsity in sorted(set(cross_df.sparsity[cross_df.method != "dense"])):
+        per_model = {
+            m: {r["method"]: r for _, r in v[(v.method != "dense") & np.isclose(v.sparsity, sparsity)].iterrows()}
+            for m, v in views.items()
+        }
+        methods = sorted(
+            (x for x in per_model[a] if x in per_model[b] and pd.notna(per_model[a][x]["ppl"])
+             and pd.notna(per_model[b][x]["ppl"])),
+            key=lambda x: (float(per_model[a][x]["ppl"]), float(per_model[b][x]["ppl"])),
+        )
+        for x, y in itertools.combinations(methods, 2):
+            sa, sb = _separation(per_model[a][x], per_model[a][y]), _separation(per_model[b][x], per_model[b][y])
+            if sa != "~" and sb != "~":
+                verdict = SAME_ORDER if sa == sb else OPPOSITE_ORDERS
+            elif sa == "~" and sb == "~":
+                verdict = NEITHER_SEPARATES
+            else:
+                verdict = f"only {a if sa != '~' else b} separates"
+            seeds = [per_model[m][k].get("n_seeds", 1) for m in models for k in (x, y)]
+            rows.append(dict(zip(cols, (
+                sparsity, x, y, float(per_model[a][x]["ppl"]), float(per_model[a][y]["ppl"]),
+                float(per_model[b][x]["ppl"]), float(per_model[b][y]["ppl"]),
+                int(min(1 if pd.isna(s) else s for s in seeds)), verdict,
+            ))))
+    return pd.DataFrame(rows, columns=cols)
+
+
+def cross_model_orders_markdown(orders: pd.DataFrame) -> str:
+    """Prose generated from `cross_model_orders`: per sparsity, how many method pairs each verdict has, and every
+    pair whose order the two models separate in opposite ways, by name."""
+    if orders.empty:
+        return "No sparsity has two or more methods measured on both models: no pairwise conclusions to compare."
+    lines = ["Pairwise perplexity conclusions on both models (generated from the records):", ""]
+    for sparsity, g in orders.groupby("sparsity"):
+        counts = g.verdict.value_counts()
+        order = [SAME_ORDER, *sorted(v for v in counts.index if v.startswith("only ")), NEITHER_SEPARATES,
+                 OPPOSITE_ORDERS]
+        text = ", ".join(f"{counts[v]} {v}" for v in order if v in counts)
+        flipped = g[g.verdict == OPPOSITE_ORDERS]
+        names = "; ".join(f"{r.better} vs {r.worse}" for r in flipped.itertuples())
+        pairs = f"{len(g)} pair" + ("s" if len(g) != 1 else "")
+        lines.append(f"* {sparsity:.0%} removed, {pairs}: {text}" + (f" (opposite: {names})" if names else "") + ".")
+    return "\n".join(lines)
+
+
 def plot_cross_model(cross_df: pd.DataFrame, models, metric: str = "ppl", title: str = ""):
     """One panel per sparsity: each method's `metric` on models[0] (x) against models[1] (y), log-log for
     perplexity, one colour and marker per method (minillm.styles), error bars (seed std, else the 95% interval)

@@ -132,8 +132,12 @@ Profile `cpu-full-gemma3` runs cpu-full's method labels with the same calibratio
 settings on Gemma 3 270M. Where its records exist, the table lists both models' numbers for every (method,
 sparsity) measured on both, the figure plots one model's perplexity against the other's per method, and Kendall's
 tau-b says per sparsity how alike the two method orders are (1: the same order, -1: the reverse, 0: no relation),
-with an exact permutation p-value. With 8 to 10 methods only a large tau is distinguishable from no agreement. Other
-profiles have no second model; for them this section prints one line."""),
+with an exact permutation p-value. With 8 to 10 methods only a large tau is distinguishable from no agreement, and a
+high tau can come from the few methods far from the rest alone; so the last table goes pair by pair: for every two
+methods measured on both models, whether each model separates them (one's perplexity range, the bootstrap interval
+enveloped over seeds, wholly below the other's) and whether the two models agree on the way round. A pair only one
+model separates is a conclusion that does not carry over. Other profiles have no second model; for them this section
+prints one line."""),
         code("""second = {"cpu-full": "cpu-full-gemma3"}.get(profile)
 second_records = experiments.collect(second, "accuracy") if second else []
 if second is None:
@@ -146,9 +150,13 @@ else:
     cross = report.cross_model_frame({models[0]: df, models[1]: report.accuracy_frame(second_records)})
     tau = report.rank_agreement(cross)
     report.save_table(cross, out / "cross_model")
+    orders = report.cross_model_orders(cross, models)
     report.save_table(tau, out / "cross_model_tau")
+    report.save_table(orders, out / "cross_model_orders")
     display(Markdown(cross.to_markdown(index=False, floatfmt=".4g")))
-    display(Markdown(report.rank_agreement_markdown(tau)))"""),
+    display(Markdown(report.rank_agreement_markdown(tau)))
+    display(Markdown(report.cross_model_orders_markdown(orders)))
+    display(Markdown(orders.to_markdown(index=False, floatfmt=".4g")))"""),
         code("""if second_records and not tau.empty:
     fig = report.plot_cross_model(cross, models, title=f"{models[0]} vs {models[1]}: perplexity per method")
     report.save_figure(fig, out / "cross_model")"""),

@@ -150,6 +150,57 @@ def test_rank_agreement_on_zero_shot_skips_unmeasured_methods():
     assert "no rank correlation" in report.rank_agreement_markdown(empty)
 
 
+def _with_ranges(df: pd.DataFrame, ranges: dict) -> pd.DataFrame:
+    """`df` with bootstrap bounds (lo, hi) per method label from `ranges` (NaN elsewhere)."""
+    df = df.copy()
+    df["ppl_ci95_lo"] = df["method"].map(lambda m: ranges.get(m, (np.nan, np.nan))[0])
+    df["ppl_ci95_hi"] = df["method"].map(lambda m: ranges.get(m, (np.nan, np.nan))[1])
+    return df
+
+
+def test_cross_model_orders_every_verdict_by_hand():
+    # model a: flap [24, 26] < taylor [27, 29] < random [50, 70]; bonsai [25, 30] overlaps flap and taylor
+    a = _with_ranges(
+        _frame({"flap": 25.0, "taylor": 28.0, "bonsai": 27.5, "random": 60.0}),
+        {"flap": (24, 26), "taylor": (27, 29), "bonsai": (25, 30), "random": (50, 70)},
+    )
+    # model b: taylor [30, 32] < flap [33, 36]: the opposite way; bonsai [31, 34] overlaps both; random far above
+    b = _with_ranges(
+        _frame({"flap": 34.0, "taylor": 31.0, "bonsai": 32.0, "random": 90.0}),
+        {"flap": (33, 36), "taylor": (30, 32), "bonsai": (31, 34), "random": (80, 100)},
+    )
+    orders = report.cross_model_orders(report.cross_model_frame({"a": a, "b": b}), ["a", "b"])
+    verdicts = {(r.better, r.worse): r.verdict for r in orders.itertuples()}
+    assert verdicts == {
+        ("flap", "bonsai"): "neither separates",
+        ("flap", "taylor"): "opposite orders",
+        ("flap", "random"): "same order on both",
+        ("bonsai", "taylor"): "neither separates",
+        ("bonsai", "random"): "same order on both",
+        ("taylor", "random"): "same order on both",
+    }
+    assert orders["min_seeds"].tolist() == [1] * 6
+    text = report.cross_model_orders_markdown(orders)
+    assert "20% removed, 6 pairs: 3 same order on both, 2 neither separates, 1 opposite orders" in text
+    assert "(opposite: flap vs taylor)" in text
+
+
+def test_cross_model_orders_one_model_separates_and_point_values_only():
+    a = _with_ranges(_frame({"flap": 25.0, "taylor": 28.0}), {"flap": (24, 26), "taylor": (27, 29)})
+    b = _with_ranges(_frame({"flap": 30.0, "taylor": 31.0}), {"flap": (28, 33), "taylor": (29, 34)})
+    orders = report.cross_model_orders(report.cross_model_frame({"a": a, "b": b}), ["a", "b"])
+    assert orders.verdict.tolist() == ["only a separates"]
+    # without intervals a point value is its own range: any difference separates, equal values do not
+    c, d = _frame({"flap": 25.0, "taylor": 25.0}), _frame({"flap": 30.0, "taylor": 31.0})
+    orders = report.cross_model_orders(report.cross_model_frame({"c": c, "d": d}), ["c", "d"])
+    assert orders.verdict.tolist() == ["only d separates"]
+    assert (orders.better.tolist(), orders.worse.tolist()) == (["flap"], ["taylor"])  # the tie broken by model d
+    with pytest.raises(ValueError, match="two models"):
+        report.cross_model_orders(report.cross_model_frame({"c": c, "d": d}), ["c"])
+    empty = report.cross_model_orders(report.cross_model_frame({"c": c, "d": _frame({})}), ["c", "d"])
+    assert empty.empty and "no pairwise conclusions" in report.cross_model_orders_markdown(empty)
+
+
 # --- figure ---------------------------------------------------------------------------------------------------------
 
 
@@ -225,8 +276,11 @@ def test_notebook_cells_with_and_without_the_second_model(tmp_path, capsys, comp
     _run_cells(namespace)
     written = sorted(p.name for p in tmp_path.glob("cross_model*"))
     if computed:
-        assert written == [f"cross_model{s}" for s in (".csv", ".md", ".pdf", ".png", "_tau.csv", "_tau.md")]
-        assert "tau = 1.00 over 2 methods" in shown[-1]
+        assert written == [
+            f"cross_model{s}" for s in (".csv", ".md", ".pdf", ".png", "_orders.csv", "_orders.md", "_tau.csv", "_tau.md")
+        ]
+        assert "tau = 1.00 over 2 methods" in shown[-3]
+        assert "20% removed, 1 pair: 1 same order on both." in shown[-2]
         assert capsys.readouterr().out == ""
     else:
         assert written == []
