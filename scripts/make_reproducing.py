@@ -311,8 +311,9 @@ def _record_list(profile: str, records: list[str], most: int = 12) -> list[str]:
 
 
 def cross_model_section(first: str, second: str) -> list[str]:
-    """Kendall tau-b of the method orders of two profiles' accuracy records (notebook 01's numbers, from the same
-    report functions), per sparsity; nothing until both have records."""
+    """Kendall tau-b of the method orders of two profiles' accuracy records and the count of pairwise perplexity
+    conclusions both separate alike (notebook 01's numbers, from the same report functions), per sparsity; nothing
+    until both have records."""
     a, b = experiments.collect(first, "accuracy"), experiments.collect(second, "accuracy")
     if not a or not b:
         return []
@@ -327,6 +328,8 @@ def cross_model_section(first: str, second: str) -> list[str]:
         f"(`figures/{first}/cross_model.md`).",
         "",
         report.rank_agreement_markdown(report.rank_agreement(cross)),
+        "",
+        report.cross_model_orders_markdown(report.cross_model_orders(cross, models)),
         "",
     ]
 

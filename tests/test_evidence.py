@@ -624,4 +624,7 @@ def test_reproducing_cross_model_section_waits_for_both_profiles(monkeypatch):
     monkeypatch.setattr(mod.experiments, "collect", lambda p, e: collect("cpu", e))  # one profile's records twice
     lines = mod.cross_model_section("cpu", "cpu-full")
     assert lines[0].startswith("## method order across models") and "Kendall tau-b" in "\n".join(lines)
-    assert "tau = 1.00" in "\n".join(lines)  # a model against itself orders the methods identically
+    text = "\n".join(lines)
+    assert "tau = 1.00" in text  # a model against itself orders the methods identically
+    # and separates no pair in opposite ways, nor any pair on one side only
+    assert "Pairwise perplexity conclusions" in text and "opposite orders" not in text and "only cpu" not in text
