@@ -217,6 +217,14 @@ def registry_names() -> list[str]:
     return [*PRETRAINED, *SHAPES]
 
 
+def architecture(name: str) -> str | None:
+    """transformers' ``model_type`` of a registry name or a Hub id with a registered shape (``"llama"`` for
+    SmolLM2, ``"gemma3_text"`` for Gemma 3 270M), read from the registered configuration without loading weights;
+    None for a name the registry does not know (a local directory, another Hub id)."""
+    shape = name if name in SHAPES else SHAPE_OF.get(name)
+    return SHAPES[shape]().model_type if shape else None
+
+
 def build_random(
     name: str,
     dtype: torch.dtype | None = None,
