@@ -290,8 +290,8 @@ RULES = {
 }
 
 
-#: the architectures MINI-LLM's abstract names, as transformers' model_type
-PAPER_ARCHITECTURES = {"llama": "LLaMA", "bloom": "BLOOM", "opt": "OPT"}
+#: the architectures MINI-LLM's abstract names, as transformers' model_type -> "a/an <name>" in a claim's wording
+PAPER_ARCHITECTURES = {"llama": "a LLaMA", "bloom": "a BLOOM", "opt": "an OPT"}
 
 
 def gradient_free_claim(model: str | None = None) -> str:
@@ -304,12 +304,10 @@ def gradient_free_claim(model: str | None = None) -> str:
     if not model:
         return "better than gradient-free methods on the profile's model"
     arch = architecture(model)
-    if arch == "llama":
-        return f"better than gradient-free methods on a LLaMA-architecture model ({model})"
     if arch is None:
         return f"better than gradient-free methods on the profile's model ({model})"
     if arch in PAPER_ARCHITECTURES:
-        return f"better than gradient-free methods on a {PAPER_ARCHITECTURES[arch]}-architecture model ({model})"
+        return f"better than gradient-free methods on {PAPER_ARCHITECTURES[arch]}-architecture model ({model})"
     return (
         f"better than gradient-free methods on {model} ({arch}: not one of the paper's LLaMA, BLOOM and OPT, "
         "so a transfer test of the claim)"

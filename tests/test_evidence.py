@@ -577,8 +577,10 @@ def test_claims_name_the_models_architecture_as_the_paper_sees_it():
     assert rows["gemma3-270m"].startswith("better than gradient-free methods on gemma3-270m (gemma3_text: not one of")
     assert "transfer test" in rows["gemma3-270m"]
     assert rows["/some/local/dir"] == "better than gradient-free methods on the profile's model (/some/local/dir)"
-    assert claims.gradient_free_claim("tiny-opt").startswith("better than gradient-free methods on a OPT-architecture")
-    assert claims.gradient_free_claim("meta-llama/Llama-2-7b-hf").endswith("LLaMA-architecture model (meta-llama/Llama-2-7b-hf)")
+    opt = claims.gradient_free_claim("tiny-opt")
+    assert opt == "better than gradient-free methods on an OPT-architecture model (tiny-opt)"
+    llama2 = "meta-llama/Llama-2-7b-hf"
+    assert claims.gradient_free_claim(llama2).endswith(f"on a LLaMA-architecture model ({llama2})")
 
 
 @pytest.mark.parametrize("profile", ["cpu", "cpu-full", "cpu-full-gemma3"])
