@@ -49,7 +49,7 @@ test-fast: $(SETUP)
 
 reproduce: $(SETUP)
 	@profile=$$($(PYTHON) scripts/detect_profile.py "$(PROFILE)") || exit 1; set -ex; \
-	$(PYTHON) -c "from minillm.experiments import check_profile; check_profile('$$profile')"; \
+	$(PYTHON) -c "from minillm.artifact.experiments import check_profile; check_profile('$$profile')"; \
 	$(if $(filter 1,$(FRESH)),rm -rf results/$$profile;) \
 	PROFILE=$$profile PYTHON=$(PYTHON) bash scripts/run_notebooks.sh $(NOTEBOOKS); \
 	$(PYTHON) scripts/check_outputs.py $$profile
@@ -57,7 +57,7 @@ reproduce: $(SETUP)
 # re-render from the records only: fails at once, with a message, for an unknown profile or one without records
 figures: $(SETUP)
 	@profile=$$($(PYTHON) scripts/detect_profile.py "$(PROFILE)") || exit 1; set -ex; \
-	$(PYTHON) -c "from minillm.experiments import check_records; check_records('$$profile')"; \
+	$(PYTHON) -c "from minillm.artifact.experiments import check_records; check_records('$$profile')"; \
 	PROFILE=$$profile PYTHON=$(PYTHON) MINILLM_NO_COMPUTE=1 bash scripts/run_notebooks.sh $(NOTEBOOKS)
 
 lab: $(SETUP)

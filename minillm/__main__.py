@@ -82,10 +82,10 @@ def _dtype(name: str | None):
 
 def cmd_prune(args) -> int:
     import minillm
+    from minillm.bench.measure import peak_memory
     from minillm.data import calibration_windows, describe_calibration
-    from minillm.measure import peak_memory
+    from minillm.files import check_output_dir
     from minillm.prune import check_sparsity, max_positions
-    from minillm.results import check_output_dir
     from minillm.scores import check_options, get_method
 
     options = dict(args.option or [])
@@ -164,7 +164,8 @@ def cmd_eval(args) -> int:
     import minillm
     from minillm.data import perplexity_windows
     from minillm.evaluate import perplexity, zeroshot
-    from minillm.results import provenance, write_json_atomic
+    from minillm.files import write_json_atomic
+    from minillm.provenance import provenance
 
     if not (args.ppl or args.zeroshot):
         raise SystemExit("nothing to do: give --ppl and/or --zeroshot")
@@ -212,8 +213,9 @@ def _shape(text: str) -> tuple[int, int]:
 
 
 def cmd_bench(args) -> int:
-    from minillm import measure
-    from minillm.results import provenance, write_json_atomic
+    from minillm.bench import measure
+    from minillm.files import write_json_atomic
+    from minillm.provenance import provenance
 
     if args.simulate:
         return _bench_simulate(args)
@@ -302,13 +304,13 @@ def _print_speedups(result: dict) -> None:
 
 def _bench_simulate(args) -> int:
     """`bench memory --simulate`: simulated peak memory (no GPU), or the validation tables with --validate."""
-    from minillm import simulate
-    from minillm.results import write_json_atomic
+    from minillm.bench import simulate
+    from minillm.files import write_json_atomic
 
     if args.what != "memory":
         raise ValueError("--simulate applies to `bench memory` only")
     if args.validate:
-        out = simulate.write_validation(args.validate, table=not args.no_table)
+        out = simulate.write_validation(args.validate, args.cpu_records, table=not args.no_table)
         rows = out["h100"] + out["cpu"]
         print(simulate.validation_markdown(out["h100"], out["cpu"]) if args.json != "-" else json.dumps(rows))
         return 0
@@ -336,8 +338,8 @@ def _bench_simulate(args) -> int:
 
 def _bench_runtime(args) -> int:
     """`bench runtime --profile P`: estimated run time of a profile on one H100 from counted FLOPs and bytes."""
-    from minillm import estimate, experiments
-    from minillm.results import write_json_atomic
+    from minillm.artifact import estimate, experiments
+    from minillm.files import write_json_atomic
 
     cfg = experiments.load_profile(args.profile or "gpu")
     if args.combine:  # estimates made section by section (one process each), joined
@@ -362,7 +364,7 @@ def _bench_runtime(args) -> int:
 
 
 def cmd_experiment(args) -> int:
-    from minillm import experiments
+    from minillm.artifact import experiments
 
     cfg = experiments.load_profile(args.profile)
     runners = {
@@ -382,7 +384,7 @@ def cmd_experiment(args) -> int:
 
 def cmd_pending(args) -> int:
     """`pending --profile P`: drop the records computed since from pending.json (results/P), print what is left."""
-    from minillm import experiments
+    from minillm.artifact import experiments
 
     left = experiments.refresh_pending(args.profile)
     if not left:
@@ -395,8 +397,8 @@ def cmd_pending(args) -> int:
 def cmd_recover(args) -> int:
     import minillm
     from minillm.data import calibration_windows
+    from minillm.files import check_output_dir
     from minillm.recover import recover
-    from minillm.results import check_output_dir
 
     check_output_dir(args.out, args.overwrite)
     if Path(args.out).resolve() == Path(args.directory).resolve():
@@ -569,6 +571,11 @@ def build_parser() -> argparse.ArgumentParser:
         const="figures/simulated/memory_sim.md",
         help="with --simulate: write the validation tables (H100 reference figures, CPU records) to this markdown",
     )
+    be.add_argument(
+        "--cpu-records",
+        default="results/cpu-full/memory",
+        help="with --validate: the measured CPU memory records to compare with (default: %(default)s)",
+    )
     be.add_argument("--no-table", action="store_true", help="with --validate: skip the table of every step")
     be.set_defaults(func=cmd_bench)
 
@@ -623,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    from minillm.results import terminate_as_exit
+    from minillm.files import terminate_as_exit
 
     try:
         with terminate_as_exit():  # SIGTERM runs the clean-up of temporary directories

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from .adapters import get_adapter
+from .files import atomic_directory
 from .plan import PlanError, PruningPlan
-from .results import atomic_directory
 from .state import restore_keep
 
 PLAN_FILE = "pruning.json"

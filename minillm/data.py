@@ -1,6 +1,6 @@
 """Corpora, calibration windows and perplexity windows.
 
-Text is Jane Austen (public domain, bundled gzipped in data/austen). Perplexity is measured on *Pride and
+Text is Jane Austen (public domain, bundled gzipped in the package, minillm/resources/austen). Perplexity is measured on *Pride and
 Prejudice*; calibration windows come only from the other five novels, so the two never overlap.
 """
 
@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-DATA_DIR = Path(os.environ.get("MINILLM_DATA", Path(__file__).resolve().parent.parent / "data"))
+# the bundled texts and tasks travel inside the package (package data), so an installed minillm finds them wherever
+# it is imported from; MINILLM_DATA points to another copy
+DATA_DIR = Path(os.environ.get("MINILLM_DATA") or Path(__file__).resolve().parent / "resources")
 NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
 PPL_NOVEL = "prideprejudice"
 CALIBRATION_NOVELS = tuple(n for n in NOVELS if n != PPL_NOVEL)
@@ -24,8 +26,8 @@ def data_file(relative: str) -> Path:
     path = DATA_DIR / relative
     if not path.exists():
         raise FileNotFoundError(
-            f"data file {path} is missing (data/ ships with the repository; regenerate it with "
-            f"the scripts in data/, see data/README.md)"
+            f"data file {path} is missing (minillm/resources/ ships inside the package; regenerate it with "
+            f"the scripts in the repository's data/ folder, see data/README.md)"
         )
     return path
 
@@ -35,7 +37,7 @@ def sha256(path: Path) -> str:
 
 
 def verify_checksums() -> dict[str, bool]:
-    """Check every file listed in data/SHA256SUMS; returns {relative path: ok}."""
+    """Check every file listed in SHA256SUMS of the bundled resources; returns {relative path: ok}."""
     sums = data_file("SHA256SUMS").read_text().split("\n")
     out = {}
     for line in filter(None, sums):

@@ -266,7 +266,7 @@ def _convert_gguf(name: str, gguf: Path, source: str, extra_files: tuple[Path, .
     """Load a GGUF file once through transformers (dequantised fp32) and cache it as safetensors + tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .results import atomic_directory
+    from .files import atomic_directory
 
     target = cache_dir() / name
     log.info("converting %s to a safetensors cache in %s (once)", gguf.name, target)

@@ -30,7 +30,7 @@ from .allocate import AllocationConfig, LayerScores, allocate
 from .compensate import compensate_selections
 from .offload import has_offloaded, materialize
 from .plan import PruningPlan
-from .results import provenance
+from .provenance import provenance
 from .scores import Method, check_options, get_method
 from .scores.common import ScoringContext
 from .state import PruningState, pruning_state

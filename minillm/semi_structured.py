@@ -1,5 +1,5 @@
 """Semi-structured (2:4) sparse storage of an N:M-pruned model: a change of weight format for faster kernels, made
-after pruning (the `wanda_24` / `magnitude_24` methods only zero weights) and measured by `minillm.measure`."""
+after pruning (the `wanda_24` / `magnitude_24` methods only zero weights) and measured by `minillm.bench.measure`."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ def stale_claims(profile: str, folder: Path) -> str | None:
     the records on disk now. Returns a message when the verdicts differ, else None."""
     import pandas as pd
 
-    from minillm import claims
+    from minillm.artifact import claims
 
     saved = pd.read_csv(folder / "claims.csv", keep_default_na=False)
     now = claims.claims_frame(profile)

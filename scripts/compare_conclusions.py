@@ -5,7 +5,7 @@
 Reads the accuracy records of `--profile` as they were committed at git revision `--old` (default d7366c5, the last
 cpu-full records before issue 18: one seed, 4 x 512 perplexity tokens, no intervals) and as they are in the working
 tree now (seeds, 64 x 512 tokens, bootstrap intervals), and prints Markdown: for every sparsity and pair of methods
-the earlier records ordered, whether the current ones separate them the same way (minillm.report.conclusions_frame),
+the earlier records ordered, whether the current ones separate them the same way (minillm.artifact.report.conclusions_frame),
 and which methods' own settings (method, options, prune options) changed between the two, since a changed method
 is a different comparison, not a failed replication. Nothing is computed beyond reading the records.
 """
@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from minillm import report  # noqa: E402
-from minillm.results import load_record  # noqa: E402
+from minillm.artifact import report
+from minillm.artifact.records import load_record
 
 METHOD_KEYS = ("method", "options", "prune_options")
 

@@ -31,7 +31,7 @@ import matplotlib
 matplotlib.use("Agg")
 from IPython.display import Markdown, display
 
-from minillm import experiments, report
+from minillm.artifact import experiments, report
 
 warnings.filterwarnings("ignore")
 logging.getLogger("lm_eval").setLevel(logging.ERROR)
@@ -80,7 +80,7 @@ Expect: every checksum `True`, 134,515,008 parameters, and a coherent greedy con
 import minillm
 from minillm.data import verify_checksums, read_novel, CALIBRATION_NOVELS, PPL_NOVEL
 from minillm.evaluate import load_task_specs
-from minillm.results import package_versions, device_name
+from minillm.provenance import package_versions, device_name
 
 print("device:", device_name())
 print(package_versions())
@@ -170,10 +170,10 @@ another text and cannot be compared with the SmolLM2 numbers above; they show wh
         md("""## The papers' claims against this profile's records
 
 Each headline claim of MINI-LLM and Bonsai (in the papers' words, labelled quoted), the evidence found in this
-profile's accuracy, memory and latency records, and a verdict by the explicit rules of `minillm/claims.py` (listed
+profile's accuracy, memory and latency records, and a verdict by the explicit rules of `minillm/artifact/claims.py` (listed
 under the table): "better" only where intervals or seed spreads do not overlap, one seed without an interval is
 insufficient evidence, and what this hardware cannot measure is marked not testable."""),
-        code("""from minillm import claims
+        code("""from minillm.artifact import claims
 claims_df = claims.claims_frame(profile)
 report.save_table(claims_df, out / "claims")
 display(Markdown(claims.claims_markdown(claims_df)))"""),
@@ -212,13 +212,13 @@ for p, df in frames.items():
         md("""## 7B-class and 70B shapes on a GPU: simulated
 
 No GPU was available to this project, so the GPU peaks below are **simulated**: each step runs under fake tensors
-(shapes, no data) with a tracker of live tensor storage (`minillm/simulate.py`), fp16, random-weight shapes. The
+(shapes, no data) with a tracker of live tensor storage (`minillm/bench/simulate.py`), fp16, random-weight shapes. The
 simulation is checked against the H100 figures of the design notes (black markers) and against the CPU records;
 the validation tables below give each prediction's error. Dashed lines: the usable memory of 48 GB (A6000) and 80 GB (A100/H100)
 cards. The 70B shape is scored with its decoder layers streamed one at a time to the GPU. Red crosses, when present,
 are the gpu profile's measured records. Regenerate with `python -m minillm bench memory --simulate --validate`."""),
-        code("""from minillm import simulate
-sim = simulate.load_validation()
+        code("""from minillm.bench import simulate
+sim = simulate.load_validation(report.FIGURES_DIR / "simulated" / "memory_sim.json")
 display(Markdown(simulate.validation_markdown(sim["h100"], sim["cpu"], sim["table"])))
 fig = simulate.plot_simulated(sim["table"], sim["h100"], measured=frames.get("gpu"))
 report.save_figure(fig, out / "memory_simulated")"""),
@@ -372,7 +372,7 @@ FMS with g = 1 or noise, and far from exact-gradient FMS; the exact ablation est
 construction on the units it measures. The smoke profile's sizes are tiny: its numbers mean nothing."""),
         code(PARAMS),
         code(SETUP),
-        code("""from minillm import diagnostics
+        code("""from minillm.artifact import diagnostics
 if "fms_diagnostics" not in cfg:
     print(f"profile {profile!r} has no fms_diagnostics section: nothing to compute or render")
 elif not no_compute:

@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from minillm import claims, experiments, report  # noqa: E402
+from minillm.artifact import claims, experiments, report
 
 TOLERANCE = {
     "ppl": "±3% relative (fp32 CPU; other BLAS/hardware: ±10%)",
@@ -139,7 +139,7 @@ def _zeroshot_cell(zs: dict, average) -> str:
 
 
 def claims_section(profile: str) -> list[str]:
-    """The papers' headline claims with the evidence in this profile's records and a verdict (minillm.claims)."""
+    """The papers' headline claims with the evidence in this profile's records and a verdict (minillm.artifact.claims)."""
     if not any(experiments.collect(profile, e) for e in ("accuracy", "memory", "latency")):
         return []
     return [

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from minillm.experiments import check_profile, results_dir, run_accuracy, run_recovery
+from minillm.artifact.experiments import check_profile, results_dir, run_accuracy, run_recovery
 
 
 def main(profile: str, labels: list[str]) -> None:

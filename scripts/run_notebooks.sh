@@ -74,7 +74,9 @@ fi
 if [ "$NO_COMPUTE" = "0" ]; then
   "$PYTHON" - "$PROFILE" "$records_before" "${times[@]}" <<'PY'
 import sys
-from minillm.results import REPO_ROOT, provenance, write_json_atomic
+from minillm.artifact.records import REPO_ROOT
+from minillm.files import write_json_atomic
+from minillm.provenance import provenance
 profile, before, *pairs = sys.argv[1:]
 secs = {k: int(v) for k, v in (p.split("=", 1) for p in pairs)}
 # a from-scratch run is the measurement REPRODUCING.md quotes; a resumed run must not overwrite it

@@ -9,6 +9,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import minillm  # noqa: E402
 
+# under pytest-xdist each worker gets one torch thread, so that two workers use the two cores without contention
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 TINY = ["tiny-llama", "tiny-llama-gqa", "tiny-llama-mqa", "tiny-opt", "tiny-bloom", "tiny-gemma3"]
 
 

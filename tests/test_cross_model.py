@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from minillm import report
-from minillm.results import REPO_ROOT
+from minillm.artifact import report
+from minillm.artifact.records import REPO_ROOT
 
 matplotlib.use("Agg")
 

@@ -6,7 +6,8 @@ import torch
 
 import minillm
 from minillm import device as mdevice
-from minillm import measure, report
+from minillm.bench import measure
+from minillm.artifact import report
 from minillm.semi_structured import stored_parameters, to_semi_structured
 
 
@@ -222,4 +223,4 @@ def test_fake_cuda_reaches_recovery_autocast_and_the_compile_policy(tiny, fake_c
     assert rec["bf16"] is True and fake.calls["autocast"] >= 2
     out = measure.latency({"dense": tiny("tiny-llama")}, [(1, 8)], [], 4, 2, repeats=2, warmup=1, compile="all")
     assert out["dense"]["compile"] == "all" and fake.calls["compile"] == 1 and fake.calls["synchronize"] > 0
-    assert minillm.results.device_name("cpu") == "Fake H100 (CPU)"
+    assert minillm.provenance.device_name("cpu") == "Fake H100 (CPU)"

@@ -1,4 +1,4 @@
-"""Run-time estimate from counted FLOPs and bytes (minillm.estimate), the simulated recovery peak
+"""Run-time estimate from counted FLOPs and bytes (minillm.artifact.estimate), the simulated recovery peak
 (simulate.simulate_recovery_step), recovery's device residency, and the profiles' sequence-length check."""
 
 import gc
@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from minillm import estimate, experiments
-from minillm.profiles import ProfileError, model_max_positions, validate_profile
-from minillm.simulate import simulate_recovery_step
+from minillm.artifact import estimate, experiments
+from minillm.artifact.profiles import ProfileError, model_max_positions, validate_profile
+from minillm.bench.simulate import simulate_recovery_step
 
 
 def test_counter_counts_matmul_flops_and_bytes():

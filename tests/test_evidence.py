@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from minillm import claims, experiments, report, styles
+from minillm.artifact import claims, experiments, report, styles
 from minillm.evaluate import bootstrap_interval, perplexity
-from minillm.profiles import ProfileError, validate_profile
-from minillm.results import REPO_ROOT
+from minillm.artifact.profiles import ProfileError, validate_profile
+from minillm.artifact.records import REPO_ROOT
 
 # --- perplexity interval -----------------------------------------------------------------------------------------
 
@@ -434,7 +434,7 @@ def _committed_labels() -> set[str]:
 def test_every_committed_label_has_its_own_colour_and_marker():
     labels = _committed_labels() | {"dense", "dense forward"}
     unlisted = sorted(x for x in labels if not styles.is_listed(x))
-    assert not unlisted, f"add these labels to minillm/styles.py VARIANTS: {unlisted}"
+    assert not unlisted, f"add these labels to minillm/artifact/styles.py VARIANTS: {unlisted}"
     listed = [x for variants in styles.VARIANTS.values() for x in variants]
     pairs = [(styles.method_style(x)["color"], styles.method_style(x)["marker"]) for x in listed]
     assert len(set(pairs)) == len(pairs) == len(set(listed))
@@ -585,7 +585,7 @@ def test_claims_name_the_models_architecture_as_the_paper_sees_it():
 
 @pytest.mark.parametrize("profile", ["cpu", "cpu-full", "cpu-full-gemma3"])
 def test_committed_claims_tables_match_their_records(profile):
-    """figures/<profile>/claims.csv, as notebook 01 saved it, states the claims and verdicts that minillm.claims
+    """figures/<profile>/claims.csv, as notebook 01 saved it, states the claims and verdicts that minillm.artifact.claims
     derives from the committed records now (a rule or a claim's wording changed without re-rendering fails here)."""
     saved = pd.read_csv(REPO_ROOT / "figures" / profile / "claims.csv", keep_default_na=False)
     now = claims.claims_frame(profile)

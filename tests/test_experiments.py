@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from minillm import experiments
+from minillm.artifact import experiments
 
 pytestmark = pytest.mark.slow
 

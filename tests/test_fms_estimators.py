@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import minillm
-from minillm.diagnostics import spearman
+from minillm.artifact.diagnostics import spearman
 
 
 def _calib(n=4, t=16, seed=0):
@@ -125,7 +125,7 @@ def test_allocation_estimates_the_block_gate_gradient(tiny):
     block gates (expected cosine about sqrt(128 / 134) = 0.98): cosine >= 0.9, and the unit scores must be
     |g_block| x the unit's share of its block's prior."""
     from minillm.adapters import get_adapter
-    from minillm.diagnostics import cosine
+    from minillm.artifact.diagnostics import cosine
     from minillm.scores.common import ScoringContext, calibration_loss, lm_loss
     from minillm.scores.fms_estimators import BlockGateSpace
     from minillm.scores.spsa import estimate
@@ -165,7 +165,7 @@ def test_estimator_options_are_checked(tiny):
 def test_fms_diagnostics_experiment_on_smoke_sizes(tmp_path, monkeypatch):
     """The smoke profile's section, on a tiny random model (random tokens instead of text): three records whose
     numbers obey what they must by construction."""
-    from minillm import diagnostics, experiments
+    from minillm.artifact import diagnostics, experiments
 
     monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path)
     cfg = experiments.load_profile("smoke")
@@ -200,7 +200,8 @@ def test_fms_diagnostics_experiment_on_smoke_sizes(tmp_path, monkeypatch):
 def test_fms_diagnostics_resume_after_a_crash(tmp_path, monkeypatch):
     """A run that dies in the perplexity loop resumes from its partial store: nothing finished is computed again,
     and the records equal those of a run that never stopped."""
-    from minillm import diagnostics, evaluate, experiments
+    from minillm.artifact import diagnostics, experiments
+    from minillm import evaluate
 
     section = copy.deepcopy(experiments.load_profile("smoke")["fms_diagnostics"])
     cfg = {"profile": "t", "model": "tiny-llama-gqa3", "device": "cpu", "fms_diagnostics": section}
@@ -294,7 +295,7 @@ def test_an_spsa_estimate_interrupted_mid_way_resumes_from_its_checkpoint():
 def _run_dying_in_put(monkeypatch, cfg, dies):
     """Run the diagnostics of `cfg` until the partial store is asked to keep a value for which dies(name, value)
     holds (a session that ends there), then restore the store."""
-    from minillm import diagnostics, experiments
+    from minillm.artifact import diagnostics, experiments
 
     real_put = diagnostics.PartialStore.put
 
@@ -314,7 +315,7 @@ def test_fms_diagnostics_resume_inside_a_gate_estimate(tmp_path, monkeypatch):
     queries of that estimate, and its records equal those of a run that never stopped."""
     import functools
 
-    from minillm import experiments
+    from minillm.artifact import experiments
     from minillm.scores import spsa
 
     section = copy.deepcopy(experiments.load_profile("smoke")["fms_diagnostics"])
@@ -342,7 +343,7 @@ def test_exact_weight_space_fms_with_taylor_combination_is_llm_pruner_element1(t
     """The weight-space exact-gradient diagnostic computes |W dL/dW| per weight like `taylor` (element1) when its
     combination is 'taylor': one gradient, one pooling."""
     from minillm.adapters import get_adapter
-    from minillm.diagnostics import exact_weight_fms_scores, flat
+    from minillm.artifact.diagnostics import exact_weight_fms_scores, flat
     from minillm.scores.common import ScoringContext
 
     model, calib = tiny("tiny-llama-gqa3"), _calib()
@@ -355,7 +356,7 @@ def test_exact_weight_space_fms_with_taylor_combination_is_llm_pruner_element1(t
 
 @pytest.mark.parametrize("name", ["smoke", "cpu", "cpu-full", "gpu", "paper"])
 def test_profiles_fms_diagnostics_sections_use_known_options(name):
-    from minillm.experiments import load_profile
+    from minillm.artifact.experiments import load_profile
     from minillm.scores import check_options, get_method
 
     section = load_profile(name).get("fms_diagnostics")
@@ -367,7 +368,7 @@ def test_profiles_fms_diagnostics_sections_use_known_options(name):
 
 
 def test_goal_frame_verdicts_follow_the_means_and_the_seed_spread():
-    from minillm.diagnostics import goal_frame, memory_ratios
+    from minillm.artifact.diagnostics import goal_frame, memory_ratios
 
     def row(criterion, allocation, ppl, k=0, comp=False):
         return {"criterion": criterion, "allocation": allocation, "sparsity": 0.2, "compensate_bias": comp,
@@ -407,7 +408,7 @@ def test_goal_frame_verdicts_follow_the_means_and_the_seed_spread():
 def test_grid_goal_frame_takes_the_accuracy_grid_labels_and_both_spreads():
     import pandas as pd
 
-    from minillm.diagnostics import grid_goal_frame
+    from minillm.artifact.diagnostics import grid_goal_frame
 
     def row(method, ppl, seed=0, sparsity=0.2):
         return {"method": method, "pattern": "structured", "sparsity": sparsity, "ppl": ppl, "seed": seed}
@@ -474,7 +475,7 @@ def test_ablation_interrupted_between_layers_resumes_without_remeasuring(tiny, m
 def _resume_after_dying(tmp_path, monkeypatch, section, dies, before_resume=lambda: None):
     """Records of an uninterrupted diagnostics run of `section` on a tiny model, and of a run that died where
     dies(name, value) holds and then resumed, with the names that the resumed run dropped from its partial store."""
-    from minillm import diagnostics, experiments
+    from minillm.artifact import diagnostics, experiments
 
     cfg = {"profile": "t", "model": "tiny-llama-gqa3", "device": "cpu", "fms_diagnostics": section}
     monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path / "whole")
@@ -491,7 +492,7 @@ def _resume_after_dying(tmp_path, monkeypatch, section, dies, before_resume=lamb
 def test_fms_diagnostics_resume_inside_the_ablation_estimator(tmp_path, monkeypatch):
     """A diagnostics run that dies inside the ablation estimator resumes from its stored layers, drops them from
     the store once the criterion's scores are stored, and writes the records of a run that never stopped."""
-    from minillm import experiments
+    from minillm.artifact import experiments
 
     section = copy.deepcopy(experiments.load_profile("smoke")["fms_diagnostics"])
     section["estimators"] = {"fms-ablation": {"estimator": "ablation", "shortlist": 0.25}}
@@ -506,7 +507,7 @@ def test_fms_diagnostics_resume_inside_the_oracle(tmp_path, monkeypatch):
     """A diagnostics run that dies inside the single-unit oracle resumes at its first unfinished layer (the
     finished ones are not measured again), drops that progress once the oracle is stored, and writes the records
     of a run that never stopped."""
-    from minillm import experiments
+    from minillm.artifact import experiments
     from minillm.scores import fms_estimators
 
     calls = []

@@ -22,7 +22,9 @@ import pytest
 import torch
 
 from minillm import device as mdevice
-from minillm import evaluate, experiments, measure, report
+from minillm import evaluate
+from minillm.artifact import experiments, report
+from minillm.bench import measure
 
 SECTION_RUNNERS = {
     "accuracy": lambda cfg: experiments.run_accuracy(cfg, experiment="accuracy"),
@@ -215,7 +217,7 @@ def ci_run(tmp_path, monkeypatch):
 def test_shrunk_gpu_profile_runs_every_section(profile, text_model_dir, ci_run):
     gpu = experiments.load_profile(profile)
     cfg = shrink_profile(gpu, text_model_dir)
-    from minillm.profiles import validate_profile
+    from minillm.artifact.profiles import validate_profile
 
     validate_profile(cfg, "shrunk gpu profile")  # the shrunk profile is still a valid profile
     assert set(cfg) - TOP_LEVEL == set(gpu) - TOP_LEVEL  # no section dropped

@@ -6,14 +6,15 @@ import json
 import pytest
 import torch
 
-from minillm import experiments, measure
-from minillm.estimate import latency_flops
-from minillm.measure import CPU_MALLOC_ENV, bench_latency, child_env, memory_in_subprocess
+from minillm.artifact import experiments
+from minillm.bench import measure
+from minillm.bench.flops import latency_flops
+from minillm.bench.measure import CPU_MALLOC_ENV, bench_latency, child_env, memory_in_subprocess
 from minillm.prune import prune
 
 PROBE = """
 import json, torch
-from minillm.measure import peak_memory
+from minillm.bench.measure import peak_memory
 with peak_memory("cpu") as small:
     a = torch.ones(1_000_000)  # 4 MB
     a.sum()
@@ -31,7 +32,7 @@ def test_peak_memory_sees_a_larger_allocation():
     import subprocess
     import sys
 
-    from minillm.results import REPO_ROOT
+    from minillm.artifact.records import REPO_ROOT
 
     out = subprocess.run(
         [sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, cwd=REPO_ROOT, timeout=120
@@ -51,7 +52,7 @@ def test_memory_step_in_fresh_process_dense_and_method():
 
 
 def test_memory_step_measures_scoring_alone_where_the_method_has_a_scoring_step():
-    from minillm import measure
+    from minillm.bench import measure
 
     fms = measure.memory_step("tiny-llama", "fms", 2, 8, options={"queries": 2, "allocation": "global"}, warmup=False)
     s = fms["scoring"]

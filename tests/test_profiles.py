@@ -2,7 +2,7 @@
 
 import pytest
 
-from minillm.experiments import CONFIG_DIR, load_profile
+from minillm.artifact.experiments import CONFIG_DIR, load_profile
 from minillm.models import SHAPES
 from minillm.scores import check_options, get_method
 
@@ -39,13 +39,13 @@ def test_profile_is_complete_and_consistent(name):
 
 @pytest.mark.parametrize("name", PROFILES)
 def test_profile_declares_a_valid_dtype(name):
-    from minillm.experiments import PROFILE_DTYPES
+    from minillm.artifact.experiments import PROFILE_DTYPES
 
     assert load_profile(name)["dtype"] in PROFILE_DTYPES
 
 
 def test_an_invalid_profile_dtype_is_refused(tmp_path, monkeypatch):
-    import minillm.experiments as ex
+    import minillm.artifact.experiments as ex
 
     (tmp_path / "bad.yaml").write_text("model: tiny-llama\ndtype: fp8\n")
     monkeypatch.setattr(ex, "CONFIG_DIR", tmp_path)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import minillm
-from minillm import experiments, report
+from minillm.artifact import experiments, report
 from minillm import recover as recover_module
 from minillm.evaluate import perplexity
 from minillm.recover import lora_targets, recover

@@ -18,11 +18,12 @@ import torch
 import yaml
 
 import minillm
-from minillm import experiments
+from minillm.artifact import experiments
 from minillm.__main__ import main
 from minillm.data import describe_calibration
 from minillm.plan import PlanError
-from minillm.results import REPO_ROOT, atomic_directory, load_record, save_record
+from minillm.artifact.records import REPO_ROOT, load_record, save_record
+from minillm.files import atomic_directory
 
 PY = sys.executable
 
@@ -98,7 +99,7 @@ def test_out_in_a_read_only_directory_fails_before_any_work(tmp_path, monkeypatc
 
 def test_a_failed_swap_leaves_the_previous_output_in_place(tmp_path, monkeypatch):
     """The new directory is moved in before the old one is deleted: if that move fails, the old output survives."""
-    import minillm.results as results
+    import minillm.files as results
 
     target = _saved(tmp_path, "p")
     before = (target / "pruning.json").read_text()
@@ -180,7 +181,7 @@ def test_a_record_made_with_another_configuration_is_recomputed(fake_compute, ca
     assert len(fake_compute) == 2  # resumed: nothing recomputed
     cfg["accuracy"]["methods"][0]["options"]["norm"] = "l1"
     cfg["accuracy"]["calibration"]["n_samples"] = 3
-    with caplog.at_level(logging.WARNING, logger="minillm.experiments"):
+    with caplog.at_level(logging.WARNING, logger="minillm.artifact.experiments"):
         records = experiments.run_accuracy(cfg)
     assert len(fake_compute) == 3  # the method record again; the dense one does not depend on these keys
     assert records[1]["config"]["options"] == {"norm": "l1"}
@@ -191,7 +192,7 @@ def test_a_record_made_with_another_configuration_is_recomputed(fake_compute, ca
 
 
 def test_new_records_carry_the_hash_of_their_configuration(fake_compute):
-    from minillm.results import config_hash
+    from minillm.artifact.records import config_hash
 
     records = experiments.run_accuracy(_tiny_profile())
     assert all(r["config_hash"] == config_hash(r["config"]) for r in records)
@@ -311,7 +312,7 @@ def test_every_profile_follows_the_schema(name):
     ],
 )
 def test_profile_errors_name_the_key_and_the_closest_valid_one(edit, message):
-    from minillm.profiles import ProfileError, validate_profile
+    from minillm.artifact.profiles import ProfileError, validate_profile
 
     cfg = _smoke()
     edit(cfg)
@@ -321,7 +322,7 @@ def test_profile_errors_name_the_key_and_the_closest_valid_one(edit, message):
 
 
 def test_a_profile_is_checked_before_any_computation(tmp_path, monkeypatch):
-    from minillm.profiles import ProfileError
+    from minillm.artifact.profiles import ProfileError
 
     monkeypatch.setattr(experiments, "CONFIG_DIR", tmp_path)
     cfg = _smoke()
@@ -627,7 +628,7 @@ def test_temporary_directories_are_removed_on_sigterm(tmp_path):
     script = textwrap.dedent(
         """\
         import sys, time
-        from minillm.results import temporary_directory
+        from minillm.files import temporary_directory
         with temporary_directory(prefix="minillm-recovery-") as tmp:
             open(tmp + "/model.safetensors", "w").write("x" * 1000)
             print(tmp, flush=True)
@@ -705,7 +706,7 @@ def test_check_outputs_flags_a_claims_table_rendered_before_its_records(tmp_path
     spec = importlib.util.spec_from_file_location("check_outputs", REPO_ROOT / "scripts" / "check_outputs.py")
     check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check)
-    from minillm.claims import claims_frame
+    from minillm.artifact.claims import claims_frame
 
     frame = claims_frame("cpu")
     frame.to_csv(tmp_path / "claims.csv", index=False)

@@ -1,4 +1,4 @@
-"""The peak-memory simulator (minillm.simulate): tracker semantics, every step under fake tensors, the CLI
+"""The peak-memory simulator (minillm.bench.simulate): tracker semantics, every step under fake tensors, the CLI
 contract, and the validation against the H100 reference figures and the committed CPU records."""
 
 import json
@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from minillm import simulate
+from minillm.artifact.records import REPO_ROOT
+from minillm.bench import simulate
 from minillm.__main__ import main
 
 MIB = 2**20
@@ -78,7 +79,7 @@ def test_h100_reference_figures_within_2_percent():
 
 @pytest.mark.slow
 def test_committed_cpu_records_within_15_percent():
-    rows = simulate.validate_cpu()
+    rows = simulate.validate_cpu(REPO_ROOT / "results" / "cpu-full" / "memory")
     assert {r["step"] for r in rows} == set(simulate.CPU_LABELS)
     assert len(rows) == 8
     for r in rows:

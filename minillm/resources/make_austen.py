@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Regenerate data/austen/<novel>.txt.gz: Jane Austen's six novels from Debian's r-cran-janeaustenr.
+"""Regenerate minillm/resources/austen/<novel>.txt.gz: Jane Austen's six novels from Debian's r-cran-janeaustenr.
 
 Source: Debian bookworm package r-cran-janeaustenr 1.0.0-1 (the CRAN package janeaustenr by Julia Silge; the
 novels are in the public domain, the packaging is MIT). The package stores the novels as R character vectors (one
@@ -16,7 +16,7 @@ How to run (from the repository root; never in the project's own .venv):
 
     python3 -m venv /tmp/v && /tmp/v/bin/pip install rdata==1.1.0
     apt-get update && (cd /tmp && apt-get download r-cran-janeaustenr=1.0.0-1)
-    /tmp/v/bin/python data/make_austen.py --deb /tmp/r-cran-janeaustenr_1.0.0-1_all.deb --out data/austen
+    /tmp/v/bin/python data/make_austen.py --deb /tmp/r-cran-janeaustenr_1.0.0-1_all.deb --out minillm/resources/austen
 
 Without --deb the script runs `apt-get download r-cran-janeaustenr=<--version>` in a temporary directory itself.
 It needs `dpkg-deb` (Debian/Ubuntu). The .deb is checked against the SHA-256 of the 1.0.0-1 build used for the
@@ -103,7 +103,7 @@ def main() -> None:
     here = Path(__file__).resolve().parent
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--deb", type=Path, help=f"path to {PACKAGE}_{DEB_VERSION}_all.deb (default: apt-get download it)")
-    ap.add_argument("--out", type=Path, default=here / "austen", help="output folder (default: data/austen)")
+    ap.add_argument("--out", type=Path, default=here / "austen", help="output folder (default: minillm/resources/austen)")
     ap.add_argument("--version", default=DEB_VERSION, help="Debian version to apt-get download (default: %(default)s)")
     ap.add_argument("--any-deb", action="store_true", help="do not insist on the SHA-256 of the 1.0.0-1 .deb")
     args = ap.parse_args()

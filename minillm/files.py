@@ -1,83 +1,15 @@
-"""Result records with provenance, written atomically, and looked up again as a cache."""
+"""Files written so that a crash or a kill never leaves a half-written one: JSON by temp file and rename, output
+directories by build-beside-and-swap, temporary folders removed on SIGTERM."""
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
-import platform
 import shutil
-import subprocess
 import tempfile
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 from typing import Any
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-_PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "lm_eval", "datasets", "peft", "numpy")
-
-
-def package_versions() -> dict[str, str | None]:
-    out = {}
-    for name in _PACKAGES:
-        try:
-            out[name] = metadata.version(name.replace("_", "-"))
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def git_commit() -> str | None:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if sha.returncode:
-        return None
-    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def device_name(device: Any = None) -> str:
-    import torch
-
-    from .device import backend
-
-    cuda = backend()
-    dev = torch.device(device) if device is not None else None
-    if cuda.available() and (dev is None or cuda.is_cuda(dev)):
-        return cuda.name(dev if dev is not None and dev.index is not None else 0)
-    return (
-        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-        f"{torch.get_num_threads()})"
-    )
-
-
-def provenance(device: Any = None) -> dict:
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
-        "device": device_name(device),
-        "python": platform.python_version(),
-        "packages": package_versions(),
-        # CPU float reductions and every wall time depend on it (records may be made by processes sharing cores)
-        "torch_threads": _torch_threads(),
-    }
-
-
-def _torch_threads() -> int | None:
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch.get_num_threads()
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -188,59 +120,3 @@ def temporary_directory(prefix: str = "minillm-"):
     """A temporary directory that is removed on exit, on exceptions, and when the process receives SIGTERM."""
     with terminate_as_exit(), tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         yield tmp
-
-
-def config_hash(config: Any) -> str:
-    """A stable hash of a record's effective configuration (canonical JSON: sorted keys, lists for tuples)."""
-    import hashlib
-
-    text = json.dumps(json.loads(json.dumps(config)), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def config_diff(stored: Any, expected: Any, prefix: str = "") -> list[str]:
-    """Dotted keys where two configurations differ (after a JSON round trip), e.g. ['options.queries']."""
-    a, b = json.loads(json.dumps(stored)), json.loads(json.dumps(expected))
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in list(dict.fromkeys([*b, *a])):
-            key = f"{prefix}{k}"
-            if k not in a:
-                out.append(f"{key} (missing in the record)")
-            elif k not in b:
-                out.append(f"{key} (not in the profile)")
-            else:
-                out += config_diff(a[k], b[k], key + ".")
-        return out
-    if a != b:
-        return [f"{prefix.rstrip('.') or 'config'}: {a!r} -> {b!r}"]
-    return []
-
-
-def load_record(path: Path) -> dict | None:
-    path = Path(path)
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())
-
-
-def save_record(
-    path: Path,
-    experiment: str,
-    config: dict,
-    metrics: dict,
-    wall_time_s: float | None = None,
-    device: Any = None,
-    extra: dict | None = None,
-) -> dict:
-    record = {
-        "experiment": experiment,
-        "config": config,
-        "config_hash": config_hash(config),
-        "metrics": metrics,
-        "wall_time_s": wall_time_s,
-        "provenance": provenance(device),
-        **(extra or {}),
-    }
-    write_json_atomic(path, record)
-    return record

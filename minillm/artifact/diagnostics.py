@@ -17,11 +17,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .adapters import get_adapter
-from .allocate import LayerScores
-from .results import write_json_atomic
-from .scores.common import ScoringContext, lm_loss
-from .surgery import VirtualMasks
+from minillm.adapters import get_adapter
+from minillm.allocate import LayerScores
+from minillm.files import write_json_atomic
+from minillm.scores.common import ScoringContext, lm_loss
+from minillm.surgery import VirtualMasks
 
 
 def _rank(x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +110,7 @@ def exact_gate_gradient(model, calib: torch.Tensor, batch_size: int = 16) -> dic
 
 def gate_fms_scores(ctx: ScoringContext, grads: dict, stats: dict, combination: str = "product", sign: str = "abs_mean"):
     """FMS unit scores (gate space) from a given gate gradient, e.g. the exact one, ones, or noise."""
-    from .scores.fms import _gate_scores
+    from minillm.scores.fms import _gate_scores
 
     return [_gate_scores(ctx, grads, stats, i, layer, sign, combination) for i, layer in enumerate(ctx.adapter.layers())]
 
@@ -119,15 +119,15 @@ def gate_fms_scores(ctx: ScoringContext, grads: dict, stats: dict, combination: 
 
 
 def _gate_estimate_space(ctx):
-    from .scores.spsa import GateSpace
+    from minillm.scores.spsa import GateSpace
 
     return GateSpace(ctx.adapter)
 
 
 def _gate_estimate(ctx, n: int, eps: float, seed: int, done=None, checkpoint=None):
-    from .precision import fp32_forward
-    from .scores.common import calibration_loss
-    from .scores.spsa import estimate
+    from minillm.precision import fp32_forward
+    from minillm.scores.common import calibration_loss
+    from minillm.scores.spsa import estimate
 
     space = _gate_estimate_space(ctx)
     with fp32_forward(ctx.model):
@@ -161,7 +161,7 @@ def oracle_losses(ctx, channels: int, seed: int, batch_tokens: int = 4096, resum
 
     `resume` (get/put, like ScoringContext.resume) keeps each finished layer's measurements, so that a run that
     dies (about 1,100 ablations, close to an hour on 2 cores for SmolLM2) resumes at its first unfinished layer."""
-    from .scores.fms_estimators import Ablator, LayerProgress, single_unit_losses
+    from minillm.scores.fms_estimators import Ablator, LayerProgress, single_unit_losses
 
     adapter = ctx.adapter
     ablator = Ablator(ctx, batch_tokens)
@@ -288,8 +288,8 @@ def exact_weight_fms_scores(ctx: ScoringContext, stats: dict, combination: str =
     """Weight-space FMS (the paper's space) with the exact dL/dW of every decoder linear, by backprop (a
     diagnostic: uses a backward pass). combination='taylor' is LLM-Pruner's element1 (a test holds it to
     `taylor`)."""
-    from .scores.common import all_members
-    from .scores.fms import weight_fms_scores
+    from minillm.scores.common import all_members
+    from minillm.scores.fms import weight_fms_scores
 
     model = ctx.model
     linears = [m.linear for _, m in all_members(ctx.adapter).values()]
@@ -336,11 +336,11 @@ def run(model_loader, tok, section: dict, progress: bool = False, store: Partial
     """
     import copy
 
-    from .data import calibration_windows, describe_calibration, perplexity_windows
-    from .evaluate import perplexity
-    from .prune import prune, score
-    from .scores import bonsai
-    from .scores.spsa import SPSAEstimate
+    from minillm.data import calibration_windows, describe_calibration, perplexity_windows
+    from minillm.evaluate import perplexity
+    from minillm.prune import prune, score
+    from minillm.scores import bonsai
+    from minillm.scores.spsa import SPSAEstimate
 
     store = store or PartialStore(None, {})
     c = section["calibration"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .results import REPO_ROOT
+from minillm.artifact.records import REPO_ROOT
 
 FIGURES_DIR = REPO_ROOT / "figures"
 
@@ -131,7 +131,7 @@ def zeroshot_chance(task_names) -> float:
     """Chance level of the zero-shot average: the mean over the tasks of 1 / number of choices (tasks.json); a
     task whose examples have different numbers of choices ("variable") contributes its recorded `chance`, the
     mean of 1 / choices over its examples."""
-    from .evaluate import load_task_specs
+    from minillm.evaluate import load_task_specs
 
     specs = {s["task"]: s for s in load_task_specs()}
     names = list(task_names)
@@ -168,9 +168,9 @@ def _error_bars(g: pd.DataFrame, y: str):
 
 
 def _method_lines(ax, df: pd.DataFrame, y: str) -> bool:
-    """One line per method in its style (minillm.styles), with error bars where the frame has them, dodged
+    """One line per method in its style (minillm.artifact.styles), with error bars where the frame has them, dodged
     sideways a little so that bars at the same sparsity stay apart. Returns whether any error bar was drawn."""
-    from .styles import method_style
+    from minillm.artifact.styles import method_style
 
     methods = sorted(df.method.unique())
     drawn = False
@@ -263,7 +263,7 @@ def conclusions_frame(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
 
 def plot_accuracy(df: pd.DataFrame, title: str = ""):
     """Perplexity (log) and, when present, the zero-shot average against sparsity: one colour and marker per method
-    (minillm.styles), error bars from seeds or intervals where the records have them, the dense model as a dashed
+    (minillm.artifact.styles), error bars from seeds or intervals where the records have them, the dense model as a dashed
     line, chance as a dotted one, a legend in each panel. `df` is `accuracy_frame`'s or `seed_summary`'s."""
     import matplotlib.pyplot as plt
 
@@ -301,7 +301,7 @@ def plot_accuracy(df: pd.DataFrame, title: str = ""):
 def _zeroshot_tasks(df: pd.DataFrame) -> list[str]:
     """The bundled task names behind the per-task columns of an accuracy frame ("hyperbaton (acc)" ->
     "bb_cloze_hyperbaton")."""
-    from .evaluate import load_task_specs
+    from minillm.evaluate import load_task_specs
 
     known = {s["task"].removeprefix("bb_cloze_"): s["task"] for s in load_task_specs()}
     return [known[c.split(" (")[0]] for c in df.columns if " (" in c and c.split(" (")[0] in known]
@@ -542,12 +542,12 @@ def cross_model_orders_markdown(orders: pd.DataFrame) -> str:
 
 def plot_cross_model(cross_df: pd.DataFrame, models, metric: str = "ppl", title: str = ""):
     """One panel per sparsity: each method's `metric` on models[0] (x) against models[1] (y), log-log for
-    perplexity, one colour and marker per method (minillm.styles), error bars (seed std, else the 95% interval)
+    perplexity, one colour and marker per method (minillm.artifact.styles), error bars (seed std, else the 95% interval)
     where the records have them, the dense models as dashed lines, Kendall's tau-b in the panel's title and a
     legend in each panel. `cross_df` is `cross_model_frame`'s."""
     import matplotlib.pyplot as plt
 
-    from .styles import method_style
+    from minillm.artifact.styles import method_style
 
     if len(models) != 2:
         raise ValueError(f"plot_cross_model compares two models, got {list(models)}")
@@ -653,12 +653,12 @@ def memory_status(x: dict) -> str:
 
 def plot_memory(df: pd.DataFrame, title: str = ""):
     """Per (model, shape): each step's absolute peak (solid bar, ratio to the dense forward annotated) beside its
-    increase over the pre-step baseline (hatched bar), in the method's colour (minillm.styles); out-of-memory steps
+    increase over the pre-step baseline (hatched bar), in the method's colour (minillm.artifact.styles); out-of-memory steps
     as hatched outlines up to the device's capacity."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    from .styles import method_style
+    from minillm.artifact.styles import method_style
 
     groups = list(df.groupby(["model", "shape"], sort=False))
     fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.4), squeeze=False)
@@ -756,9 +756,9 @@ def _latency_variant(row: dict, device: str) -> str:
 
 
 def _latency_style(variant: str, index: int) -> dict:
-    """Bar colour of a latency variant from minillm.styles (dense: 'dense'; structured copies are pruned with
+    """Bar colour of a latency variant from minillm.artifact.styles (dense: 'dense'; structured copies are pruned with
     random scores: 'random'; 2:4: 'magnitude_24'), with a hatch per sparsity of the same variant."""
-    from .styles import method_style
+    from minillm.artifact.styles import method_style
 
     family = "dense" if variant == "dense" else "magnitude_24" if variant.startswith("2:4") else "random"
     return {"color": method_style(family)["color"], "hatch": ("", "//", "..", "xx")[index % 4], "edgecolor": "w"}
@@ -923,14 +923,14 @@ def recovery_frame(records: list[dict]) -> pd.DataFrame:
 
 def plot_recovery(df: pd.DataFrame, title: str = ""):
     """Per row of `recovery_frame`: the pruned model's perplexity (light bar) and after LoRA recovery (solid bar) in
-    the method's colour (minillm.styles); the unpruned model's perplexity as a horizontal line; the dense control
+    the method's colour (minillm.artifact.styles); the unpruned model's perplexity as a horizontal line; the dense control
     of the row's training budget (the unpruned model after the same LoRA) as a dashed tick over the row, with the
     row's `control_share` written above it."""
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    from .styles import method_style
+    from minillm.artifact.styles import method_style
 
     fig, ax = plt.subplots(figsize=(max(7, 0.45 * len(df)), 4))
     dense = method_style("dense")["color"]

@@ -2,7 +2,7 @@
 
 An ESTIMATE, not a measurement. Every step of a profile's grid (perplexity batches, zero-shot batches, each method's
 scoring, Bonsai rounds x masks, LoRA steps, latency repeats) runs once, at the real model shape, on fake tensors
-(torch FakeTensorMode, no weights, no data; the machinery of `minillm.simulate`). A TorchDispatchMode (`CostCounter`)
+(torch FakeTensorMode, no weights, no data; the machinery of `minillm.bench.simulate`). A TorchDispatchMode (`CostCounter`)
 sees every operator that would run on the GPU and counts
 
 * FLOPs: matrix multiplies and attention, by torch.utils.flop_counter's formulas (plus the CPU flash-attention kernel
@@ -24,197 +24,11 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
-# --- the machine ---------------------------------------------------------------------------------------------------
+from minillm.bench.flops import H100, Cost, count, dummy_ids, extrapolate, shape_name
 
-H100 = {
-    "name": "NVIDIA H100 SXM 80GB (estimate)",
-    # dense (no 2:4) peak FLOP/s per dtype: bf16/fp16 tensor cores 989 TFLOP/s; fp32 without TF32 (torch's default
-    # for matmuls) 67 TFLOP/s
-    "peak_flops": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
-    "hbm_bytes_per_s": 3.35e12,
-    "compute_efficiency": 0.6,  # achieved fraction of peak in large GEMMs
-    "memory_efficiency": 0.8,  # achieved fraction of HBM bandwidth in streaming kernels
-    "launch_s": 5e-6,  # eager-mode cost per kernel (CPU launch), paid by every operator
-}
 LOAD_BYTES_PER_S = 2e9  # checkpoint -> GPU (safetensors from disk / page cache)
 PROCESS_START_S = 10.0  # a fresh Python process: imports, CUDA context, building the model
-
-
-@dataclass
-class Cost:
-    flops: float = 0.0
-    bytes: float = 0.0
-    ops: int = 0
-    seconds: float = 0.0
-
-    def __add__(self, other: Cost) -> Cost:
-        return Cost(self.flops + other.flops, self.bytes + other.bytes, self.ops + other.ops,
-                    self.seconds + other.seconds)
-
-    def __mul__(self, k: float) -> Cost:
-        return Cost(self.flops * k, self.bytes * k, round(self.ops * k), self.seconds * k)
-
-    __rmul__ = __mul__
-
-    def __sub__(self, other: Cost) -> Cost:
-        return self + other * -1
-
-
-def extrapolate(c_a: Cost, a: int, c_b: Cost, b: int, n: int) -> Cost:
-    """The cost at setting n of a step linear in its setting, from its costs at settings a < b."""
-    per = (c_b - c_a) * (1.0 / (b - a))
-    return c_a + per * (n - a)
-
-
-_SKIP = {
-    "aten::size", "aten::stride", "aten::numel", "aten::dim", "aten::is_contiguous", "aten::sym_size",
-    "aten::sym_stride", "aten::sym_numel", "aten::storage_offset", "aten::detach", "aten::alias", "aten::lift_fresh",
-    "prim::device", "prim::layout", "aten::_local_scalar_dense", "aten::empty", "aten::empty_strided",
-    "aten::empty_like", "aten::set_",
-}
-
-
-class CostCounter(TorchDispatchMode):
-    """Counted FLOPs, bytes and roofline time of every operator on fake tensors (see the module docstring)."""
-
-    def __init__(self, hw: dict = H100):
-        super().__init__()
-        self.hw = hw
-        self.cost = Cost()
-
-    def _flops(self, func, args, kwargs, out) -> float:
-        from torch.utils.flop_counter import flop_registry
-
-        packet = func._overloadpacket
-        if packet in flop_registry:
-            return float(flop_registry[packet](*args, **kwargs, out_val=out))
-        name = packet._qualified_op_name if hasattr(packet, "_qualified_op_name") else str(packet)
-        if "scaled_dot_product" in name and "attention" in name:
-            q, k = args[0], args[1]
-            if "backward" in name:  # (grad_out, query, key, value, ...)
-                q, k = args[1], args[2]
-            b, h, t, d = q.shape
-            fwd = 4.0 * b * h * t * k.shape[-2] * d
-            return fwd * (2.5 if "backward" in name else 1.0)
-        return 0.0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from torch._subclasses.fake_tensor import FakeTensor
-
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func.name().split(".")[0] in _SKIP:
-            return out
-        if getattr(func, "is_view", False):
-            return out
-        tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, FakeTensor)]
-        if not tensors:
-            return out  # host-side work on real tensors (stand-in values, Bonsai's regression)
-        seen, nbytes = set(), 0
-        for t in tensors:
-            if id(t) not in seen:
-                seen.add(id(t))
-                nbytes += t.numel() * t.element_size()
-        flops = self._flops(func, args, kwargs, out)
-        dtypes = [t.dtype for t in tensors if t.dtype.is_floating_point]
-        dtype = str(dtypes[0]).replace("torch.", "") if dtypes else "float32"
-        peak = self.hw["peak_flops"].get(dtype, self.hw["peak_flops"]["float32"])
-        seconds = max(
-            flops / (peak * self.hw["compute_efficiency"]),
-            nbytes / (self.hw["hbm_bytes_per_s"] * self.hw["memory_efficiency"]),
-        ) + self.hw["launch_s"]
-        self.cost = self.cost + Cost(flops, nbytes, 1, seconds)
-        return out
-
-
-# --- counting one step on a fake model -----------------------------------------------------------------------------
-
-
-def shape_name(model: str) -> str:
-    """The registry shape that stands for a profile's model in the count."""
-    from .models import SHAPE_OF, SHAPES
-
-    if model in SHAPES:
-        return model
-    if model in SHAPE_OF:
-        return SHAPE_OF[model]
-    raise ValueError(
-        f"no registry shape for model {model!r}; add it to minillm.models.SHAPE_OF (known: {', '.join(SHAPE_OF)})"
-    )
-
-
-def count(model: str, dtype: str, fn, hw: dict = H100, setup=None, teacher: bool = False) -> Cost:
-    """Cost of `fn(fake_model, state)` on a fresh fake model of `model`'s shape; `setup(fake_model, teacher)` (not
-    counted) returns `state`, e.g. a KV cache; teacher: a second fake model of the same shape (the parent)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from .simulate import StandIns, fake_model, meta_model
-
-    meta = meta_model(shape_name(model), getattr(torch, dtype))
-    meta_teacher = meta_model(shape_name(model), getattr(torch, dtype)) if teacher else None
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        fake = fake_model(meta)
-        parent = fake_model(meta_teacher) if teacher else None
-        standins = StandIns()
-        with standins:
-            state = setup(fake, parent) if setup else None
-        counter = CostCounter(hw)
-        with standins, counter:
-            fn(fake, state)
-    return counter.cost
-
-
-def model_cost(model: torch.nn.Module, fn, setup=None, hw: dict = H100) -> Cost:
-    """Cost of `fn(call, state)` on a real (e.g. pruned) model, run on fake copies of its parameters and buffers:
-    shapes only, nothing is computed and the model is left as it was. `call(**inputs)` is the model's forward without
-    gradients; `setup(call)` (not counted) returns `state`, e.g. a KV cache."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from .simulate import StandIns
-
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    state_dict = {name: mode.from_tensor(t) for name, t in model.state_dict(keep_vars=True).items()}
-
-    def call(**inputs):
-        return torch.func.functional_call(model, state_dict, (), inputs)
-
-    counter = CostCounter(hw)
-    with mode, StandIns(), torch.no_grad():
-        state = setup(call) if setup else None
-        with counter:
-            fn(call, state)
-    return counter.cost
-
-
-def latency_flops(
-    model: torch.nn.Module, prefill: list[tuple[int, int]], decode_batches: list[int], prompt: int, new_tokens: int
-) -> dict:
-    """Counted FLOPs of the work `measure.latency` times: one forward pass per prefill (batch, length), and per
-    decode batch the prompt's forward pass plus `new_tokens` - 1 single-token steps (greedy generation), each step
-    counted at the middle context prompt + new_tokens // 2 with a dynamic cache (a static cache's attention over its
-    empty slots is not counted). Matmuls and attention only (see `CostCounter`): the embedding lookup is no
-    multiply-add, the LM head is one. {"prefill": [FLOPs per shape], "decode": [FLOPs per batch]}."""
-    out = {"prefill": [], "decode": []}
-    for b, t in prefill:
-        out["prefill"].append(
-            model_cost(model, lambda call, _, b=b, t=t: call(input_ids=_ids(b, t), use_cache=False)).flops
-        )
-    for b in decode_batches:
-        first = model_cost(model, lambda call, _, b=b: call(input_ids=_ids(b, prompt), use_cache=True)).flops
-        step = model_cost(
-            model,
-            lambda call, cache, b=b: call(input_ids=_ids(b, 1), past_key_values=cache, use_cache=True),
-            lambda call, b=b: call(input_ids=_ids(b, prompt + new_tokens // 2), use_cache=True).past_key_values,
-        ).flops
-        out["decode"].append(first + (new_tokens - 1) * step)
-    return out
-
-
-def _ids(batch: int, seqlen: int) -> torch.Tensor:
-    return torch.zeros(batch, seqlen, dtype=torch.long)
 
 
 class Counter:
@@ -230,28 +44,28 @@ class Counter:
         return self.cache[key]
 
     def perplexity(self, windows: int, seqlen: int, batch_size: int) -> Cost:
-        from .evaluate import perplexity
+        from minillm.evaluate import perplexity
 
         return self._get(
             ("ppl", windows, seqlen, batch_size),
-            lambda m, _: perplexity(m, _ids(windows, seqlen), batch_size=batch_size, progress=False),
+            lambda m, _: perplexity(m, dummy_ids(windows, seqlen), batch_size=batch_size, progress=False),
         )
 
     def forward(self, batch: int, seqlen: int) -> Cost:
         def run(m, _):
             with torch.no_grad():
-                m(input_ids=_ids(batch, seqlen), use_cache=False)
+                m(input_ids=dummy_ids(batch, seqlen), use_cache=False)
 
         return self._get(("fwd", batch, seqlen), run)
 
     def prune(self, method: str, sparsity: float, n: int, seqlen: int, options: dict, prune_options: dict) -> Cost:
-        from .prune import prune
+        from minillm.prune import prune
 
         key = ("prune", method, sparsity, n, seqlen, tuple(sorted(options.items())),
                tuple(sorted((k, str(v)) for k, v in prune_options.items())))
         return self._get(
             key,
-            lambda m, _: prune(m, method, sparsity, _ids(n, seqlen), progress=False, **prune_options, **options),
+            lambda m, _: prune(m, method, sparsity, dummy_ids(n, seqlen), progress=False, **prune_options, **options),
         )
 
     def method(self, entry: dict, sparsity: float, n: int, seqlen: int, prune_options: dict) -> Cost:
@@ -278,18 +92,18 @@ class Counter:
     def lora_steps(self, steps: int, batch: int, seqlen: int, rank: int, kl: bool) -> Cost:
         """`steps` LoRA optimiser steps (bf16 autocast as on a GPU), with the teacher's forward when kl, plus the
         final check; counted at 1 and 2 steps and extrapolated."""
-        from .recover import recover
+        from minillm.recover import recover
 
         def run_for(k):
             def run(m, teacher):
-                from .simulate import adapters_stay
+                from minillm.bench.simulate import adapters_stay
 
                 with adapters_stay():
                     _recover(m, teacher, k)
 
             def _recover(m, teacher, k):
                 try:
-                    recover(m, _ids(2 * batch, seqlen), rank=rank, steps=k, batch_size=batch, teacher=teacher,
+                    recover(m, dummy_ids(2 * batch, seqlen), rank=rank, steps=k, batch_size=batch, teacher=teacher,
                             kl_weight=1.0 if kl else 0.0, bf16=True, progress=False)
                 except FloatingPointError:
                     # the divergence check after the last step reads stand-in booleans (False: "not finite"); the
@@ -305,16 +119,16 @@ class Counter:
 
         def setup(m, _):
             with torch.no_grad():
-                return m(input_ids=_ids(batch, context), use_cache=True).past_key_values
+                return m(input_ids=dummy_ids(batch, context), use_cache=True).past_key_values
 
         def run(m, cache):
             with torch.no_grad():
-                m(input_ids=_ids(batch, 1), past_key_values=cache, use_cache=True)
+                m(input_ids=dummy_ids(batch, 1), past_key_values=cache, use_cache=True)
 
         return self._get(("decode", batch, context), run, setup)
 
     def weights_bytes(self) -> int:
-        from .simulate import meta_model
+        from minillm.bench.simulate import meta_model
 
         meta = meta_model(shape_name(self.model), getattr(torch, self.dtype))
         return sum(p.numel() * p.element_size() for p in meta.parameters())
@@ -329,8 +143,8 @@ def zeroshot_batches(tokenizer, tasks: list[str] | None, limit: int | None, batc
     mean of each batch's longest is taken as the longest overall's 90th percentile)."""
     import json
 
-    from .data import data_file
-    from .evaluate import load_task_specs
+    from minillm.data import data_file
+    from minillm.evaluate import load_task_specs
 
     lengths = []
     for spec in load_task_specs():
@@ -375,7 +189,7 @@ def _tokenizer(model: str):
     try:
         from transformers import AutoTokenizer
 
-        from .models import PRETRAINED
+        from minillm.models import PRETRAINED
 
         if model in PRETRAINED:
             return AutoTokenizer.from_pretrained(str(PRETRAINED[model]()))
@@ -412,8 +226,8 @@ def estimate_profile(cfg: dict, hw: dict = H100, sections: list[str] | None = No
     wanted = sections or [s for s in ("accuracy", "ablations", "recovery", "memory", "latency") if s in cfg]
     if any(s in cfg for s in ("accuracy", "ablations", "recovery")):
         tok = _tokenizer(model)
-    from .experiments import _entry_section
-    from .scores import get_method
+    from minillm.artifact.experiments import _entry_section
+    from minillm.scores import get_method
 
     for section in ("accuracy", "ablations"):
         if section not in wanted or section not in cfg:
@@ -436,7 +250,7 @@ def estimate_profile(cfg: dict, hw: dict = H100, sections: list[str] | None = No
             add(Row(section, entry["label"], len(sparsities), total, (loads + 1) * load_s,
                             [f"zero-shot calls {calls}", "scores shared across sparsities" if shared else ""]))
     if "recovery" in wanted and "recovery" in cfg:
-        from .experiments import _control_section, _recovery_controls, _recovery_items
+        from minillm.artifact.experiments import _control_section, _recovery_controls, _recovery_items
 
         acc = cfg["accuracy"]
         by_group: dict = {}
@@ -479,7 +293,7 @@ def estimate_profile(cfg: dict, hw: dict = H100, sections: list[str] | None = No
                 n = 1 + len(exp["methods"])
                 add(Row("memory", f"{name} {b}x{t}", n, total, n * start, ["one fresh process per step"]))
     if "latency" in wanted and "latency" in cfg:
-        from .measure import BENCH_REPEATS
+        from minillm.bench.measure import BENCH_REPEATS
 
         exp = cfg["latency"]
         repeats = exp.get("repeats", 20)

@@ -15,14 +15,15 @@ from pathlib import Path
 
 import yaml
 
-from .data import calibration_windows, describe_calibration, perplexity_windows
-from .evaluate import perplexity, zeroshot
-from .measure import BENCH_REPEATS, LATENCY_PROTOCOL, peak_memory
-from .models import load_model
-from .profiles import ProfileError, validate_profile
-from .prune import prune, score
-from .results import REPO_ROOT, config_diff, load_record, save_record, temporary_directory, write_json_atomic
-from .scores import get_method
+from minillm.artifact.profiles import ProfileError, validate_profile
+from minillm.artifact.records import REPO_ROOT, config_diff, load_record, save_record
+from minillm.bench.measure import BENCH_REPEATS, LATENCY_PROTOCOL, peak_memory
+from minillm.data import calibration_windows, describe_calibration, perplexity_windows
+from minillm.evaluate import perplexity, zeroshot
+from minillm.files import temporary_directory, write_json_atomic
+from minillm.models import load_model
+from minillm.prune import prune, score
+from minillm.scores import get_method
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -30,7 +31,7 @@ RESULTS_DIR = REPO_ROOT / "results"
 
 
 def load_profile(name: str) -> dict:
-    """Read configs/<name>.yaml and check it against the schema (minillm.profiles) before anything runs."""
+    """Read configs/<name>.yaml and check it against the schema (minillm.artifact.profiles) before anything runs."""
     path = CONFIG_DIR / f"{name}.yaml"
     if not path.exists():
         import difflib
@@ -82,7 +83,7 @@ def check_profile(name: str) -> dict:
         except OSError as e:
             raise SystemExit(f"profile {name!r} needs the Hugging Face Hub, which is unreachable here ({e})") from None
     if cfg.get("device") == "cuda":
-        from .device import backend
+        from minillm.device import backend
 
         if not backend().available():
             raise SystemExit(f"profile {name!r} expects a CUDA GPU; none is available (use PROFILE=cpu)")
@@ -516,7 +517,7 @@ def _latency_config(cfg: dict, model: str, round_to: int) -> dict:
 
 def run_memory(cfg: dict, force: bool = False) -> list[dict]:
     """Peak memory of every configured method's pruning step vs the dense forward pass, per model and shape."""
-    from .measure import bench_memory
+    from minillm.bench.measure import bench_memory
 
     exp, profile = cfg["memory"], cfg["profile"]
     device = cfg.get("device", "cpu")
@@ -543,7 +544,7 @@ def run_memory(cfg: dict, force: bool = False) -> list[dict]:
 def run_latency(cfg: dict, force: bool = False) -> list[dict]:
     """Prefill and decode latency of dense and uniformly pruned copies of each configured model (interleaved rounds,
     the whole bench `bench_repeats` times; see `measure.bench_latency`)."""
-    from .measure import bench_latency
+    from minillm.bench.measure import bench_latency
 
     exp, profile = cfg["latency"], cfg["profile"]
     device = cfg.get("device", "cpu")
@@ -588,7 +589,7 @@ def run_recovery(cfg: dict, force: bool = False, progress: bool = False) -> list
 
     The controls are computed first: every pruned row's `control_share` needs its budget's control, so a run cut
     off part-way still leaves rows that can be read. The returned list is the pruned records, then the controls."""
-    from .recover import recover
+    from minillm.recover import recover
 
     controls = _recovery_controls(cfg)
     for path, item_exp in controls.items():
@@ -729,7 +730,7 @@ def _recover_control(cfg: dict, exp: dict, path: Path, recover, progress: bool) 
 
 
 def _recover_one(cfg, acc, exp, entry, sparsity, kl_weights, files, recover, progress) -> None:
-    from .checkpoint import load_pruned, save_pruned
+    from minillm.checkpoint import load_pruned, save_pruned
 
     label = entry["label"]
     prune_options = {**acc.get("prune_options", {}), **entry.get("prune_options", {})}
@@ -786,7 +787,7 @@ def _free_device() -> None:
     """Return freed blocks of the accelerator's caching allocator (a no-op on CPU)."""
     import gc
 
-    from .device import backend
+    from minillm.device import backend
 
     gc.collect()
     backend().empty_cache()
@@ -796,10 +797,10 @@ def _reuse_accuracy_plan(base, acc_file: Path, entry: dict, prune_options: dict,
     """Rebuild the pruned model of an existing accuracy record from its kept indices instead of scoring again (FMS
     and Bonsai take minutes on CPU). Only when the record was made with the same method settings and calibration,
     and without bias compensation (its bias values are not in the record). Returns the plan, or None."""
-    from .adapters import get_adapter
-    from .plan import OriginalKeep
-    from .prune import make_plan
-    from .state import restore_keep
+    from minillm.adapters import get_adapter
+    from minillm.plan import OriginalKeep
+    from minillm.prune import make_plan
+    from minillm.state import restore_keep
 
     record = load_record(acc_file)
     if record is None or "plan" not in record:
@@ -844,10 +845,10 @@ def _diagnostics_config(cfg: dict, part: str) -> dict:
 
 
 def run_fms_diagnostics(cfg: dict, force: bool = False, progress: bool = False) -> list[dict]:
-    """Issue 17: why the forward-only FMS gradient fails (minillm/diagnostics.py). One record per part
+    """Issue 17: why the forward-only FMS gradient fails (minillm/artifact/diagnostics.py). One record per part
     (accuracy, criteria, oracle) under results/<profile>/fms_diagnostics/; a profile without the section has none.
     Records made with another section are recomputed, like every other experiment's."""
-    from . import diagnostics
+    from minillm.artifact import diagnostics
 
     exp = cfg.get("fms_diagnostics")
     if not exp:

@@ -299,7 +299,7 @@ def gradient_free_claim(model: str | None = None) -> str:
     to the paper: a LLaMA-architecture model (SmolLM2) tests the claim as stated; another architecture (Gemma 3) is a
     transfer test outside the paper's three, and the row says so; an unknown model (a local directory, a Hub id
     without a registered shape) is named as it is, without an architecture it may not have."""
-    from .models import architecture
+    from minillm.models import architecture
 
     if not model:
         return "better than gradient-free methods on the profile's model"
@@ -408,8 +408,8 @@ def _speed_claim(groups: dict, latency: list[dict]) -> tuple[str, str]:
 
 
 def claims_frame(profile: str) -> pd.DataFrame:
-    """The claims table of one profile, from its records (minillm.experiments.collect)."""
-    from .experiments import collect, load_profile
+    """The claims table of one profile, from its records (minillm.artifact.experiments.collect)."""
+    from minillm.artifact.experiments import collect, load_profile
 
     try:
         model = load_profile(profile)["model"]
@@ -426,4 +426,4 @@ def claims_markdown(df: pd.DataFrame) -> str:
     for _, row in df.iterrows():
         lines.append("| " + " | ".join(str(row[c]).replace("|", "/") for c in columns) + " |")
     rules = [f"* {GENERAL_RULE}"] + [f"* {c}: {r}" for c, r in zip(df["claim"], df["rule"]) if r != "-"]
-    return "\n".join([*lines, "", "Verdict rules (minillm/claims.py):", "", *rules, ""])
+    return "\n".join([*lines, "", "Verdict rules (minillm/artifact/claims.py):", "", *rules, ""])

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .device import is_oom
+from minillm.device import is_oom
 
 GIB = 1024**3
 # glibc settings for CPU memory measurements (see memory_in_subprocess)
@@ -65,7 +65,7 @@ def _rss() -> int:
 @contextmanager
 def peak_memory(device: str | torch.device = "cpu", interval_s: float = 0.002):
     """Context manager yielding a PeakMemory that is filled in when the block exits."""
-    from .device import backend
+    from minillm.device import backend
 
     dev = torch.device(device)
     result = PeakMemory(str(dev))
@@ -128,8 +128,8 @@ def memory_step(
     import gc
     import time
 
-    from .models import load_model
-    from .prune import prune, score
+    from minillm.models import load_model
+    from minillm.prune import prune, score
 
     torch_dtype = getattr(torch, dtype)
     model, _ = load_model(model_name, dtype=torch_dtype, device=device)
@@ -180,7 +180,7 @@ _PRUNE_ONLY = {"allocation", "targets", "skip_layers", "round_to", "calibration"
 def _separate_scoring(method: str, options: dict) -> bool:
     """Whether the step can be measured as scoring, then removal: the method has a scoring step of its own
     (not Bonsai or the N:M baselines) and scores without layer streaming (whose peak belongs to both phases)."""
-    from .scores import get_method
+    from minillm.scores import get_method
 
     return not get_method(method).spec.scores_and_removes and "stream_device" not in options
 
@@ -194,7 +194,7 @@ def _split_options(options: dict) -> tuple[dict, dict]:
 
 def oom_result(method: str, device: torch.device, weights_bytes: int, exc: BaseException) -> dict:
     """An out-of-memory step is a result: the device, its capacity and the error, instead of a peak."""
-    from .device import backend
+    from minillm.device import backend
 
     cuda = backend()
     capacity = cuda.total_memory(device) if cuda.is_cuda(device) else None
@@ -315,7 +315,7 @@ def _timed(fns: dict[str, Callable[[], object]], device: torch.device, repeats: 
     Each function's times in seconds, round by round."""
     import time
 
-    from .device import backend
+    from minillm.device import backend
 
     cuda = backend()
 
@@ -438,7 +438,7 @@ def latency(
     limit = max(torch._dynamo.config.recompile_limit, 2 * len(models) * (len(prefill) + len(decode_batches)))
     if compile == "all":
         torch._dynamo.reset()
-        from .device import backend
+        from minillm.device import backend
 
         forward = {name: backend().compile(m) for name, m in models.items()}
     kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
@@ -522,11 +522,11 @@ def bench_latency(
     (`estimate.latency_flops`): `*_ceiling` = dense FLOPs / the copy's FLOPs, the speed-up if time were proportional
     to multiply-adds. A 2:4 copy is counted before its conversion; on sparse kernels it has no ceiling (None): the
     counter does not see the kernels' skipped multiply-adds."""
-    from .device import backend
-    from .estimate import latency_flops
-    from .models import load_model
-    from .prune import prune
-    from .semi_structured import stored_parameters, to_semi_structured
+    from minillm.bench.flops import latency_flops
+    from minillm.device import backend
+    from minillm.models import load_model
+    from minillm.prune import prune
+    from minillm.semi_structured import stored_parameters, to_semi_structured
 
     torch_dtype = getattr(torch, dtype)
     variants = [("dense", 0.0)] + [("structured", s) for s in sparsities] + ([("2:4", 0.5)] if include_24 else [])

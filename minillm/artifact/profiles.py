@@ -158,7 +158,7 @@ def _raise(msg: str):
 
 
 def _check_method(entry: dict, where: str) -> None:
-    from .scores import check_options, get_method
+    from minillm.scores import check_options, get_method
 
     try:
         mod = get_method(entry["method"])
@@ -254,7 +254,7 @@ LATENCY = {
     "bench_repeats": _int(1),  # whole-bench repeats (default measure.BENCH_REPEATS)
     "compile": _str(("none", "all")),
 }
-FMS_DIAGNOSTICS = {  # issue 17, minillm/diagnostics.py
+FMS_DIAGNOSTICS = {  # issue 17, minillm/artifact/diagnostics.py
     "calibration": (CALIBRATION, REQUIRED),
     "perplexity": (PERPLEXITY, REQUIRED),
     "sparsities": (_list(SPARSITY, min_len=1), REQUIRED),
@@ -292,7 +292,7 @@ PROFILE = {
 def check_model_name(name: str, where: str = "model") -> None:
     """`model:` must be an installed pretrained model (SmolLM2, Gemma 3), an existing local model directory, or a Hub id 'org/name'; the shape and
     tiny registry names have no tokenizer, so they cannot drive the text experiments."""
-    from .models import DEFAULT_MODEL, PRETRAINED, SHAPES, registry_names
+    from minillm.models import DEFAULT_MODEL, PRETRAINED, SHAPES, registry_names
 
     if name in SHAPES:
         raise ProfileError(
@@ -318,7 +318,7 @@ def check_model_name(name: str, where: str = "model") -> None:
 
 
 def _check_memory_models(models: list[str], where: str, main_model: str) -> None:
-    from .models import DEFAULT_MODEL, SHAPES
+    from minillm.models import DEFAULT_MODEL, SHAPES
 
     for i, m in enumerate(models):
         if m not in SHAPES and m not in (DEFAULT_MODEL, main_model):
@@ -354,8 +354,8 @@ def model_max_positions(name: str) -> int | None:
     config.json). None otherwise, and for ALiBi models (BLOOM), which have no limit."""
     import json
 
-    from .models import SHAPE_OF, SHAPES
-    from .prune import max_positions
+    from minillm.models import SHAPE_OF, SHAPES
+    from minillm.prune import max_positions
 
     if name in SHAPES:
         return max_positions(SHAPES[name]())

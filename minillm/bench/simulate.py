@@ -45,7 +45,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves, tree_map, tree_map_only
 
-from .state import set_source
+from minillm.state import set_source
 
 GIB = 1024**3
 SIM_DEVICE = "cpu"  # the fake device standing in for the GPU (see the module docstring)
@@ -215,7 +215,7 @@ def meta_model(name: str, dtype: torch.dtype) -> torch.nn.Module:
     FakeTensorMode (fake parameters cannot be moved between devices by `Module.to`, see `fake_model`)."""
     from transformers import AutoModelForCausalLM
 
-    from .models import SHAPES as REGISTRY
+    from minillm.models import SHAPES as REGISTRY
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(REGISTRY[name](), dtype=dtype)
@@ -230,7 +230,7 @@ def fake_model(model: torch.nn.Module, layers_on_host: bool = False) -> torch.nn
     layers_on_host: the decoder layers stay meta tensors (host memory, not counted) and each layer's `.to` is
     replaced by one that swaps in new Parameter objects: `Module.to` on fake parameters goes through
     `torch.utils.swap_tensors`, which refuses tensors with weak references (fake parameters have one)."""
-    from .adapters import get_adapter
+    from minillm.adapters import get_adapter
 
     if not layers_on_host:
         return model.to_empty(device=SIM_DEVICE)
@@ -267,7 +267,7 @@ def run_step(model: torch.nn.Module, step: dict, ids: torch.Tensor, labels: bool
     labels=False), 'backprop' (forward with labels, then backward to a gradient for every parameter; the model
     output is dropped before the backward pass, so its KV cache is freed), or a method's scoring-and-pruning step
     through `minillm.prune` (layer-streamed to the simulated device when step['stream'])."""
-    from .prune import prune
+    from minillm.prune import prune
 
     method = step["method"]
     if step.get("stream"):
@@ -296,7 +296,7 @@ def _outside_parts_stay():
     """While layer streaming is simulated, `minillm.streaming` moves the embeddings, norm and LM head to the device
     as usual, but does not move them back to the (meta) host at the end: `p.data = ...` cannot change the device
     of a fake tensor. This happens after the step, so it does not change the peak."""
-    from . import streaming
+    from minillm import streaming
 
     original = streaming._move_outside
 
@@ -425,8 +425,8 @@ def simulate_recovery_step(
     (everything on the device before the step) and how it ran."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .prune import prune
-    from .recover import recover
+    from minillm.prune import prune
+    from minillm.recover import recover
 
     t0 = time.perf_counter()
     torch_dtype = getattr(torch, dtype)
@@ -478,7 +478,6 @@ def simulate_recovery_step(
 
 # --- validation and the markdown table ------------------------------------------------------------------------------
 
-CPU_RECORDS = Path(__file__).resolve().parent.parent / "results" / "cpu-full" / "memory"
 CPU_MODEL_SHAPE = {"smollm2-135m": "smollm2-135m-shape"}  # the measured model and the shape that simulates it
 CPU_LABELS = ("dense", "taylor", "fms-weights", "fms-gates")
 
@@ -503,9 +502,10 @@ def validate_h100(reference: dict = REFERENCE_H100) -> list[dict]:
     return rows
 
 
-def validate_cpu(records_dir: Path = CPU_RECORDS, labels=CPU_LABELS) -> list[dict]:
+def validate_cpu(records_dir: Path, labels=CPU_LABELS) -> list[dict]:
     """The measured CPU peak-RSS increase of committed memory records (SmolLM2-135M, fp32, each step in a fresh
-    process) beside the simulated increase of the same step.
+    process) in `records_dir` (the harness keeps them in results/cpu-full/memory) beside the simulated increase of the
+    same step.
 
     Simulated as measured: the dense step is the forward pass without labels (`measure.memory_step`), and the
     weights replaced by the pruning surgery stay counted, because on CPU they are pages of the memory-mapped
@@ -551,12 +551,12 @@ def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 def validation_markdown(h100: list[dict], cpu: list[dict], table: list[dict] | None = None) -> str:
     """The validation tables (and optionally the simulated table of every step) as markdown."""
     parts = [
-        "# Simulated peak memory (minillm.simulate), validated",
+        "# Simulated peak memory (minillm.bench.simulate), validated",
         "",
         "Regenerate: `python -m minillm bench memory --simulate --validate` (simulates everything, about 10"
-        " CPU-minutes, and writes this file and `memory_sim.json`); `minillm.simulate.render_validation()` re-renders"
+        " CPU-minutes, and writes this file and `memory_sim.json`); `minillm.bench.simulate.render_validation()` re-renders"
         " it from the JSON. All simulated values are"
-        " labelled simulated: FakeTensorMode with a live-storage tracker, no GPU (see `minillm/simulate.py`).",
+        " labelled simulated: FakeTensorMode with a live-storage tracker, no GPU (see `minillm/bench/simulate.py`).",
         "",
         "## Against the H100 reference figures (DESIGN.md section 6; fp16, random weights, default sdpa attention)",
         "",
@@ -610,18 +610,19 @@ def validation_markdown(h100: list[dict], cpu: list[dict], table: list[dict] | N
     return "\n".join(parts) + "\n"
 
 
-def write_validation(path: Path | str = "figures/simulated/memory_sim.md", table: bool = True) -> dict:
-    """Run both validations (and the full simulated table unless table=False; about 10 CPU-minutes in all), write a
-    JSON file with the rows and the markdown rendered from it (`render_validation`). Returns the rows."""
+def write_validation(path: Path | str, cpu_records: Path | str, table: bool = True) -> dict:
+    """Run both validations (the CPU one against the memory records in `cpu_records`; and the full simulated table
+    unless table=False; about 10 CPU-minutes in all), write a JSON file with the rows and the markdown rendered from
+    it (`render_validation`) at `path`. Returns the rows."""
     path = Path(path)
-    out = {"h100": validate_h100(), "cpu": validate_cpu(), "table": simulate_table() if table else None}
+    out = {"h100": validate_h100(), "cpu": validate_cpu(cpu_records), "table": simulate_table() if table else None}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
     render_validation(path)
     return out
 
 
-def render_validation(path: Path | str = "figures/simulated/memory_sim.md") -> Path:
+def render_validation(path: Path | str) -> Path:
     """Re-render the markdown from the JSON beside it (no simulation)."""
     path = Path(path)
     rows = json.loads(path.with_suffix(".json").read_text())
@@ -631,10 +632,8 @@ def render_validation(path: Path | str = "figures/simulated/memory_sim.md") -> P
 
 # --- for notebook 02 ------------------------------------------------------------------------------------------------
 
-VALIDATION_JSON = Path(__file__).resolve().parent.parent / "figures" / "simulated" / "memory_sim.json"
 
-
-def load_validation(path: Path | str = VALIDATION_JSON) -> dict:
+def load_validation(path: Path | str) -> dict:
     """The committed output of `write_validation` (keys h100, cpu, table)."""
     return json.loads(Path(path).read_text())
 
