@@ -439,13 +439,8 @@ def cmd_recover(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    # the console script is `minillm`; `python -m minillm` runs this module as __main__.py
-    prog = "python -m minillm" if Path(sys.argv[0]).name == "__main__.py" else "minillm"
-    p = argparse.ArgumentParser(prog=prog, description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_prune(sub) -> None:
+    """`prune`: score, remove, write a reloadable directory."""
     pr = sub.add_parser("prune", help="score, remove units physically, write a reloadable directory")
     pr.add_argument("--model", default="smollm2-135m", help="registry name, local directory or Hub id")
     pr.add_argument("--method", required=True, help="fms, bonsai, taylor, wanda_sp, flap, magnitude, random")
@@ -499,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.set_defaults(func=cmd_prune)
 
+
+def _add_eval(sub) -> None:
+    """`eval`: perplexity and zero-shot accuracy."""
     ev = sub.add_parser("eval", help="perplexity on Pride and Prejudice and/or zero-shot accuracy")
     ev.add_argument("model", help="a pruned directory, registry name, local directory or Hub id")
     ev.add_argument("--ppl", action="store_true")
@@ -522,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_eval)
 
+
+def _add_bench(sub) -> None:
+    """`bench`: memory, latency, simulated memory, estimated run time."""
     be = sub.add_parser("bench", help="peak memory of pruning steps, latency of pruned models")
     be.add_argument("what", choices=("memory", "latency", "memory-step", "runtime"),
                     help="runtime: estimated H100 run time of --profile from counted FLOPs and bytes (no GPU)")
@@ -579,6 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--no-table", action="store_true", help="with --validate: skip the table of every step")
     be.set_defaults(func=cmd_bench)
 
+
+def _add_experiment(sub) -> None:
+    """`experiment`: compute the missing records of one experiment of a profile."""
     ex = sub.add_parser("experiment", help="compute the missing records of one experiment of a profile")
     ex.add_argument("name", choices=("accuracy", "ablations", "memory", "latency", "recovery", "fms_diagnostics"))
     ex.add_argument("--profile", default="cpu")
@@ -593,12 +597,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.set_defaults(func=cmd_experiment)
 
+
+def _add_pending(sub) -> None:
+    """`pending`: what is left of a long grid."""
     pe = sub.add_parser(
         "pending", help="update results/<profile>/pending.json from the records on disk and list what is left"
     )
     pe.add_argument("--profile", default="cpu-full")
     pe.set_defaults(func=cmd_pending)
 
+
+def _add_recover(sub) -> None:
+    """`recover`: LoRA fine-tuning of a pruned directory."""
     rc = sub.add_parser("recover", help="LoRA fine-tuning of a pruned directory (optionally KL to the parent)")
     rc.add_argument("directory", type=Path, help="a directory written by prune (left untouched)")
     rc.add_argument("--out", type=Path, required=True)
@@ -622,8 +632,26 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--quiet", action="store_true")
     rc.set_defaults(func=cmd_recover)
 
+
+def _add_info(sub) -> None:
+    """`info`: registry, architectures, methods, data checksums."""
     info = sub.add_parser("info", help="registry names, supported architectures, methods, data checksums")
     info.set_defaults(func=cmd_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # the console script is `minillm`; `python -m minillm` runs this module as __main__.py
+    prog = "python -m minillm" if Path(sys.argv[0]).name == "__main__.py" else "minillm"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_prune(sub)
+    _add_eval(sub)
+    _add_bench(sub)
+    _add_experiment(sub)
+    _add_pending(sub)
+    _add_recover(sub)
+    _add_info(sub)
     return p
 
 

@@ -95,7 +95,7 @@ def bootstrap_interval(window_nll, window_tokens, iters: int = 1000, seed: int =
 
 
 def load_task_specs() -> list[dict]:
-    """The bundled BIG-bench cloze tasks (data/bigbench/tasks.json): name, file, metric, chance level."""
+    """The bundled BIG-bench cloze tasks (minillm/resources/bigbench/tasks.json): name, file, metric, chance level."""
     return json.loads(data_file("bigbench/tasks.json").read_text())
 
 

@@ -3,11 +3,12 @@
     python scripts/compare_conclusions.py [--old REV] [--profile cpu-full]
 
 Reads the accuracy records of `--profile` as they were committed at git revision `--old` (default d7366c5, the last
-cpu-full records before issue 18: one seed, 4 x 512 perplexity tokens, no intervals) and as they are in the working
-tree now (seeds, 64 x 512 tokens, bootstrap intervals), and prints Markdown: for every sparsity and pair of methods
-the earlier records ordered, whether the current ones separate them the same way (minillm.artifact.report.conclusions_frame),
-and which methods' own settings (method, options, prune options) changed between the two, since a changed method
-is a different comparison, not a failed replication. Nothing is computed beyond reading the records.
+cpu-full records before seeds and intervals were added: one seed, 4 x 512 perplexity tokens, no intervals) and as they
+are in the working tree now (seeds, 64 x 512 tokens, bootstrap intervals), and prints Markdown: for every sparsity and
+pair of methods the earlier records ordered, whether the current ones separate them the same way
+(minillm.artifact.report.conclusions_frame), and which methods' own settings (method, options, prune options) changed
+between the two, since a changed method is a different comparison, not a failed replication. Nothing is computed
+beyond reading the records.
 """
 
 from __future__ import annotations

@@ -213,10 +213,11 @@ for p, df in frames.items():
 
 No GPU was available to this project, so the GPU peaks below are **simulated**: each step runs under fake tensors
 (shapes, no data) with a tracker of live tensor storage (`minillm/bench/simulate.py`), fp16, random-weight shapes. The
-simulation is checked against the H100 figures of the design notes (black markers) and against the CPU records;
-the validation tables below give each prediction's error. Dashed lines: the usable memory of 48 GB (A6000) and 80 GB (A100/H100)
-cards. The 70B shape is scored with its decoder layers streamed one at a time to the GPU. Red crosses, when present,
-are the gpu profile's measured records. Regenerate with `python -m minillm bench memory --simulate --validate`."""),
+simulation is checked against the H100 reference figures of docs/measurement.md (black markers) and against the CPU
+records; the validation tables below give each prediction's error. Dashed lines: the usable memory of 48 GB (A6000)
+and 80 GB (A100/H100) cards. The 70B shape is scored with its decoder layers streamed one at a time to the GPU. Red
+crosses, when present, are the gpu profile's measured records. Regenerate with `python -m minillm bench memory
+--simulate --validate`."""),
         code("""from minillm.bench import simulate
 sim = simulate.load_validation(report.FIGURES_DIR / "simulated" / "memory_sim.json")
 display(Markdown(simulate.validation_markdown(sim["h100"], sim["cpu"], sim["table"])))
@@ -254,11 +255,11 @@ the gpu profile when it has been run."""),
     "04_ablations.ipynb": [
         md("""# 04 Ablations of the forward-only estimators
 
-How much does the SPSA gradient actually contribute to FMS? With one query, the per-weight score
-|W| x |g| x ||X|| is Wanda's score times |N(0,1)| noise (see reference/papers.md A.2), so accuracy should improve
-with the number of queries if the gradient matters. The perturbation space is compared too: all weights (about 10^8
-dimensions, as in the paper) versus one gate per head and channel (about 4.6 x 10^4 dimensions). Also: sign
-handling, eps, the per-weight combination, pruning only MLP channels, and Bonsai's number of masks per round.
+How much does the SPSA gradient actually contribute to FMS? With one query, the per-weight score |W| x |g| x ||X||
+(MINI-LLM's Eq. 9, as reconstructed in `minillm/scores/fms.py`) is Wanda's score times |N(0,1)| noise, so accuracy
+should improve with the number of queries if the gradient matters. The perturbation space is compared too: all weights
+(about 10^8 dimensions, as in the paper) versus one gate per head and channel (about 4.6 x 10^4 dimensions). Also:
+sign handling, eps, the per-weight combination, pruning only MLP channels, and Bonsai's number of masks per round.
 
 What to look for: whether perplexity improves steadily with n in each space (it should if the SPSA gradient carries
 signal at these budgets), how the two spaces compare, how much sign handling and eps move the results, and how the
@@ -345,10 +346,10 @@ report.save_figure(fig, out / "recovery")"""),
     "07_fms_diagnostics.ipynb": [
         md("""# 07 FMS diagnostics: is the criterion or the estimator at fault?
 
-Not a table of either paper: the evidence behind issue 17. MINI-LLM's FMS score multiplies |W| x ||X|| by a
-gradient estimated with SPSA; with n queries in d dimensions that estimate's cosine with the true gradient is about
-sqrt(n / (n + d)), so at affordable n the ranking is mostly |W| x ||X|| plus noise. Three tables (gate space, one
-gate per head output and MLP channel):
+Not a table of either paper: why forward-only FMS falls behind, and what would fix it. MINI-LLM's FMS score multiplies
+|W| x ||X|| by a gradient estimated with SPSA; with n queries in d dimensions that estimate's cosine with the true
+gradient is about sqrt(n / (n + d)), so at affordable n the ranking is mostly |W| x ||X|| plus noise. Three tables
+(gate space, one gate per head output and MLP channel):
 
 * **estimator accuracy vs n**: cosine of the SPSA gate gradient with the exact one (computed with backprop, a
   diagnostic), Spearman of SPSA-FMS unit scores with exact-gradient FMS, overlap of the bottom-p units, beside the
@@ -377,7 +378,8 @@ if "fms_diagnostics" not in cfg:
     print(f"profile {profile!r} has no fms_diagnostics section: nothing to compute or render")
 elif not no_compute:
     experiments.run_fms_diagnostics(cfg, force=bool(force))"""),
-        md("""The **goal** table checks issue 17's target on the criteria rows: the best forward-only FMS-family
+        md("""The **goal** table checks this project's target for a forward-only criterion (perplexity within 1.05x of
+backprop Taylor's and at or below FLAP's score) on the criteria rows: the best forward-only FMS-family
 criterion (SPSA or an `estimator`, mean over its seeds, best of its allocations; not g = 1, noise or anything using
 backprop) against backprop Taylor and FLAP's score, each at the better of its allocations, with and
 without bias compensation where the profile has both, and the estimator's peak memory over the dense forward

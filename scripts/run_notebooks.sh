@@ -49,6 +49,7 @@ execute() {
   if [ "$status" -ne 0 ]; then
     exit "$status"
   fi
+  "$PYTHON" "$(dirname "$0")/normalize_notebook.py" "$out/$(basename "$1")"
 }
 for nb in "$@"; do
   name=$(basename "$nb")
@@ -60,16 +61,21 @@ for nb in "$@"; do
   echo "== $name done in $secs s"
 done
 echo "== all notebooks done in $(( $(date +%s) - run_start )) s"
-# Notebook 01 ends with the claims table, which also reads the memory and latency records that notebooks 02 and 03
-# write: after a computing run of several notebooks, render 01 again from the records (no computation), so that a
-# run from scratch does not leave a claims table without its memory and speed evidence. Not counted in run_times.
-claims_nb=""
-for nb in "$@"; do
-  case "$(basename "$nb")" in 01_*) claims_nb=$nb ;; esac
-done
-if [ "$NO_COMPUTE" = "0" ] && [ -n "$claims_nb" ] && [ "$#" -gt 1 ]; then
-  echo "== $(basename "$claims_nb") rendered again from the records (claims table with every experiment's records)"
-  execute "$claims_nb" 1
+# After a computing run of several notebooks, render them again from the records alone (no computation). Notebook 01
+# ends with the claims table, which also reads the memory and latency records that notebooks 02 and 03 write: a run
+# from scratch must not leave a claims table without its memory and speed evidence. And the executed notebooks kept
+# in git are then those of a render from the records, the same files `make figures` writes (RENDER_AGAIN=all, the
+# default); RENDER_AGAIN=claims renders notebook 01 only (the smoke run, whose executed notebooks are not kept).
+# Not counted in run_times.
+RENDER_AGAIN=${RENDER_AGAIN:-all}
+if [ "$NO_COMPUTE" = "0" ] && [ "$#" -gt 1 ]; then
+  for nb in "$@"; do
+    case "$RENDER_AGAIN:$(basename "$nb")" in
+      all:*|claims:01_*)
+        echo "== $(basename "$nb") rendered again from the records"
+        execute "$nb" 1 ;;
+    esac
+  done
 fi
 if [ "$NO_COMPUTE" = "0" ]; then
   "$PYTHON" - "$PROFILE" "$records_before" "${times[@]}" <<'PY'

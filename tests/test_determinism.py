@@ -1,5 +1,6 @@
 """Kept sets and outputs of `minillm.prune` on tiny models, pinned to the values the code gave before the core was
-restructured (issue 14): a refactor of scoring, statistics, allocation or state must not change what is removed.
+restructured (MethodSpec, one statistics cache, PruningState, prune split into score / allocate_units /
+remove_units): a refactor of scoring, statistics, allocation or state must not change what is removed.
 
 Each case prunes a fresh seeded tiny model with fixed calibration tokens and compares a hash of the plan's kept
 indices and the rounded sum of |logits| on one window (the latter also covers bias compensation and N:M zeroing).

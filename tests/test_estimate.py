@@ -10,13 +10,14 @@ import yaml
 
 from minillm.artifact import estimate, experiments
 from minillm.artifact.profiles import ProfileError, model_max_positions, validate_profile
+from minillm.bench import flops
 from minillm.bench.simulate import simulate_recovery_step
 
 
 def test_counter_counts_matmul_flops_and_bytes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    counter = estimate.CostCounter()
+    counter = flops.CostCounter()
     with FakeTensorMode():  # only tensors of the simulated GPU (fake ones) are counted
         layer = torch.nn.Linear(64, 32, bias=False)
         x = torch.randn(4, 64)
@@ -24,15 +25,15 @@ def test_counter_counts_matmul_flops_and_bytes():
             layer(x)
     assert counter.cost.flops == 2 * 4 * 64 * 32
     assert counter.cost.bytes == 4 * (4 * 64 + 64 * 32 + 4 * 32)  # inputs and output, fp32
-    hw = estimate.H100
+    hw = flops.H100
     roof = max(counter.cost.flops / (hw["peak_flops"]["float32"] * hw["compute_efficiency"]),
                counter.cost.bytes / (hw["hbm_bytes_per_s"] * hw["memory_efficiency"]))
     assert counter.cost.seconds == pytest.approx(roof + hw["launch_s"] * counter.cost.ops)
 
 
 def test_extrapolation_is_linear_in_the_setting():
-    c1, c2 = estimate.Cost(10, 100, 3, 1.0), estimate.Cost(14, 150, 5, 1.5)
-    c64 = estimate.extrapolate(c1, 1, c2, 2, 64)
+    c1, c2 = flops.Cost(10, 100, 3, 1.0), flops.Cost(14, 150, 5, 1.5)
+    c64 = flops.extrapolate(c1, 1, c2, 2, 64)
     assert (c64.flops, c64.bytes, c64.seconds) == (10 + 63 * 4, 100 + 63 * 50, pytest.approx(1.0 + 63 * 0.5))
 
 
@@ -173,7 +174,7 @@ def test_sequence_lengths_beyond_the_models_positions_are_refused():
 def test_cli_combines_section_estimates_of_the_same_profile(tmp_path, capsys):
     from minillm.__main__ import main
 
-    rows = [estimate.Row("memory", "m", 2, estimate.Cost(1e12, 1e9, 10, 3.0), 7.0)]
+    rows = [estimate.Row("memory", "m", 2, flops.Cost(1e12, 1e9, 10, 3.0), 7.0)]
     part = tmp_path / "memory.json"
     part.write_text(json.dumps(estimate.to_json(rows, "gpu")))
     args = ["bench", "runtime", "--profile", "gpu", "--combine", str(part), "--json", str(tmp_path / "all.json")]

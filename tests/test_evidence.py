@@ -1,4 +1,4 @@
-"""Issue 18, evidence a reviewer can trust: bootstrap intervals, seed replicates, one style per method, the claims
+"""Evidence a reviewer can trust: bootstrap intervals, seed replicates, one style per method, the claims
 table's verdict rules. Fast: tiny models and synthetic records only."""
 
 import importlib.util
@@ -594,6 +594,24 @@ def test_committed_claims_tables_match_their_records(profile):
     assert list(saved["evidence"]) == [str(v) for v in now["evidence"]]
 
 
+@pytest.mark.parametrize("profile", ["cpu", "cpu-full"])
+def test_committed_fms_diagnostics_tables_match_their_records(profile, tmp_path):
+    """figures/<profile>/fms_diagnostics_*.csv, as notebook 07 saved them, are what minillm.artifact.diagnostics
+    computes from the committed records now: a new column or rule without a re-render fails here."""
+    from minillm.artifact import diagnostics
+
+    cfg = experiments.load_profile(profile)
+    memory = diagnostics.memory_ratios(experiments.collect(profile, "memory"), cfg.get("memory", {}).get("methods", []))
+    tables = diagnostics.frames(experiments.collect(profile, "fms_diagnostics"), memory)
+    tables["goal_grid"] = diagnostics.grid_goal_frame(report.accuracy_frame(experiments.collect(profile, "accuracy")),
+                                                      memory)
+    committed = sorted((REPO_ROOT / "figures" / profile).glob("fms_diagnostics_*.csv"))
+    assert {p.stem.removeprefix("fms_diagnostics_") for p in committed} == {k for k, v in tables.items() if len(v)}
+    for path in committed:
+        report.save_table(tables[path.stem.removeprefix("fms_diagnostics_")], tmp_path / path.stem)
+        assert (tmp_path / path.name).read_text() == path.read_text(), path.name
+
+
 def _make_reproducing():
     """scripts/make_reproducing.py as a module."""
     from pathlib import Path
@@ -641,8 +659,8 @@ def test_latency_frame_of_no_records_is_empty():
 
 
 def test_reproducing_cross_model_section_waits_for_both_profiles(monkeypatch):
-    """REPRODUCING.md's last section (issue 19) appears only when both profiles have accuracy records, and then
-    states Kendall's tau from the same report functions as notebook 01."""
+    """REPRODUCING.md's last section (the cross-model comparison) appears only when both profiles have accuracy
+    records, and then states Kendall's tau from the same report functions as notebook 01."""
     mod = _make_reproducing()
     collect = mod.experiments.collect
     monkeypatch.setattr(mod.experiments, "collect", lambda p, e: [] if p == "cpu-full-gemma3" else collect(p, e))

@@ -1,4 +1,4 @@
-"""Issue 17: FMS in low precision, and the forward-only estimators beside SPSA (`fms` option `estimator`)."""
+"""FMS in low precision, and the forward-only estimators beside SPSA (`fms` option `estimator`)."""
 
 import copy
 

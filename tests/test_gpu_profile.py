@@ -1,4 +1,4 @@
-"""The gpu profile exercised in CI (issue 16, part 3): every section of configs/gpu.yaml runs through the same
+"""The gpu profile exercised in CI: every section of configs/gpu.yaml runs through the same
 experiment drivers, with the sizes shrunk (tiny models, a few tokens, a few queries / masks / steps) and a fake GPU
 (minillm.device.FakeCuda, the CPU standing in for CUDA) so that every CUDA branch runs: peak-memory statistics,
 synchronisation, bf16 autocast in recovery, the 2:4 conversion, the OOM capacity.

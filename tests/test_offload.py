@@ -15,7 +15,7 @@ METHODS = [
     ("fms", {"queries": 3}),
     ("bonsai", {"masks_per_round": 4, "prune_frac": 0.15}),
     ("wanda_24", {}),
-    # the forward-only FMS estimators score on the offloaded model without loading it first (issue 17)
+    # the forward-only FMS estimators score on the offloaded model without loading it first
     ("fms", {"estimator": "ablation", "shortlist": 0.5, "batch_tokens": 256}),
     ("fms", {"estimator": "allocation", "queries": 16, "eps": 1e-2}),
 ]

@@ -1,4 +1,4 @@
-"""Issue 15: nothing lost, nothing stale. Bad or unusual inputs give a clear error or a correct result; output
+"""Nothing lost, nothing stale. Bad or unusual inputs give a clear error or a correct result; output
 directories never lose data; records are tied to their configuration; profiles and options are validated."""
 
 import json

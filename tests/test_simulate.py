@@ -70,7 +70,8 @@ def test_cli_prints_a_json_list_of_steps(capsys):
 
 @pytest.mark.slow
 def test_h100_reference_figures_within_2_percent():
-    """DESIGN.md section 6: every H100 figure predicted within 2% by the same simulation (no per-shape constants)."""
+    """The H100 reference figures (docs/measurement.md): each predicted within 2% by the same simulation (no
+    per-shape constants)."""
     rows = simulate.validate_h100()
     assert len(rows) == len(simulate.REFERENCE_H100) == 8
     for r in rows:

@@ -1,4 +1,4 @@
-"""The papers' headline claims, each with the evidence in one profile's records and a verdict (issue 18).
+"""The papers' headline claims, each with the evidence in one profile's records and a verdict.
 
 Verdicts, decided by the explicit, conservative rules below and nothing else:
 
@@ -256,7 +256,7 @@ def speed_vs_semi_structured(records: list[dict]) -> tuple[str | None, list[tupl
 
 # --- the table -------------------------------------------------------------------------------------------------------
 
-QUOTES = {  # /work/shared/reference/papers.md; quoted, never evidence
+QUOTES = {  # from the papers' abstracts (MINI-LLM arXiv 2407.11681, Bonsai arXiv 2402.05406); quoted, never evidence
     "mini_free": 'MINI-LLM abstract: better than "existing gradient-free methods" on "three LLMs: LLaMA, BLOOM, '
     'and OPT"',
     "mini_backprop": 'MINI-LLM (secondary summary): "rivals backpropagation-based pruning"',

@@ -1,4 +1,4 @@
-"""Diagnostics of the FMS criterion and its gradient estimators (issue 17; experiment `fms_diagnostics`).
+"""Diagnostics of the FMS criterion and its gradient estimators (experiment `fms_diagnostics`).
 
 Small pure functions: rank statistics, the exact (backprop) gate gradient, FMS unit scores from a given gate
 gradient, and the single-unit removal oracle. Anything here that calls `backward` is a *diagnostic*: it is labelled
@@ -334,47 +334,78 @@ def run(model_loader, tok, section: dict, progress: bool = False, store: Partial
 
     Every finished piece goes into `store` first, so that an interrupted run resumes (PartialStore).
     """
-    import copy
-
-    from minillm.data import calibration_windows, describe_calibration, perplexity_windows
-    from minillm.evaluate import perplexity
-    from minillm.prune import prune, score
-    from minillm.scores import bonsai
-    from minillm.scores.spsa import SPSAEstimate
+    from minillm.data import describe_calibration
 
     store = store or PartialStore(None, {})
     c = section["calibration"]
     base, _ = model_loader()
-    if tok is None:  # tiny random models (tests) have no tokenizer: seeded random tokens
-        vocab = int(base.config.vocab_size)
-        gen = torch.Generator().manual_seed(c.get("seed", 0))
-        calib = torch.randint(0, vocab, (c["n_samples"], c["seqlen"]), generator=gen)
-    else:
-        calib = calibration_windows(tok, c["n_samples"], c["seqlen"], seed=c.get("seed", 0))
+    calib = _tokens(base, tok, c["n_samples"], c["seqlen"], c.get("seed", 0), calibration=True)
     units = section.get("prune_options", {}).get("attention_units", "auto")
     ctx = ScoringContext(base, get_adapter(base), calib, units, 0, progress)
     stats = ctx.input_stats("all")
     exact = exact_gate_gradient(base, calib)
-    d = int(sum(len(v) for v in exact.values()))
     eps, p = section.get("eps", 1e-3), section.get("overlap_p", 0.2)
-    seeds, ns = section.get("seeds", [0]), sorted(section["queries"])
     exact_fms = gate_fms_scores(ctx, exact, stats)
+    thunks = _backprop_and_baseline_criteria(ctx, exact, exact_fms, stats, section.get("seeds", [0]), progress)
+    accuracy, spsa = _spsa_accuracy(ctx, exact, exact_fms, stats, section, store, eps, p)
+    thunks.update(spsa)
+    for n in section.get("weight_queries", []):
+        thunks[f"fms-spsa-weights-n{n}"] = [
+            _method_thunk(ctx, "fms", progress, seed=s, queries=n, space="weights") for s in section.get("seeds", [0])
+        ]
+    criteria = _criteria_scores(ctx, thunks, section, store, progress)
+    oracle_part = _oracle(ctx, criteria, section, store)
+    ppl_cfg = section["perplexity"]
+    windows = _tokens(base, tok, ppl_cfg["windows"], ppl_cfg["seqlen"], 12345, calibration=False)
+    rows, dense_ppl = _criteria_perplexity(base, calib, windows, criteria, section, store, progress)
+    return {
+        "accuracy": {"rows": accuracy, "d": int(sum(len(v) for v in exact.values())), "eps": eps, "overlap_p": p},
+        "criteria": {"rows": rows, "dense_ppl": dense_ppl},
+        "oracle": oracle_part,
+        "calibration": describe_calibration(c["n_samples"], c["seqlen"], c.get("seed", 0)),
+    }
 
-    def method(name, **kw):
-        return lambda: score(base, name, calib, attention_units=units, progress=progress, **kw)
 
-    # label -> list over seeds of thunks computing unit scores (one entry when deterministic)
-    thunks = {
+def _tokens(base, tok, n: int, seqlen: int, seed: int, calibration: bool) -> torch.Tensor:
+    """Calibration windows (seeded draw from the calibration novels) or perplexity windows; tiny random models
+    (tests) have no tokenizer: seeded random tokens then."""
+    from minillm.data import calibration_windows, perplexity_windows
+
+    if tok is None:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randint(0, int(base.config.vocab_size), (n, seqlen), generator=gen)
+    return calibration_windows(tok, n, seqlen, seed=seed) if calibration else perplexity_windows(tok, seqlen, n)
+
+
+def _method_thunk(ctx, name: str, progress: bool, **kw):
+    from minillm.prune import score
+
+    return lambda: score(ctx.model, name, ctx.calib, attention_units=ctx.attention_units, progress=progress, **kw)
+
+
+def _backprop_and_baseline_criteria(ctx, exact, exact_fms, stats, seeds: list[int], progress: bool) -> dict:
+    """label -> list over seeds of thunks computing unit scores (one entry when deterministic): the backprop
+    references and controls and the gradient-free baselines."""
+    return {
         "fms-exact-grad (backprop)": [lambda: exact_fms],
         "fms-weights-exact-grad (backprop)": [lambda: exact_weight_fms_scores(ctx, stats)],
         "fms-g1": [lambda: gate_fms_scores(ctx, {k: torch.ones_like(v) for k, v in exact.items()}, stats)],
         "fms-noise-g (backprop control)": [lambda s=s: gate_fms_scores(ctx, _noise_like(exact, s), stats) for s in seeds],
-        "taylor (backprop)": [method("taylor")],
-        "wanda_sp": [method("wanda_sp")],
-        "flap-score (no compensation)": [method("flap")],
+        "taylor (backprop)": [_method_thunk(ctx, "taylor", progress)],
+        "wanda_sp": [_method_thunk(ctx, "wanda_sp", progress)],
+        "flap-score (no compensation)": [_method_thunk(ctx, "flap", progress)],
     }
+
+
+def _spsa_accuracy(ctx, exact, exact_fms, stats, section: dict, store, eps: float, p: float) -> tuple[list, dict]:
+    """Per seed and n, the gate-space SPSA estimate against the exact gate gradient (rows), and the SPSA criteria
+    (`criteria_queries`) as label -> thunks. The first `full_n_seeds` seeds run to the largest n; the others stop at
+    the largest n pruned with."""
+    from minillm.scores.spsa import SPSAEstimate
+
+    seeds, ns = section.get("seeds", [0]), sorted(section["queries"])
+    d = int(sum(len(v) for v in exact.values()))
     accuracy, spsa = [], {}
-    # the first `full_n_seeds` seeds run to the largest n; the others stop at the largest n pruned with
     short = max(section.get("criteria_queries", ns))
     for j, s in enumerate(seeds):
         n_max = ns[-1] if j < section.get("full_n_seeds", len(seeds)) else short
@@ -405,16 +436,20 @@ def run(model_loader, tok, section: dict, progress: bool = False, store: Partial
             )
             if n in section.get("criteria_queries", ns):
                 spsa.setdefault(f"fms-spsa-gates-n{n}", []).append(lambda fms=fms: fms)
-    thunks.update(spsa)
-    for n in section.get("weight_queries", []):
-        thunks[f"fms-spsa-weights-n{n}"] = [method("fms", seed=s, queries=n, space="weights") for s in seeds]
-    progresses = []  # the estimators keep their progress in the store (the ablation one takes hours on 2 cores)
+    return accuracy, spsa
+
+
+def _criteria_scores(ctx, thunks: dict, section: dict, store, progress: bool) -> dict:
+    """label -> unit scores per seed of every criterion, the forward-only estimators included (they keep their own
+    progress in the store: the ablation one takes hours on 2 cores)."""
+    seeds = section.get("seeds", [0])
+    progresses = []
     for label, opts in section.get("estimators", {}).items():
         stochastic = opts.get("estimator") == "allocation"
         runs = []
         for k, s in enumerate(seeds if stochastic else seeds[:1]):
             progresses.append(_StoreProgress(store, f"{label}-{k}/"))
-            runs.append(method("fms", seed=s, resume=progresses[-1], **opts))
+            runs.append(_method_thunk(ctx, "fms", progress, seed=s, resume=progresses[-1], **opts))
         thunks[label] = runs
     criteria = {
         label: [store.scores(f"{label}-{k}", thunk) for k, thunk in enumerate(runs)]
@@ -422,6 +457,14 @@ def run(model_loader, tok, section: dict, progress: bool = False, store: Partial
     }
     for finished in progresses:  # their scores are stored now
         finished.clear()
+    return criteria
+
+
+def _oracle(ctx, criteria: dict, section: dict, store) -> dict:
+    """The exact single-unit removal loss changes, each criterion's Spearman with them, and Bonsai's first-round
+    regression coefficients against them."""
+    from minillm.scores import bonsai
+
     o = section.get("oracle", {})
     oracle_progress = _StoreProgress(store, "oracle-progress/")
     oracle = store.value(
@@ -448,13 +491,18 @@ def run(model_loader, tok, section: dict, progress: bool = False, store: Partial
 
         found = {(i, kind, u): (beta, prior) for i, kind, u, beta, prior in store.value("bonsai", coefficients)}
         bonsai_rows = _bonsai_oracle_rows(found, oracle)
-    ppl_cfg = section["perplexity"]
-    if tok is None:
-        gen = torch.Generator().manual_seed(12345)
-        windows = torch.randint(0, vocab, (ppl_cfg["windows"], ppl_cfg["seqlen"]), generator=gen)
-    else:
-        windows = perplexity_windows(tok, ppl_cfg["seqlen"], ppl_cfg["windows"])
-    batch = ppl_cfg.get("batch_size", 4)
+    return {"rows": oracle_rows, "oracle": oracle, "bonsai": bonsai_rows, "bonsai_settings": b}
+
+
+def _criteria_perplexity(base, calib, windows, criteria: dict, section: dict, store, progress: bool):
+    """(rows, dense perplexity): perplexity after pruning with each criterion's scores, per sparsity, allocation,
+    bias compensation and seed."""
+    import copy
+
+    from minillm.evaluate import perplexity
+    from minillm.prune import prune
+
+    batch = section["perplexity"].get("batch_size", 4)
     dense_ppl = store.value("dense_ppl", lambda: perplexity(base, windows, batch_size=batch, progress=False)["ppl"])
     prune_options = {k: v for k, v in section.get("prune_options", {}).items() if k != "allocation"}
 
@@ -488,13 +536,7 @@ def run(model_loader, tok, section: dict, progress: bool = False, store: Partial
         store.value(f"ppl/{j[3]}/{j[4]}/comp{int(j[5])}/{j[0]}/{j[1]}", lambda j=j: pruned_row(*j))
         for j in tqdm(jobs, desc="diagnostics: prune + perplexity", disable=not progress)
     ]
-    calib_info = describe_calibration(c["n_samples"], c["seqlen"], c.get("seed", 0))
-    return {
-        "accuracy": {"rows": accuracy, "d": d, "eps": eps, "overlap_p": p},
-        "criteria": {"rows": rows, "dense_ppl": dense_ppl},
-        "oracle": {"rows": oracle_rows, "oracle": oracle, "bonsai": bonsai_rows, "bonsai_settings": b},
-        "calibration": calib_info,
-    }
+    return rows, dense_ppl
 
 
 # --- tables and figures from the records (notebook 07) -------------------------------------------------------------
@@ -504,7 +546,8 @@ def frames(records: list[dict], memory: dict | None = None) -> dict:
     """pandas tables from the fms_diagnostics records: accuracy (mean and std over seeds per n), criteria
     (perplexity mean +- std over seeds), oracle (Spearman with the exact removal loss change, mean over seeds) and,
     where the section has `bonsai`, oracle_bonsai (Bonsai's first-round coefficients and its prior on its
-    candidates); goal: issue 17's goal from the criteria rows (`goal_frame`, with `memory` ratios if given)."""
+    candidates); goal: the forward-only target (GOAL_TAYLOR_RATIO, GOAL_MEMORY_RATIO) from the criteria rows
+    (`goal_frame`, with `memory` ratios if given)."""
     import pandas as pd
 
     by_part = {r["config"]["part"]: r["metrics"] for r in records if r}
@@ -544,7 +587,7 @@ def frames(records: list[dict], memory: dict | None = None) -> dict:
     return out
 
 
-GOAL_TAYLOR_RATIO = 1.05  # issue 17: within 1.05x of backprop Taylor's perplexity
+GOAL_TAYLOR_RATIO = 1.05  # the forward-only target: within 1.05x of backprop Taylor's perplexity
 GOAL_MEMORY_RATIO = 1.15  # ... at a scoring peak <= 1.15x the dense forward
 
 
@@ -565,7 +608,8 @@ def goal_frame(
     taylor: str = "taylor (backprop)",
     flap: str = "flap-score (no compensation)",
 ):
-    """Issue 17's goal, per sparsity and bias compensation: the forward-only FMS-family criterion with the lowest
+    """The forward-only target (within GOAL_TAYLOR_RATIO of Taylor, at or below FLAP), per sparsity and bias
+    compensation: the forward-only FMS-family criterion with the lowest
     mean perplexity over its seeds (best of its allocations) against backprop Taylor and FLAP's score, each also
     at the better of its allocations (the stricter comparison: with few calibration tokens Taylor's per-layer
     uniform allocation, LLM-Pruner's, can be far worse than its global one), all pruned from the same calibration
@@ -638,8 +682,8 @@ def goal_frame(
 
 
 def grid_goal_frame(accuracy: "pd.DataFrame", memory_ratios: dict | None = None):
-    """Issue 17's goal on the accuracy grid (report.accuracy_frame rows): its forward-only FMS labels against its
-    `taylor` and `flap` (FLAP with its own bias compensation, as its authors run it), means over the seed
+    """The forward-only target on the accuracy grid (report.accuracy_frame rows): its forward-only FMS labels against
+    its `taylor` and `flap` (FLAP with its own bias compensation, as its authors run it), means over the seed
     replicates, perplexity over the grid's windows. Unlike the diagnostics' criteria rows, every method draws its
     own calibration tokens per seed, so Taylor's calibration spread enters its mean and the noise verdicts."""
     import pandas as pd

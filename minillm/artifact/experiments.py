@@ -845,7 +845,7 @@ def _diagnostics_config(cfg: dict, part: str) -> dict:
 
 
 def run_fms_diagnostics(cfg: dict, force: bool = False, progress: bool = False) -> list[dict]:
-    """Issue 17: why the forward-only FMS gradient fails (minillm/artifact/diagnostics.py). One record per part
+    """Why the forward-only FMS gradient fails (minillm/artifact/diagnostics.py). One record per part
     (accuracy, criteria, oracle) under results/<profile>/fms_diagnostics/; a profile without the section has none.
     Records made with another section are recomputed, like every other experiment's."""
     from minillm.artifact import diagnostics

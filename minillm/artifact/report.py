@@ -5,7 +5,6 @@ Tables are written as CSV and Markdown, figures as PNG and PDF, under figures/<p
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import math
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from minillm.artifact.records import REPO_ROOT
 
@@ -361,58 +361,47 @@ def _model_view(cross_df: pd.DataFrame, model: str) -> pd.DataFrame:
     return cross_df[["method", "sparsity", *names]].rename(columns=names)
 
 
-def _pair_signs(values: np.ndarray) -> np.ndarray:
-    """sign(v_i - v_j) for every pair i < j (np.triu_indices order), as integers."""
-    i, j = np.triu_indices(len(values), 1)
-    return np.sign(values[i] - values[j]).astype(int)
-
-
 def kendall_tau_b(x, y) -> float:
-    """Kendall's tau-b of two equally long vectors: (concordant - discordant pairs) / sqrt(pairs untied in x *
-    pairs untied in y), so that a pair tied on either side counts as neither. 1: the same order, -1: reversed; NaN
-    when either vector is constant."""
+    """Kendall's tau-b of two equally long vectors (scipy.stats.kendalltau): (concordant - discordant pairs) /
+    sqrt(pairs untied in x * pairs untied in y), so that a pair tied on either side counts as neither. 1: the same
+    order, -1: reversed; NaN when either vector is constant."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if x.ndim != 1 or x.shape != y.shape:
         raise ValueError(f"kendall_tau_b needs two equally long vectors, got shapes {x.shape} and {y.shape}")
-    sx, sy = _pair_signs(x), _pair_signs(y)
-    untied = np.count_nonzero(sx) * np.count_nonzero(sy)
-    return float(np.sum(sx * sy) / math.sqrt(untied)) if untied else math.nan
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    return float(stats.kendalltau(x, y, variant="b").statistic)
 
 
-@functools.lru_cache(maxsize=1)
-def _all_permutations(n: int) -> np.ndarray:
-    """Every permutation of range(n), one per column ([n, n!], int8), built by inserting k at every position of
-    the permutations of range(k). n = 10 takes 36 MB."""
-    perms = np.zeros((1, 1), dtype=np.int8)
-    for k in range(1, n):
-        perms = np.concatenate([np.insert(perms, pos, k, axis=1) for pos in range(k + 1)])
-    return np.ascontiguousarray(perms.T)
+def _concordance(x, y, axis=-1):
+    """Sum over pairs i < j of sign(x_i - x_j) sign(y_i - y_j), along `axis` (batched for permutation_test)."""
+    x, y = np.moveaxis(np.asarray(x), axis, -1), np.moveaxis(np.asarray(y), axis, -1)
+    i, j = np.triu_indices(x.shape[-1], 1)
+    return np.sum(np.sign(x[..., i] - x[..., j]) * np.sign(y[..., i] - y[..., j]), axis=-1)
 
 
 def permutation_p_values(x, y, max_exact: int = 10, draws: int = 100_000, seed: int = 0) -> tuple[float, float, str]:
-    """(one-sided, two-sided) permutation p-values of Kendall's tau-b between x and y, and how they were found.
-    The null hypothesis is that y's values are assigned to x's at random: one-sided is the share of the
-    assignments whose tau is at least the observed one (orders at least this concordant), two-sided the share
-    whose |tau| is at least the observed |tau|. Exact (all n! assignments, ties kept as they are) for n <=
-    `max_exact`, else `draws` seeded random assignments with the observed one counted in ((1 + hits) / (1 +
-    draws)). Tau-b's denominator does not change under permutation, so the concordance sums are compared."""
+    """(one-sided, two-sided) permutation p-values of Kendall's tau-b between x and y, and how they were found
+    (scipy.stats.permutation_test over the pairings of x with y). The null hypothesis is that y's values are
+    assigned to x's at random: one-sided is the share of the assignments whose tau is at least the observed one
+    (orders at least this concordant), two-sided the share whose |tau| is at least the observed |tau|. Exact (all
+    n! assignments, ties kept as they are) for n <= `max_exact`, else `draws` seeded random assignments with the
+    observed one counted in ((1 + hits) / (1 + draws)). Tau-b's denominator does not change under permutation, so
+    the test statistic is the concordance sum (integer, no rounding ties)."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     n = len(x)
-    observed = int(np.sum(_pair_signs(x) * _pair_signs(y)))
-    y_ranks = np.unique(y, return_inverse=True)[1].astype(np.int8 if n < 128 else np.int64)
-    if n <= max_exact:
-        assigned, how = y_ranks[_all_permutations(n)], "exact"
-    else:
-        order = np.argsort(np.random.default_rng(seed).random((draws, n)), axis=1)
-        assigned, how = np.ascontiguousarray(y_ranks[order].T), f"{draws:,} random permutations"
-    concordance = np.zeros(assigned.shape[1], dtype=np.int64)
-    for i, j, sign in zip(*np.triu_indices(n, 1), _pair_signs(x)):
-        if sign:
-            concordance += sign * np.sign(assigned[i] - assigned[j])
-    hits = np.count_nonzero(concordance >= observed), np.count_nonzero(np.abs(concordance) >= abs(observed))
-    if how == "exact":
-        return hits[0] / concordance.size, hits[1] / concordance.size, how
-    return (1 + hits[0]) / (1 + draws), (1 + hits[1]) / (1 + draws), how
+    exact = math.factorial(n) <= math.factorial(max_exact)
+    # one sample with "pairings": y's order is permuted against the fixed x (n! assignments, not (n!)^2)
+    result = stats.permutation_test(
+        (y,), lambda y_, axis=-1: _concordance(np.broadcast_to(x, y_.shape), y_, axis), permutation_type="pairings",
+        vectorized=True, alternative="greater", n_resamples=math.factorial(n) if exact else draws, batch=50_000,
+        rng=np.random.default_rng(seed),
+    )
+    observed, null = abs(result.statistic), np.abs(result.null_distribution)
+    if exact:
+        return float(result.pvalue), float(np.count_nonzero(null >= observed) / null.size), "exact"
+    two_sided = (1 + np.count_nonzero(null >= observed)) / (1 + draws)
+    return float(result.pvalue), float(two_sided), f"{draws:,} random permutations"
 
 
 def rank_agreement(cross_df: pd.DataFrame, metric: str = "ppl") -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""One colour and one marker per method label, the same in every figure (issue 18): the only place they are chosen.
+"""One colour and one marker per method label, the same in every figure: the only place they are chosen.
 
 A label's family (the pruning method behind it) gives the hue; the label's position in its family's list of
 variants gives the marker (cycling through MARKERS) and a shade of the hue (base, darker, lighter), so the
@@ -75,8 +75,8 @@ VARIANTS = {
 
 # Labels shown together in the accuracy figures get hand-picked styles where the rule above would give two of one
 # family the same shade or the same marker (the FMS family has five labels in cpu-full's accuracy grid, more than its
-# three shades): issue 17's two estimators get hues of their own (cyan, indigo), the three SPSA labels three clearly
-# different blues and markers.
+# three shades): the two forward-only estimators (ablation, allocation) get hues of their own (cyan, indigo), the
+# three SPSA labels three clearly different blues and markers.
 PINNED = {
     "fms-gates-n64": {"color": "#1f77b4", "marker": "*"},
     "fms-weights-n64": {"color": "#9ec5e6", "marker": "s"},

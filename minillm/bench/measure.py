@@ -489,6 +489,54 @@ def latency(
     return out
 
 
+def _latency_copies(model_name, variants, dtype, device, round_to, method, sparse_backend, work) -> tuple:
+    """The copies `bench_latency` times, all in memory at once: ({"0": dense, "1": ..., ...}, one row per copy with
+    its achieved sparsity, counted FLOPs of `work` = (prefill, decode_batches, prompt, new_tokens) and parameter
+    counts, the attention implementation)."""
+    from minillm.bench.flops import latency_flops
+    from minillm.models import load_model
+    from minillm.prune import prune
+    from minillm.semi_structured import stored_parameters, to_semi_structured
+
+    rows, models, attn_impl = [], {}, None
+    for i, (kind, s) in enumerate(variants):
+        model, _ = load_model(model_name, dtype=getattr(torch, dtype), device=device)
+        attn_impl = getattr(model.config, "_attn_implementation", None)
+        row = {"variant": kind, "sparsity": s, "achieved_sparsity": 0.0}
+        if kind == "structured":
+            row["achieved_sparsity"] = prune(model, method, s, None, round_to=round_to, progress=False).achieved_sparsity
+        elif kind == "2:4":
+            plan = prune(model, "magnitude_24", 0.5, None, progress=False)
+            row["achieved_sparsity"] = plan.history[0]["weight_sparsity"]
+        flops = latency_flops(model, *work)
+        row["prefill_flops"], row["decode_flops"] = flops["prefill"], flops["decode"]
+        if kind == "2:4":
+            row["semi_structured"] = to_semi_structured(model, sparse_backend)
+        row["params"] = count_parameters(model)
+        row["params_stored"] = stored_parameters(model)
+        rows.append(row)
+        models[str(i)] = model
+    return models, rows, attn_impl
+
+
+def _add_speedups(rows: list[dict]) -> None:
+    """Each copy's speed-up over the dense row (first) from paired rounds, with its interval and its FLOP ceiling
+    (none for a 2:4 copy on sparse kernels)."""
+    dense = rows[0]
+    for r in rows[1:]:
+        sparse_kernels = bool(r.get("semi_structured", {}).get("converted"))
+        for kind in ("prefill", "decode"):
+            ratios = (
+                [] if r.get("error") else [speedup(d["times_s"], x["times_s"]) for d, x in zip(dense[kind], r[kind])]
+            )
+            r[f"{kind}_speedup"] = [x["speedup"] for x in ratios]
+            r[f"{kind}_speedup_ci95"] = [x["ci95"] for x in ratios]
+            r[f"{kind}_speedup_per_bench"] = [x["per_bench"] for x in ratios]
+            r[f"{kind}_ceiling"] = [
+                None if sparse_kernels else d / f for d, f in zip(dense[f"{kind}_flops"], r[f"{kind}_flops"])
+            ]
+
+
 def bench_latency(
     model_name: str,
     sparsities: list[float],
@@ -519,38 +567,14 @@ def bench_latency(
 
     Each pruned row has, per prefill shape and decode batch, the speed-up over dense from paired rounds (`speedup`:
     `*_speedup`, `*_speedup_ci95`, `*_speedup_per_bench`) and its ceiling from counted FLOPs
-    (`estimate.latency_flops`): `*_ceiling` = dense FLOPs / the copy's FLOPs, the speed-up if time were proportional
+    (`flops.latency_flops`): `*_ceiling` = dense FLOPs / the copy's FLOPs, the speed-up if time were proportional
     to multiply-adds. A 2:4 copy is counted before its conversion; on sparse kernels it has no ceiling (None): the
     counter does not see the kernels' skipped multiply-adds."""
-    from minillm.bench.flops import latency_flops
     from minillm.device import backend
-    from minillm.models import load_model
-    from minillm.prune import prune
-    from minillm.semi_structured import stored_parameters, to_semi_structured
 
-    torch_dtype = getattr(torch, dtype)
     variants = [("dense", 0.0)] + [("structured", s) for s in sparsities] + ([("2:4", 0.5)] if include_24 else [])
-    rows, models = [], {}
-    attn_impl = None
-    for i, (kind, s) in enumerate(variants):
-        model, _ = load_model(model_name, dtype=torch_dtype, device=device)
-        attn_impl = getattr(model.config, "_attn_implementation", None)
-        row = {"variant": kind, "sparsity": s, "achieved_sparsity": 0.0}
-        if kind == "structured":
-            row["achieved_sparsity"] = prune(
-                model, method, s, None, round_to=round_to, progress=False
-            ).achieved_sparsity
-        elif kind == "2:4":
-            plan = prune(model, "magnitude_24", 0.5, None, progress=False)
-            row["achieved_sparsity"] = plan.history[0]["weight_sparsity"]
-        flops = latency_flops(model, prefill, decode_batches, prompt, new_tokens)
-        row["prefill_flops"], row["decode_flops"] = flops["prefill"], flops["decode"]
-        if kind == "2:4":
-            row["semi_structured"] = to_semi_structured(model, sparse_backend)
-        row["params"] = count_parameters(model)
-        row["params_stored"] = stored_parameters(model)
-        rows.append(row)
-        models[str(i)] = model
+    work = (prefill, decode_batches, prompt, new_tokens)
+    models, rows, attn_impl = _latency_copies(model_name, variants, dtype, device, round_to, method, sparse_backend, work)
     timed = latency(
         models,
         prefill,
@@ -564,21 +588,9 @@ def bench_latency(
     )
     for i, row in enumerate(rows):
         row.update(timed[str(i)])
-    del model, models, timed
+    del models, timed
     backend().empty_cache()
-    dense = rows[0]
-    for r in rows[1:]:
-        sparse_kernels = bool(r.get("semi_structured", {}).get("converted"))
-        for kind in ("prefill", "decode"):
-            ratios = (
-                [] if r.get("error") else [speedup(d["times_s"], x["times_s"]) for d, x in zip(dense[kind], r[kind])]
-            )
-            r[f"{kind}_speedup"] = [x["speedup"] for x in ratios]
-            r[f"{kind}_speedup_ci95"] = [x["ci95"] for x in ratios]
-            r[f"{kind}_speedup_per_bench"] = [x["per_bench"] for x in ratios]
-            r[f"{kind}_ceiling"] = [
-                None if sparse_kernels else d / f for d, f in zip(dense[f"{kind}_flops"], r[f"{kind}_flops"])
-            ]
+    _add_speedups(rows)
     return {
         "model": model_name,
         "dtype": dtype,

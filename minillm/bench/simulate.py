@@ -16,7 +16,7 @@ Choices and their limits:
   kernel ran and whether any 4-D softmax (the math path's attention matrix) was computed.
 * Not seen: memory a kernel allocates internally and frees before it returns (cuBLAS workspace, flash-attention
   backward's accumulators), the CUDA context, and the caching allocator's fragmentation (reserved, not allocated).
-  Against the H100 figures this leaves the predictions 0.03-0.07 GiB low (DESIGN.md section 6; `validate_h100`).
+  Against the H100 figures this leaves the predictions 0.03-0.07 GiB low (docs/measurement.md; `validate_h100`).
 * Values: fake tensors have none, so data-dependent steps get stand-ins (`StandIns`): a Python scalar read from a
   tensor (`float(loss)`, `.tolist()`) is a seeded random number, and operators whose output shape depends on values
   (`nonzero`) run on real stand-in inputs; sorting, sampling (multinomial, randperm: Bonsai's masks and windows)
@@ -54,7 +54,8 @@ MODELS = ("llama-7b-shape", "llama3-8b-shape", "opt-6.7b-shape", "bloom-7b1-shap
 STREAMED_MODEL = "llama2-70b-shape"
 GPU_LINES_GIB = {"A6000 (48 GB)": 48 * 1e9 / GIB, "A100/H100 (80 GB)": 80 * 1e9 / GIB}
 
-# DESIGN.md section 6: peak GiB measured on an H100 (random weights, fp16, transformers' default attention)
+# The H100 reference figures (docs/measurement.md): peak GiB measured on an H100 outside this repository's CI
+# (random weights, fp16, transformers 5.17, its default attention)
 REFERENCE_H100 = {
     ("llama-7b-shape", 10, 128, "dense"): 13.60,
     ("llama-7b-shape", 10, 128, "backprop"): 25.17,
@@ -420,9 +421,9 @@ def simulate_recovery_step(
     model pruned at `sparsity` by random scores, which give the same kept widths as any method with per-layer uniform
     allocation; 0 = the dense model, an upper bound) and, for kl, the unpruned teacher, both in `dtype`; then two
     optimiser steps of `minillm.recover.recover` (bf16 autocast, AdamW state of the LoRA parameters, the teacher's
-    logits, the KL term). extra_students: more copies of the student's weights kept on the device (the code before
-    issue 16 kept the pruned base and the previous merged model beside them: 2). Returns peak_gib, weights_gib
-    (everything on the device before the step) and how it ran."""
+    logits, the KL term). extra_students: more copies of the student's weights kept on the device (an earlier version
+    of the recovery code kept the pruned base and the previous merged model beside them: 2). Returns peak_gib,
+    weights_gib (everything on the device before the step) and how it ran."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from minillm.prune import prune
@@ -483,7 +484,7 @@ CPU_LABELS = ("dense", "taylor", "fms-weights", "fms-gates")
 
 
 def validate_h100(reference: dict = REFERENCE_H100) -> list[dict]:
-    """Each H100 reference figure (DESIGN.md section 6) beside its simulated prediction (fp16, the same code for every
+    """Each H100 reference figure (docs/measurement.md) beside its simulated prediction (fp16, the same code for every
     shape: no per-shape constants). Rows: model, batch, seqlen, step, reference_gib, simulated_gib, error_pct."""
     rows = []
     for (model, batch, seqlen, method), ref in reference.items():
@@ -558,7 +559,7 @@ def validation_markdown(h100: list[dict], cpu: list[dict], table: list[dict] | N
         " it from the JSON. All simulated values are"
         " labelled simulated: FakeTensorMode with a live-storage tracker, no GPU (see `minillm/bench/simulate.py`).",
         "",
-        "## Against the H100 reference figures (DESIGN.md section 6; fp16, random weights, default sdpa attention)",
+        "## Against the H100 reference figures (docs/measurement.md; fp16, random weights, default sdpa attention)",
         "",
         "`dense` = forward with labels, no grad; `backprop` = forward with labels + backward, gradients for every"
         " parameter. Peak allocated GiB. Tolerance: 2%.",

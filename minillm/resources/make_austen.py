@@ -16,7 +16,8 @@ How to run (from the repository root; never in the project's own .venv):
 
     python3 -m venv /tmp/v && /tmp/v/bin/pip install rdata==1.1.0
     apt-get update && (cd /tmp && apt-get download r-cran-janeaustenr=1.0.0-1)
-    /tmp/v/bin/python data/make_austen.py --deb /tmp/r-cran-janeaustenr_1.0.0-1_all.deb --out minillm/resources/austen
+    /tmp/v/bin/python minillm/resources/make_austen.py --deb /tmp/r-cran-janeaustenr_1.0.0-1_all.deb \\
+        --out minillm/resources/austen
 
 Without --deb the script runs `apt-get download r-cran-janeaustenr=<--version>` in a temporary directory itself.
 It needs `dpkg-deb` (Debian/Ubuntu). The .deb is checked against the SHA-256 of the 1.0.0-1 build used for the

@@ -1,7 +1,7 @@
 """`bonsai`: forward-only perturbative structured pruning (Dery, Kolawole et al., "Everybody Prune Now"),
 following the official code (ldery/Bonsai@2f911d7: `main.py` `investigate_score_based_mask`,
 `get_random_mask_scores`, `run_data_to_sampling_proba`; `lib/scoring_model.py` `ScoreModelHP`, `ScoreModel`;
-see ../shared/reference/papers.md B). `tests/peers/test_bonsai_peer.py` holds each step against a transcription.
+the paper is arXiv 2402.05406). `tests/peers/test_bonsai_peer.py` holds each step against a transcription.
 
 Each round, on the current model, with p the round's fraction of the original prunable parameters:
 1. prior scores per unit (Wanda-style by default) on the round's calibration windows;
@@ -45,8 +45,8 @@ Differences from the official code, chosen and stated:
   the prior is not comparable). Such a module drops each candidate with probability 1/2 instead, independently
   per mask, so that its columns are identifiable. Measured on SmolLM2 with the cpu-full settings (32 masks, p = 0.1,
   seed 0): with the shared-column draw, 10% removed layer 0's weakest KV group and reached PPL 89.1, 20% removed 9
-  KV groups in layers 0-9 and reached 193.6 (dense 20.8); see the issue 13 closing note for the numbers with this
-  rule.
+  KV groups in layers 0-9 and reached 193.6 (dense 20.8). The cpu-full accuracy records of `bonsai`
+  (figures/cpu-full/accuracy.md) were made with this rule; `scripts/bonsai_investigation.py` reruns the variants.
 * Ties in beta: the official `np.argsort` (quicksort) leaves their order to the sort; we break them by the prior.
   With `regression='lasso'` ties are the rule (in the earlier cpu-full records 33 of 9,270 candidates had a
   non-zero coefficient in round 0), and breaking them by position removed the earliest layers first.
@@ -479,7 +479,8 @@ def first_round_coefficients(
 ) -> dict[tuple[int, str, int], tuple[float, float]]:
     """(coefficient, prior) of every candidate of one Bonsai round on the unpruned model, scored on all of
     `ctx.calib`: the regression's estimate of each unit's value (units outside the candidates are absent). A
-    diagnostic of how well the regression ranks units (issue 17's oracle); pruning never calls it."""
+    diagnostic of how well the regression ranks units (the `oracle_bonsai` table of `fms_diagnostics`); pruning never
+    calls it."""
     gen = torch.Generator().manual_seed(ctx.seed)
     alloc = AllocationConfig(allocation="global", attention_units=ctx.attention_units)
     modules = _round_modules(ctx, alloc, priors(ctx, ctx.calib, prior, gen), p)

@@ -1,6 +1,7 @@
 """`fms`: MINI-LLM's Feature Map Sensitivity score with a forward-only (SPSA) gradient.
 
-Per weight (variant P, our reconstruction of the paper's Eq. 9, see ../shared/reference/papers.md A.2):
+Per weight (variant P, our reconstruction of Eq. 9 of MINI-LLM (Cheng, Zhang, Shi, arXiv 2407.11681), whose exact
+form we could not find in the available sources):
     S_ij = |W_ij| * |g_ij| * ||X_j||_2
 with g the SPSA estimate of dL/dW and ||X_j|| the norm of the weight's input column over the calibration tokens,
 summed over every weight of a unit's group (head / KV group: q, k, v rows + o columns; channel: gate, up rows +
@@ -16,9 +17,9 @@ down column; OPT and BLOOM equivalents). Options:
 * precision: 'fp32' (default) runs the SPSA forward passes of a bf16 / fp16 model in fp32 arithmetic
   (`minillm.precision.fp32_forward`: temporary fp32 copies of one module's parameters at a time, weights untouched),
   so that a gate 1 + eps z and the loss difference it causes survive; 'native' computes in the model's dtype (the
-  behaviour before issue 17). Measured on tiny-llama, gate space, pure |dL/dgate|, 64 queries, same seeds, Spearman
-  with the fp32 model's estimate: bf16 -0.04 native vs 0.997 fp32, fp16 0.57 vs 0.997 (a larger eps also helps
-  native bf16: 0.82 at eps = 1e-2, 0.96 at 3e-2). No effect on fp32 models.
+  behaviour before the option existed). Measured on tiny-llama, gate space, pure |dL/dgate|, 64 queries, same
+  seeds, Spearman with the fp32 model's estimate: bf16 -0.04 native vs 0.997 fp32, fp16 0.57 vs 0.997 (a larger eps
+  also helps native bf16: 0.82 at eps = 1e-2, 0.96 at 3e-2). No effect on fp32 models.
 * estimator: 'spsa' (the paper's, default) or a forward-only alternative from fms_estimators.py: 'ablation' (the
   exact loss change of removing each attention unit and each shortlisted channel, measured with forward passes;
   options shortlist, batch_tokens) or 'allocation' (the g = 1 prior ranks units inside each layer's attention and

@@ -1,4 +1,4 @@
-"""Forward-only alternatives to SPSA for the `fms` method (option `estimator`; issue 17).
+"""Forward-only alternatives to SPSA for the `fms` method (option `estimator`).
 
 SPSA in gate space estimates d ~ 10^4..10^5 gate derivatives from n two-sided queries; its cosine with the true
 gradient is about sqrt(n / (n + d)) (Spall 1992; for Gaussian directions, Nesterov & Spokoiny 2017, "Random

@@ -24,8 +24,9 @@ Differences between peer and ours, with reasons:
 3. What is perturbed. MeZO perturbs every trainable parameter; ours (fms, space='weights') perturbs the weights of
    the decoder layers' linears (the scored parameters). Here both get the same list.
 4. Several queries. MeZO takes one query per optimizer step on a fresh batch; ours averages n queries on the same
-   calibration batch, g = (1/n) sum_k pi_k z_k (papers.md A.3 [ASSUMPTION]); the transcription applies MeZO's
-   `zo_update` reconstruction `projected_grad * z` per query and averages.
+   calibration batch, g = (1/n) sum_k pi_k z_k (our assumption: the exact form of MINI-LLM's Eq. 7 was not
+   available); the transcription applies MeZO's `zo_update` reconstruction `projected_grad * z` per query and
+   averages.
 """
 
 import math
