@@ -7,6 +7,11 @@ several sparsities, or to inspect or edit the keep sets in between):
     keeps = allocate_units(model, scores, sparsity)   # current indices to keep per layer, within the budget
     remove_units(model, keeps)                        # physical removal; then make_plan(model, ...) records it
 
+Before removal, the output projections can be refit to the kept units by least squares on the calibration tokens
+(`reconstruct='dense' | 'sequential'`, see minillm.reconstruct) or, the special case, receive FLAP's bias
+compensation (`compensate_bias`). The refit contains the compensation, so the two are not combined: with
+`reconstruct`, a method's default compensation (FLAP's) is dropped and an explicit `compensate_bias=True` is refused.
+
 The model's adapter is built once per call and its pruning state (original units, original size, last plan) is
 `minillm.state.pruning_state(model)`. What a method needs (calibration, a backward pass, resident weights, its own
 removal rounds) comes from its declared `MethodSpec`, never from its name.
@@ -31,7 +36,8 @@ from .compensate import compensate_selections
 from .offload import has_offloaded, materialize
 from .plan import PruningPlan
 from .provenance import provenance
-from .scores import Method, check_options, get_method
+from .reconstruct import ReconstructConfig, reconstruct
+from .scores import Method, MethodSpec, check_options, get_method
 from .scores.common import ScoringContext
 from .state import PruningState, pruning_state
 from .streaming import stream_layers
@@ -158,19 +164,28 @@ def remove_units(
     calib: torch.Tensor | None = None,
     *,
     compensate_bias: bool = False,
+    reconstruct: str | None = None,
+    reconstruct_ridge: float | None = None,
+    reconstruct_form: str | None = None,
     progress: bool = True,
 ) -> None:
     """Step 3: physically remove every unit `keeps` (one CurrentKeep per layer) does not list, in place, and record
     the surviving original units in the model's pruning state. `compensate_bias` first folds the removed units'
-    mean output on `calib` into the output projections' biases (FLAP's bias compensation)."""
+    mean output on `calib` into the output projections' biases (FLAP's bias compensation); `reconstruct` ('dense' |
+    'sequential', with `reconstruct_ridge` and `reconstruct_form`, see `prune`) first refits the output projections
+    on `calib` instead."""
     adapter = get_adapter(model)
     if len(keeps) != len(adapter.layers()):
         raise ValueError(f"got keep sets for {len(keeps)} layers, the model has {len(adapter.layers())}")
+    rebuild = ReconstructConfig.parse(reconstruct, reconstruct_ridge, reconstruct_form)
+    if rebuild is not None and compensate_bias:
+        raise ValueError(_SUPERSEDES)
     ctx = None
-    if compensate_bias:
-        _check_calibration_for(model, calib, "bias compensation", True)
+    if compensate_bias or rebuild is not None:
+        _check_calibration_for(model, calib, "reconstruction" if rebuild else "bias compensation", True)
         ctx = ScoringContext(model, adapter, calib, progress=progress)
-    _remove(model, adapter, pruning_state(model), keeps, ctx)
+    with _eval_mode(model):
+        _remove(model, adapter, pruning_state(model), keeps, ctx, compensate_bias, rebuild)
 
 
 def _remove(
@@ -178,12 +193,21 @@ def _remove(
     adapter: Adapter,
     state: PruningState,
     keeps: Sequence[CurrentKeep],
-    compensate_ctx: ScoringContext | None,
-) -> None:
+    ctx: ScoringContext | None,
+    compensate_bias: bool,
+    rebuild: ReconstructConfig | None,
+) -> dict:
+    """Refit (or compensate) with `ctx`'s calibration data, then remove; returns the timing of the refit."""
     materialize(model)  # offloaded (meta) weights cannot be sliced: load them before removal
-    if compensate_ctx is not None:
-        compensate_selections(compensate_ctx, keeps)
+    timing = {}
+    if rebuild is not None:
+        t0 = time.perf_counter()
+        reconstruct(ctx, keeps, rebuild)
+        timing["reconstruct_time_s"] = time.perf_counter() - t0
+    elif compensate_bias:
+        compensate_selections(ctx, keeps)
     state.remove_all(adapter, keeps)
+    return timing
 
 
 def make_plan(
@@ -234,6 +258,7 @@ class _Request:
     ctx: ScoringContext
     alloc: AllocationConfig
     compensate_bias: bool
+    reconstruct: ReconstructConfig | None
     recorded_options: dict
 
 
@@ -254,6 +279,9 @@ def prune(
     scores: list | None = None,
     stream_device: str | None = None,
     compensate_bias: bool | None = None,
+    reconstruct: str | None = None,
+    reconstruct_ridge: float | None = None,
+    reconstruct_form: str | None = None,
     **method_options,
 ) -> PruningPlan:
     """Score the units of `model` with `method`, then physically remove them, in place, until the model keeps
@@ -264,7 +292,15 @@ def prune(
     calibration: a description of `calib` recorded in the plan (source, windows, seed).
     allocation: 'uniform' or 'global' (default: the method's declared default).
     compensate_bias: fold the removed units' mean output into the output projections' biases (FLAP's bias
-    compensation; default: the method's declared default, on for flap only).
+    compensation; default: the method's declared default, on for flap only; off with `reconstruct`).
+    reconstruct: refit the output projections to the kept units by least squares on `calib` before removal
+    (minillm.reconstruct): 'dense' (statistics of the unpruned model) or 'sequential' (layer by layer, from the
+    model already pruned and refit up to that layer); None (default) refits nothing. It supersedes
+    `compensate_bias` (the centred refit contains it; an explicit compensate_bias=True is refused) and applies to
+    methods with one removal step after scoring (not Bonsai or the N:M baselines).
+    reconstruct_ridge: relative ridge of the refit (default minillm.reconstruct.DEFAULT_RIDGE).
+    reconstruct_form: 'centered' (default; fits a bias, created where the model has none) or 'uncentered' (no
+    bias: the pruned model keeps the stock shape).
     stream_device: score with the decoder layers streamed one at a time to this device (weights stay where they
     are, normally CPU), for models larger than the accelerator; forward-only methods only.
     scores: unit scores from `minillm.score` on an identical unpruned model, to prune the same scores at several
@@ -285,6 +321,7 @@ def prune(
         precomputed=scores is not None,
         stream_device=stream_device,
         compensate_bias=compensate_bias,
+        rebuild=ReconstructConfig.parse(reconstruct, reconstruct_ridge, reconstruct_form),
     )
     previous = req.state.plan
     t0 = time.perf_counter()
@@ -324,6 +361,7 @@ def _request(
     precomputed: bool,
     stream_device: str | None,
     compensate_bias: bool | None,
+    rebuild: ReconstructConfig | None,
 ) -> _Request:
     """Validate a `prune` call before anything is computed; every refusal names what to change. `alloc` comes with
     allocation None for the method's declared default."""
@@ -331,13 +369,13 @@ def _request(
     adapter = get_adapter(model)
     m = get_method(method)
     check_options(m, method, method_options)
-    _check_calibration_for(model, calib, method, m.spec.needs_calibration)
+    needs = method if m.spec.needs_calibration or rebuild is None else "reconstruct"
+    _check_calibration_for(model, calib, needs, m.spec.needs_calibration or rebuild is not None)
     alloc.allocation = alloc.allocation or m.spec.default_allocation
     alloc.validate(len(adapter.layers()))
     state = pruning_state(model).track(adapter)
     _params_to_remove(state, adapter, sparsity)
-    if compensate_bias is None:
-        compensate_bias = m.spec.default_compensate_bias
+    compensate_bias = resolve_compensation(method, m.spec, compensate_bias, rebuild)
     if compensate_bias and (m.spec.scores_and_removes or not m.spec.needs_calibration):
         raise ValueError(f"bias compensation needs calibration activations and one removal step; not with {method!r}")
     if precomputed and m.spec.scores_and_removes:
@@ -346,6 +384,7 @@ def _request(
         raise ValueError(f"layer streaming supports forward-only methods; {method!r} needs a backward pass")
     recorded = {
         "compensate_bias": bool(compensate_bias),
+        "reconstruct": rebuild.to_json() if rebuild is not None else None,
         "allocation": alloc.allocation,
         "attention_units": alloc.attention_units,
         "targets": alloc.targets,
@@ -356,7 +395,33 @@ def _request(
     if stream_device is not None:
         recorded["stream_device"] = str(stream_device)
     ctx = ScoringContext(model, adapter, calib, alloc.attention_units, seed, progress, pruning=state)
-    return _Request(m, method_options, sparsity, adapter, state, ctx, alloc, bool(compensate_bias), recorded)
+    return _Request(
+        m, method_options, sparsity, adapter, state, ctx, alloc, bool(compensate_bias), rebuild, recorded
+    )
+
+
+_SUPERSEDES = (
+    "reconstruct supersedes compensate_bias: the centred refit already contains FLAP's bias compensation (its "
+    "special case for uncorrelated inputs) and the uncentred one fits without a bias; leave compensate_bias unset or False"
+)
+
+
+def resolve_compensation(
+    method: str, spec: MethodSpec, compensate_bias: bool | None, rebuild: ReconstructConfig | None
+) -> bool:
+    """Whether to apply bias compensation: the method's default unless given, never with `reconstruct` (the
+    method's default is dropped, an explicit True refused). Also refuses `reconstruct` for methods that remove
+    units themselves."""
+    if rebuild is not None and spec.scores_and_removes:
+        raise ValueError(
+            f"reconstruct refits the output projections once, after scoring; method {method!r} removes units in its "
+            "own rounds (Bonsai) or zeroes weights in place (N:M), so it cannot be combined: drop reconstruct"
+        )
+    if rebuild is not None and compensate_bias:
+        raise ValueError(_SUPERSEDES)
+    if rebuild is not None:
+        return False
+    return spec.default_compensate_bias if compensate_bias is None else bool(compensate_bias)
 
 
 def _score_allocate_remove(req: _Request, scores: list | None, t0: float) -> list[dict]:
@@ -365,8 +430,8 @@ def _score_allocate_remove(req: _Request, scores: list | None, t0: float) -> lis
         scores = req.method.score(req.ctx, **req.method_options)
     t_score = time.perf_counter() - t0
     keeps = allocate(req.adapter, scores, to_remove, req.alloc)
-    _remove(req.ctx.model, req.adapter, req.state, keeps, req.ctx if req.compensate_bias else None)
-    return [{"scoring_time_s": t_score}]
+    timing = _remove(req.ctx.model, req.adapter, req.state, keeps, req.ctx, req.compensate_bias, req.reconstruct)
+    return [{"scoring_time_s": t_score, **timing}]
 
 
 def _warn_surprises(plan: PruningPlan, sparsity: float, round_to: int) -> None:

@@ -212,6 +212,27 @@ def _eval_cost(counter: Counter, tok, exp: dict, sparsity: float, zs_cache: dict
     return cost, 0
 
 
+def _method_row(counter, tok, section: str, exp: dict, run: dict, replicate: int, sparsities: list[float],
+                load_s: float, zs_cache: dict) -> Row:
+    """The cost of one method entry's replicate (`experiments.seed_replicates`): its scoring once when a method's
+    scores serve every sparsity (it scores, then removes; MethodSpec), else a prune per sparsity, and each
+    evaluation."""
+    from minillm.artifact.experiments import entry_section
+    from minillm.scores import get_method
+
+    c, po = run["calibration"], run["prune_options"]
+    shared = not get_method(run["method"]).spec.scores_and_removes and len(sparsities) > 1
+    total, calls, loads = Cost(), 0, 0
+    for s in sparsities:
+        if not shared or s == sparsities[0]:
+            total = total + counter.method(run, s, c["n_samples"], c["seqlen"], po)
+        ev, k = _eval_cost(counter, tok, entry_section(exp, run), s, zs_cache)
+        total, calls, loads = total + ev, calls + k, loads + 1
+    label = run["label"] + (f" seed {replicate}" if replicate else "")
+    return Row(section, label, len(sparsities), total, (loads + 1) * load_s,
+               [f"zero-shot calls {calls}", "scores shared across sparsities" if shared else ""])
+
+
 def estimate_profile(cfg: dict, hw: dict = H100, sections: list[str] | None = None) -> list[Row]:
     """One row per (section, part) with its counted cost and estimated seconds."""
     rows: list[Row] = []
@@ -226,7 +247,7 @@ def estimate_profile(cfg: dict, hw: dict = H100, sections: list[str] | None = No
     wanted = sections or [s for s in ("accuracy", "ablations", "recovery", "memory", "latency") if s in cfg]
     if any(s in cfg for s in ("accuracy", "ablations", "recovery")):
         tok = _tokenizer(model)
-    from minillm.artifact.experiments import _entry_section
+    from minillm.artifact.experiments import seed_replicates
     from minillm.scores import get_method
 
     for section in ("accuracy", "ablations"):
@@ -236,33 +257,23 @@ def estimate_profile(cfg: dict, hw: dict = H100, sections: list[str] | None = No
         cost, zs_calls = _eval_cost(counter, tok, exp, 0.0, zs_cache)
         add(Row(section, "dense evaluation", 1, cost, load_s, [f"zero-shot calls {zs_calls}"]))
         for entry in exp["methods"]:
-            c = {**exp["calibration"], **entry.get("calibration", {})}
-            po = {**exp.get("prune_options", {}), **entry.get("prune_options", {})}
-            sparsities = entry.get("sparsities", exp["sparsities"])
-            mod = get_method(entry["method"])
-            shared = hasattr(mod, "score") and not hasattr(mod, "run") and len(sparsities) > 1
-            total, calls, loads = Cost(), 0, 0
-            for s in sparsities:
-                if not shared or s == sparsities[0]:
-                    total = total + counter.method(entry, s, c["n_samples"], c["seqlen"], po)
-                ev, k = _eval_cost(counter, tok, _entry_section(exp, entry), s, zs_cache)
-                total, calls, loads = total + ev, calls + k, loads + 1
-            add(Row(section, entry["label"], len(sparsities), total, (loads + 1) * load_s,
-                            [f"zero-shot calls {calls}", "scores shared across sparsities" if shared else ""]))
+            for k, run, sparsities in seed_replicates(exp, entry):
+                add(_method_row(counter, tok, section, exp, run, k, sparsities, load_s, zs_cache))
     if "recovery" in wanted and "recovery" in cfg:
-        from minillm.artifact.experiments import _control_section, _recovery_controls, _recovery_items
+        from minillm.artifact.experiments import control_section, recovery_controls, recovery_items
+        from minillm.artifact.profiles import resolved_entry
 
         acc = cfg["accuracy"]
         by_group: dict = {}
-        for index, entry, item_exp, s, kl, _ in _recovery_items(cfg):
+        for index, entry, item_exp, s, kl, _ in recovery_items(cfg):
             by_group.setdefault((index, s), (entry, item_exp, s, []))[3].append(kl)
         for entry, item_exp, s, kls in by_group.values():
-            po = {**acc.get("prune_options", {}), **entry.get("prune_options", {})}
-            compensate = po.get("compensate_bias", getattr(get_method(entry["method"]), "DEFAULT_COMPENSATE_BIAS",
-                                                          False))
+            resolved = resolved_entry(acc, entry)
+            po = resolved["prune_options"]
+            compensate = po.get("compensate_bias", get_method(entry["method"]).spec.default_compensate_bias)
             total = Cost()
             if compensate:  # the accuracy record cannot be reused: pruned again
-                c = {**acc["calibration"], **entry.get("calibration", {})}
+                c = resolved["calibration"]
                 total = total + counter.method(entry, s, c["n_samples"], c["seqlen"], po)
             before, calls = _eval_cost(counter, tok, item_exp, s, zs_cache)
             total = total + before
@@ -275,8 +286,8 @@ def estimate_profile(cfg: dict, hw: dict = H100, sections: list[str] | None = No
                 total, calls, loads = total + after, calls + k, loads + 1 + (kl > 0)
             add(Row("recovery", f"{entry['label']} s={s:g} kl={kls}", len(kls), total, loads * load_s,
                             [f"zero-shot calls {calls}", "pruned again" if compensate else "plan reused"]))
-        for path, item_exp in _recovery_controls(cfg).items():  # the dense model, kl 0, evaluated twice
-            section, train = _control_section(item_exp), item_exp["train"]
+        for path, item_exp in recovery_controls(cfg).items():  # the dense model, kl 0, evaluated twice
+            section, train = control_section(item_exp), item_exp["train"]
             ev, calls = _eval_cost(counter, tok, section, 0.0, zs_cache)
             lora = counter.lora_steps(train["steps"], train["batch_size"], train["seqlen"], train["rank"], False)
             add(Row("recovery", f"dense control {path.stem}", 1, ev + lora + ev, load_s,

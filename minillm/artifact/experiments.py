@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from minillm.artifact.profiles import ProfileError, validate_profile
+from minillm.artifact.profiles import ProfileError, resolved_entry, validate_profile
 from minillm.artifact.records import REPO_ROOT, config_diff, load_record, save_record
 from minillm.bench.measure import BENCH_REPEATS, LATENCY_PROTOCOL, peak_memory
 from minillm.data import calibration_windows, describe_calibration, perplexity_windows
@@ -104,31 +104,27 @@ def replicate_suffix(replicate: int) -> str:
 
 
 def seed_replicates(exp: dict, entry: dict) -> list[tuple[int, dict, list[float]]]:
-    """(replicate k, the method entry of replicate k, the sparsities it runs) for one accuracy or ablation entry.
+    """(replicate k, the method entry of replicate k, the sparsities it runs) for one accuracy or ablation entry:
+    the one enumeration of a section's grid that the drivers, `expected_records` and the run-time estimate share.
+    Each entry comes with its section's settings applied (`profiles.resolved_entry`: the entry's own win).
 
-    The profile's `seeds` (the entry's own, else the section's; [0] when absent) list the replicates. Replicate 0 is
-    the entry itself at all its sparsities, so its records keep their names and configurations. Replicate k > 0
-    adds k to the calibration seed (a new draw of calibration windows) and to the method seed together, and runs
-    at the `seed_sparsities` (the entry's own, else the section's) that the entry runs, or at all of its
-    sparsities when none are given. With `seed_zeroshot: false` (the entry's own, else the section's; default true)
-    the replicates are evaluated by perplexity only: zero-shot then comes from replicate 0 with lm-eval's standard
-    error, and its seed spread from the entries that keep `seed_zeroshot: true`."""
-    sparsities = entry.get("sparsities", exp["sparsities"])
-    seeds = entry.get("seeds", exp.get("seeds", [0]))
-    chosen = entry.get("seed_sparsities", exp.get("seed_sparsities"))
-    out = [(0, entry, sparsities)]
-    _, _, calibration_seed = _calibration_settings(exp, entry)
-    for k in sorted(set(seeds) - {0}):
+    The resolved `seeds` list the replicates. Replicate 0 is the entry itself at all its sparsities, so its records
+    keep their names and configurations. Replicate k > 0 adds k to the calibration seed (a new draw of calibration
+    windows) and to the method seed together, and runs at the resolved `seed_sparsities`. With `seed_zeroshot:
+    false` the replicates are evaluated by perplexity only: zero-shot then comes from replicate 0 with lm-eval's
+    standard error, and its seed spread from the entries that keep `seed_zeroshot: true`."""
+    resolved = resolved_entry(exp, entry)
+    out = [(0, resolved, resolved["sparsities"])]
+    for k in sorted(set(resolved["seeds"]) - {0}):
         replicate = {
-            **entry,
-            "seed": entry.get("seed", 0) + k,
-            "calibration": {**entry.get("calibration", {}), "seed": calibration_seed + k},
+            **resolved,
+            "seed": resolved.get("seed", 0) + k,
+            "calibration": {**resolved["calibration"], "seed": resolved["calibration"]["seed"] + k},
         }
-        if not entry.get("seed_zeroshot", exp.get("seed_zeroshot", True)):
+        if not resolved["seed_zeroshot"]:
             replicate["zeroshot"] = False
-        runs = [s for s in sparsities if chosen is None or any(abs(s - c) < 1e-9 for c in chosen)]
-        if runs:
-            out.append((k, replicate, runs))
+        if resolved["seed_sparsities"]:
+            out.append((k, replicate, resolved["seed_sparsities"]))
     return out
 
 
@@ -141,8 +137,8 @@ def _load(cfg: dict):
 
 def _calibration_settings(exp: dict, entry: dict) -> tuple[int, int, int]:
     """(n_samples, seqlen, seed) of one method entry: its own calibration settings over the experiment's."""
-    c = {**exp["calibration"], **entry.get("calibration", {})}
-    return c["n_samples"], c["seqlen"], c.get("seed", 0)
+    c = resolved_entry(exp, entry)["calibration"]
+    return c["n_samples"], c["seqlen"], c["seed"]
 
 
 def _calibration(tok, exp: dict, entry: dict):
@@ -248,7 +244,7 @@ def _eval_cfg(exp: dict) -> dict:
     return {"perplexity": exp["perplexity"], "zeroshot": exp.get("zeroshot")}
 
 
-def _entry_section(exp: dict, entry: dict) -> dict:
+def entry_section(exp: dict, entry: dict) -> dict:
     """The section as one method entry is evaluated: an entry with `zeroshot: false` gets perplexity only (a
     profile's time budget buys zero-shot for some methods; the others keep the same perplexity protocol)."""
     if entry.get("zeroshot", True) or not exp.get("zeroshot"):
@@ -269,10 +265,10 @@ def _method_config(cfg: dict, exp: dict, entry: dict, sparsity: float, replicate
         "label": entry["label"],
         "sparsity": sparsity,
         "options": dict(entry.get("options", {})),
-        "prune_options": {**exp.get("prune_options", {}), **entry.get("prune_options", {})},
+        "prune_options": resolved_entry(exp, entry)["prune_options"],
         "calibration": describe_calibration(*_calibration_settings(exp, entry)),
         "seed": entry.get("seed", 0),
-        "eval": _eval_cfg(_entry_section(exp, entry)),
+        "eval": _eval_cfg(entry_section(exp, entry)),
         **({"replicate": replicate} if replicate else {}),
     }
 
@@ -298,7 +294,7 @@ def is_current(path: Path, config: dict, record: dict | None = None) -> bool:
 def _run_method(cfg, exp, entry, force, experiment, progress, sparsities, replicate=0) -> list[dict]:
     profile, label, method = cfg["profile"], entry["label"], entry["method"]
     options = dict(entry.get("options", {}))
-    prune_options = {**exp.get("prune_options", {}), **entry.get("prune_options", {})}
+    prune_options = resolved_entry(exp, entry)["prune_options"]
     suffix = replicate_suffix(replicate)
     files = {s: _record_file(profile, experiment, label, s, suffix) for s in sparsities}
     configs = {s: _method_config(cfg, exp, entry, s, replicate) for s in sparsities}
@@ -330,7 +326,7 @@ def _run_method(cfg, exp, entry, force, experiment, progress, sparsities, replic
                     model, entry, s, calib, calib_info, prune_options, progress, scores=copy.deepcopy(shared_scores)
                 )
             prune_time = time.perf_counter() - t0
-            metrics = _evaluate(model, tok, _entry_section(exp, entry), s)
+            metrics = _evaluate(model, tok, entry_section(exp, entry), s)
             config = configs[s]
             timing = {"prune_time_s": prune_time, "prune_peak_memory_in_process": mem.to_json()}
             if shared_scores is not None:
@@ -366,9 +362,9 @@ def expected_records(cfg: dict, experiment: str) -> dict[Path, dict]:
                     path = _record_file(profile, experiment, entry["label"], s, replicate_suffix(k))
                     out[path] = _method_config(cfg, exp, replicate_entry, s, k)
     elif experiment == "recovery":
-        for _, entry, item_exp, s, kl, path in _recovery_items(cfg):
+        for _, entry, item_exp, s, kl, path in recovery_items(cfg):
             out[path] = _recovery_config(cfg, cfg["accuracy"], item_exp, entry, s, kl)
-        for path, item_exp in _recovery_controls(cfg).items():
+        for path, item_exp in recovery_controls(cfg).items():
             out[path] = _control_config(cfg, item_exp)
     elif experiment == "memory":
         for model in exp["models"]:
@@ -585,19 +581,19 @@ def run_latency(cfg: dict, force: bool = False) -> list[dict]:
 def run_recovery(cfg: dict, force: bool = False, progress: bool = False) -> list[dict]:
     """Prune with each configured method (re-using the accuracy configuration of the same label), evaluate, then
     recover with LoRA (optionally with KL to the parent) and evaluate again. One record per (label, sparsity, kl),
-    and one dense control per training budget (`_recovery_controls`).
+    and one dense control per training budget (`recovery_controls`).
 
     The controls are computed first: every pruned row's `control_share` needs its budget's control, so a run cut
     off part-way still leaves rows that can be read. The returned list is the pruned records, then the controls."""
     from minillm.recover import recover
 
-    controls = _recovery_controls(cfg)
+    controls = recovery_controls(cfg)
     for path, item_exp in controls.items():
         if force or not is_current(path, _control_config(cfg, item_exp)):
             _recover_control(cfg, item_exp, path, recover, progress)
     out = []
     groups: dict = {}
-    for index, entry, item_exp, s, kl, path in _recovery_items(cfg):
+    for index, entry, item_exp, s, kl, path in recovery_items(cfg):
         groups.setdefault((index, s), (entry, item_exp, s, {}))[3][kl] = path
     for entry, item_exp, s, files in groups.values():
         configs = {kl: _recovery_config(cfg, cfg["accuracy"], item_exp, entry, s, kl) for kl in files}
@@ -608,7 +604,7 @@ def run_recovery(cfg: dict, force: bool = False, progress: bool = False) -> list
     return out + [load_record(path) for path in controls]
 
 
-def _recovery_entries(cfg: dict):
+def recovery_entries(cfg: dict):
     """(item index, accuracy entry, item, item's experiment settings, record-name suffix) for every recovery item of
     a profile. An item is a label, or {label, sparsities, kl_weights, train, tag}: train overrides the experiment's
     training settings (the tag, e.g. "steps200", keeps its records apart from the default ones)."""
@@ -625,18 +621,18 @@ def _recovery_entries(cfg: dict):
         yield index, by_label[label], item, item_exp, f"_{item['tag']}" if item.get("tag") else ""
 
 
-def _recovery_items(cfg: dict):
+def recovery_items(cfg: dict):
     """(item index, accuracy entry, item's experiment settings, sparsity, kl weight, record file) for every recovery
-    record of a profile that prunes (`_recovery_entries`)."""
+    record of a profile that prunes (`recovery_entries`)."""
     exp, profile = cfg["recovery"], cfg["profile"]
-    for index, entry, item, item_exp, suffix in _recovery_entries(cfg):
+    for index, entry, item, item_exp, suffix in recovery_entries(cfg):
         for s in item.get("sparsities", exp["sparsities"]):
             for kl in item.get("kl_weights", exp["kl_weights"]):
                 path = _record_file(profile, "recovery", item["label"], s, f"_kl{kl:g}{suffix}")
                 yield index, entry, item_exp, s, kl, path
 
 
-def _recovery_controls(cfg: dict) -> dict[Path, dict]:
+def recovery_controls(cfg: dict) -> dict[Path, dict]:
     """The dense control of every training budget (distinct `train` settings) the recovery items use: record file
     -> the item's experiment settings. The control trains the unpruned model with the budget's LoRA settings on the
     same windows and evaluates it as the pruned runs are, so its gain is what LoRA on the other novels gives a model
@@ -644,7 +640,7 @@ def _recovery_controls(cfg: dict) -> dict[Path, dict]:
     takes the tag of the first item that uses it (dense_s00_kl0_steps100.json)."""
     exp, profile = cfg["recovery"], cfg["profile"]
     out: dict[Path, dict] = {}
-    for _, _, _, item_exp, suffix in _recovery_entries(cfg):
+    for _, _, _, item_exp, suffix in recovery_entries(cfg):
         if any(other["train"] == item_exp["train"] for other in out.values()):
             continue
         budget = "" if item_exp["train"] == exp["train"] else suffix
@@ -658,7 +654,7 @@ def _recovery_controls(cfg: dict) -> dict[Path, dict]:
     return out
 
 
-def _control_section(exp: dict) -> dict:
+def control_section(exp: dict) -> dict:
     """The section as the dense control evaluates it: with zero-shot whenever the section has any (the control
     stands beside the pruned runs of every sparsity), so without the zero-shot `sparsities` list."""
     zs = exp.get("zeroshot")
@@ -673,7 +669,7 @@ def _control_config(cfg: dict, exp: dict) -> dict:
         "sparsity": 0.0,
         "kl_weight": 0.0,
         "train": exp["train"],
-        "eval": _eval_cfg(_control_section(exp)),
+        "eval": _eval_cfg(control_section(exp)),
     }
 
 
@@ -684,7 +680,7 @@ def _recovery_config(cfg: dict, acc: dict, exp: dict, entry: dict, sparsity: flo
         "label": entry["label"],
         "sparsity": sparsity,
         "options": entry.get("options", {}),
-        "prune_options": {**acc.get("prune_options", {}), **entry.get("prune_options", {})},
+        "prune_options": resolved_entry(acc, entry)["prune_options"],
         "kl_weight": kl,
         "train": exp["train"],
         "eval": _eval_cfg(exp),
@@ -716,7 +712,7 @@ def _lora(recover, model, windows, train: dict, teacher, kl: float, progress: bo
 def _recover_control(cfg: dict, exp: dict, path: Path, recover, progress: bool) -> None:
     """The dense control of one budget: the unpruned model evaluated, trained with the pruned runs' kl=0 loss
     (cross-entropy alone: KL to itself would only hold the model in place), evaluated again."""
-    section = _control_section(exp)
+    section = control_section(exp)
     model, tok = _load(cfg)
     before = _evaluate(model, tok, section, 0.0)
     merged, rec = _lora(recover, model, _train_windows(tok, exp["train"]), exp["train"], None, 0.0, progress)
@@ -733,7 +729,7 @@ def _recover_one(cfg, acc, exp, entry, sparsity, kl_weights, files, recover, pro
     from minillm.checkpoint import load_pruned, save_pruned
 
     label = entry["label"]
-    prune_options = {**acc.get("prune_options", {}), **entry.get("prune_options", {})}
+    prune_options = resolved_entry(acc, entry)["prune_options"]
     base, tok = _load(cfg)
     calib_info = describe_calibration(*_calibration_settings(acc, entry))
     t0 = time.perf_counter()

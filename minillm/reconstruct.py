@@ -1,0 +1,374 @@
+"""Least-squares reconstruction of the output projections after structured removal (`prune(..., reconstruct=...)`).
+
+**The fit.** For one output projection y = W x + b (LLaMA / Gemma 3 `o_proj`, `down_proj`; OPT `out_proj`, `fc2`;
+BLOOM `dense`, `dense_4h_to_h`), W [m, d], x [d] its input, S the input columns that survive removal (the kept
+heads' columns of the attention projection, the kept channels of the MLP projection) and R the removed ones, the
+refit chooses W'_S [m, |S|] and b' [m] to minimise, over the N calibration tokens,
+
+    sum_tokens || (W t + b) - (W'_S x_S + b') ||^2
+
+where x is the input the pruned layer sees and t the input whose unpruned output is the target (t = x except for
+the attention projection in sequential mode, below). With means mu_x, mu_t, the centred covariance
+Sigma_xx = E[(x - mu_x)(x - mu_x)^T] and the cross-covariance Sigma_tx = E[(t - mu_t)(x - mu_x)^T], the solution is
+
+    W'_S = W Sigma_tx[:, S] (Sigma_xx[S, S] + lambda I)^-1        b' = b + W mu_t - W'_S mu_x[S]
+
+with lambda = ridge * mean(diag(Sigma_xx[S, S])) (a relative ridge, so one value fits every layer's scale).
+
+**FLAP's bias compensation is the uncorrelated special case.** In dense mode (t = x) with Sigma_RS = 0 and no ridge,
+W Sigma[:, S] Sigma_SS^-1 = W_S and b' = b + W_R mu_R: exactly `minillm.compensate`. The refit therefore never
+reconstructs the calibration outputs worse than compensation (with ridge -> 0), nor than plain removal.
+
+**Two statistics modes.**
+
+* ``dense``: every projection's statistics come from the unpruned model (x = t = the dense model's input of that
+  projection). Objective: || W X_dense + b - W'_S X_dense,S - b' ||.
+* ``sequential`` (as SlimGPT prunes): layer i's statistics come from the model whose layers < i are already pruned
+  and refit (the *pruned stream*), while a second, *dense stream* runs the unpruned layers alongside.
+  - attention output projection: the target is the dense layer's output, || W T_dense + b - W'_S X_S - b' || with
+    T_dense the dense stream's input and X the pruned stream's input of the projection, which needs the
+    cross-moment sum_tokens t x^T of the two streams;
+  - MLP output projection: the target is the unpruned projection applied to the pruned stream's own input,
+    || W X + b - W'_S X_S - b' ||, X taken after this layer's attention was pruned and refit.
+  On the first layer the attention refit equals dense mode's; with the attention left unpruned, the whole first
+  layer's does.
+
+**Two forms.** ``centered`` (above) needs a bias and creates one where the model has none (LLaMA / Gemma 3 without
+`attention_bias` / `mlp_bias`), saved and reloaded like compensation's. ``uncentered`` replaces the covariances by
+the raw second moments G_xx = E[x x^T], G_tx = E[t x^T] and fits no bias, W'_S = W G_tx[:, S] (G_xx[S, S] +
+lambda I)^-1 (SlimGPT's and Týr's form): no bias is created and the pruned model keeps the stock shape; an existing
+bias stays as it is.
+
+**Ridge.** Default 1e-2 (relative). Measured on SmolLM2-135M (16 x 512 calibration tokens, dense mode, FLAP's
+selection at 50%): see `DEFAULT_RIDGE`. Lower values overfit the calibration tokens (the 1536-wide MLP Gram of 8k
+tokens is well posed, but the fit then follows calibration noise), higher ones shrink W'_S towards zero.
+
+**Implementation and memory.** One capture pass runs the unpruned model on every calibration batch and records the
+hidden states entering layer 0 [n_samples, seqlen, hidden] and the other arguments every decoder layer is called
+with (masks and rotary embeddings, per layer: Gemma 3's sliding and global layers receive different ones; the same
+tensors are shared by layers of one kind, so the references cost little). Then, one layer at a time, the layer runs
+on the cached hidden states with forward pre-hooks on its output projections; their inputs are summed in float32
+matmuls per batch into float64 moments, the projections are refit for the layer's keep set and the next layer's
+input is computed (from the dense layer in dense mode; from the refit layer in sequential mode). The refit is
+written into the full-width weight with the removed columns set to zero, which computes exactly what the physically
+pruned layer computes; physical removal (`minillm.prune`) then slices the columns away. Memory beside the forward:
+the calibration hidden states of all tokens (one copy in dense mode, two in sequential mode, model dtype) and the
+moments of one layer at a time (d_ff^2 + d^2 float64 in dense mode; the attention's 2 d^2 and then the MLP's d_ff^2
+in sequential mode). Sequential mode costs about four layer forwards per layer and batch, dense mode one.
+Offloaded weights (accelerate) are loaded for good first (`minillm.offload.materialize`): the refit writes them.
+Layer streaming (`stream_layers`) works unchanged: each replayed layer call moves the layer as a model forward does.
+
+References: SlimGPT (Ling et al., NeurIPS 2024: layer-wise sequential pruning with an OBS-style refit), Týr-the-Pruner
+(NeurIPS 2025: least-squares refit of the kept columns, G_SS^-1 form), FLAP (An et al., AAAI 2024: bias
+compensation, the uncorrelated special case).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import Adapter
+from .offload import materialize
+from .scores.common import ScoringContext
+from .surgery import CurrentKeep
+
+MODES = ("dense", "sequential")
+FORMS = ("centered", "uncentered")
+#: relative ridge: lambda = DEFAULT_RIDGE * mean(diag(Sigma_SS))
+DEFAULT_RIDGE = 1e-2
+
+
+@dataclass(frozen=True)
+class ReconstructConfig:
+    """How to refit the output projections: statistics `mode` ('dense' | 'sequential'), relative `ridge` (>= 0)
+    and `form` ('centered': refit with a bias | 'uncentered': no bias)."""
+
+    mode: str
+    ridge: float = DEFAULT_RIDGE
+    form: str = "centered"
+
+    @classmethod
+    def parse(cls, mode: str | None, ridge: float | None = None, form: str | None = None) -> ReconstructConfig | None:
+        """The validated configuration, or None when `mode` is None (then ridge and form must be None too)."""
+        if mode is None:
+            if ridge is not None or form is not None:
+                raise ValueError("reconstruct_ridge / reconstruct_form need reconstruct='dense' or 'sequential'")
+            return None
+        if mode not in MODES:
+            raise ValueError(f"reconstruct must be one of {', '.join(MODES)} (or None), got {mode!r}")
+        form = "centered" if form is None else form
+        if form not in FORMS:
+            raise ValueError(f"reconstruct_form must be one of {', '.join(FORMS)}, got {form!r}")
+        ridge = DEFAULT_RIDGE if ridge is None else ridge
+        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
+            raise ValueError(f"reconstruct_ridge must be a finite number >= 0, got {ridge!r}")
+        return cls(mode, float(ridge), form)
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode, "ridge": self.ridge, "form": self.form}
+
+
+# --- statistics and the solve ---------------------------------------------------------------------------------------
+
+
+def _gram(rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """A zero float64 moment matrix [rows, cols] (one place that allocates them, so tests can count the live ones)."""
+    return torch.zeros(rows, cols, dtype=torch.float64, device=device)
+
+
+@dataclass
+class Moments:
+    """Token sums of one projection's input, float64: x [d] is the input the refit projection sees, t [d] the
+    input whose unpruned output is the target (None fields: t = x). n: tokens summed."""
+
+    sum_x: torch.Tensor  # [d]
+    xx: torch.Tensor  # [d, d], sum of x x^T
+    sum_t: torch.Tensor | None = None  # [d]
+    tx: torch.Tensor | None = None  # [d, d], sum of t x^T
+    n: int = 0
+
+    @classmethod
+    def zeros(cls, d: int, device: torch.device, cross: bool = False) -> Moments:
+        # MPS has no float64: the moments then live in CPU memory
+        device = torch.device("cpu") if device.type == "mps" else device
+        vec = torch.zeros(d, dtype=torch.float64, device=device)
+        if not cross:
+            return cls(vec, _gram(d, d, device))
+        return cls(vec, _gram(d, d, device), vec.clone(), _gram(d, d, device))
+
+    def add(self, x: torch.Tensor, t: torch.Tensor | None = None) -> None:
+        """Add the tokens of one batch: x (and t, same shape, in cross mode) [..., d], any float dtype."""
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        dev = self.xx.device
+        self.xx += (x.T @ x).to(dev, torch.float64)
+        self.sum_x += x.sum(0).to(dev, torch.float64)
+        if self.tx is not None:
+            t = t.detach().reshape(-1, t.shape[-1]).float()
+            self.tx += (t.T @ x).to(dev, torch.float64)
+            self.sum_t += t.sum(0).to(dev, torch.float64)
+        self.n += x.shape[0]
+
+    def second_moments(self, centered: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(S_xx [d, d], S_tx [d, d], mu_x [d], mu_t [d]) per token: covariances when `centered`, else raw
+        second moments."""
+        n = max(self.n, 1)
+        mu_x = self.sum_x / n
+        mu_t = mu_x if self.sum_t is None else self.sum_t / n
+        sxx = self.xx / n
+        stx = sxx if self.tx is None else self.tx / n
+        if centered:
+            sxx = sxx - torch.outer(mu_x, mu_x)
+            stx = stx - torch.outer(mu_t, mu_x)
+        return sxx, stx, mu_x, mu_t
+
+
+def _ridge_solve(a: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+    """rhs (a + lambda I)^-1 for symmetric PSD a [k, k], rhs [m, k], lambda = ridge * mean(diag(a)). A singular
+    system (ridge 0 and dead columns) falls back to the pseudo-inverse: a minimum-norm least-squares solution."""
+    if a.shape[0] == 0:
+        return rhs
+    a = a + ridge * a.diagonal().mean() * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs.T, chol).T
+    return rhs @ torch.linalg.pinv(a, hermitian=True)
+
+
+def refit_columns(
+    weight: torch.Tensor, moments: Moments, keep: torch.Tensor, ridge: float, centered: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The least-squares refit of one projection (module docstring): weight W [m, d], keep S [k] (long, input
+    columns). Returns W'_S [m, k] and the bias change b' - b [m] (None for the uncentred form), float64 on the
+    moments' device."""
+    sxx, stx, mu_x, mu_t = moments.second_moments(centered)
+    keep = keep.to(sxx.device)
+    w = weight.detach().to(sxx.device, torch.float64)
+    w_s = _ridge_solve(sxx[keep][:, keep], w @ stx[:, keep], ridge)
+    delta = w @ mu_t - w_s @ mu_x[keep] if centered else None
+    return w_s, delta
+
+
+@torch.no_grad()
+def write_refit(linear: nn.Linear, keep: torch.Tensor, w_s: torch.Tensor, bias_delta: torch.Tensor | None) -> None:
+    """Write W'_S [m, k] into the kept columns of the full-width weight and zeros into the removed ones (the layer
+    then computes what the physically pruned layer will); add `bias_delta` [m] to the bias, creating it if needed."""
+    weight = torch.zeros_like(linear.weight)
+    weight[:, keep.to(weight.device)] = w_s.to(weight.device, weight.dtype)
+    linear.weight.copy_(weight)
+    if bias_delta is None:
+        return
+    if linear.bias is None:
+        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=weight.dtype, device=weight.device))
+    linear.bias.copy_((linear.bias.double() + bias_delta.to(weight.device)).to(linear.bias.dtype))
+
+
+# --- layer by layer ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Projection:
+    """An output projection to refit and its kept input columns [k] (ascending current indices)."""
+
+    linear: nn.Linear
+    keep: torch.Tensor
+
+
+@dataclass
+class _Call:
+    """The arguments one decoder layer was called with on one batch, other than the hidden states."""
+
+    args: tuple
+    kwargs: dict
+
+
+def _projections(adapter: Adapter, layer: nn.Module, keep: CurrentKeep) -> list[_Projection | None]:
+    """[attention output projection, MLP output projection] of one layer, None where no input column goes."""
+    shape = adapter.attention_shape(layer)
+    att = mlp = None
+    if shape.n_query_heads and keep.kept_q is not None and len(keep.kept_q) < shape.n_query_heads:
+        heads = torch.tensor(sorted(keep.kept_q), dtype=torch.long)
+        cols = (heads[:, None] * shape.head_dim + torch.arange(shape.head_dim)[None, :]).reshape(-1)
+        att = _Projection(adapter.attn_out_proj(layer), cols)
+    n = adapter.n_channels(layer)
+    if n and keep.kept_channels is not None and len(keep.kept_channels) < n:
+        mlp = _Projection(adapter.mlp_out_proj(layer), torch.tensor(sorted(keep.kept_channels), dtype=torch.long))
+    return [att, mlp]
+
+
+@torch.no_grad()
+def capture_layer_calls(
+    model: nn.Module, layers: nn.ModuleList, batches: Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[list[_Call]]]:
+    """One forward of the model per batch. Returns the hidden states entering layer 0, one [B, T, hidden] per batch,
+    and per layer the arguments it was called with on each batch (references, not copies)."""
+    hidden: list[torch.Tensor] = []
+    calls: list[list[_Call]] = [[] for _ in layers]
+
+    def hook_for(i: int):
+        def hook(module, args, kwargs):
+            kwargs = dict(kwargs)
+            h = args[0] if args else kwargs.pop("hidden_states")
+            if i == 0:
+                hidden.append(h)
+            calls[i].append(_Call(tuple(args[1:]), kwargs))
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for batch in batches:
+            model.base_model(input_ids=batch, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return hidden, calls
+
+
+def _run(
+    layer: nn.Module, hidden: torch.Tensor, call: _Call, watch: Sequence[nn.Linear] = ()
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The layer's output hidden states [B, T, hidden] on one batch and the inputs [B, T, d_in] of `watch`."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def recorder(k: int):
+        def hook(module, args):
+            seen[k] = args[0]
+
+        return hook
+
+    handles = [lin.register_forward_pre_hook(recorder(k)) for k, lin in enumerate(watch)]
+    try:
+        out = layer(hidden, *call.args, **call.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return (out[0] if isinstance(out, tuple) else out), [seen[k] for k in range(len(watch))]
+
+
+def _refit(p: _Projection, moments: Moments, config: ReconstructConfig) -> None:
+    w_s, delta = refit_columns(p.linear.weight, moments, p.keep, config.ridge, config.form == "centered")
+    write_refit(p.linear, p.keep, w_s, delta)
+
+
+def _dense_layer(
+    layer: nn.Module,
+    targets: list[_Projection | None],
+    hidden: list[torch.Tensor],
+    calls: list[_Call],
+    config: ReconstructConfig,
+) -> None:
+    """Dense mode, one layer: statistics of the dense stream, refit, and `hidden` advanced through the dense layer."""
+    projs = [p for p in targets if p is not None]
+    moments = [Moments.zeros(p.linear.in_features, hidden[0].device) for p in projs]
+    for b, call in enumerate(calls):
+        hidden[b], inputs = _run(layer, hidden[b], call, [p.linear for p in projs])
+        for m, x in zip(moments, inputs):
+            m.add(x)
+    for p, m in zip(projs, moments):
+        _refit(p, m, config)
+
+
+def _sequential_attention(
+    layer: nn.Module,
+    att: _Projection | None,
+    dense: list[torch.Tensor],
+    pruned: list[torch.Tensor],
+    calls: list[_Call],
+    config: ReconstructConfig,
+) -> None:
+    """Sequential mode, attention: fit the pruned stream's projection input to the dense layer's output (cross
+    moments of the two streams); `dense` is advanced through the dense layer on the way."""
+    if att is None:
+        for b, call in enumerate(calls):
+            dense[b] = _run(layer, dense[b], call)[0]
+        return
+    moments = Moments.zeros(att.linear.in_features, dense[0].device, cross=True)
+    for b, call in enumerate(calls):
+        dense[b], (t,) = _run(layer, dense[b], call, [att.linear])
+        _, (x,) = _run(layer, pruned[b], call, [att.linear])
+        moments.add(x, t)
+    _refit(att, moments, config)
+
+
+def _sequential_mlp(
+    layer: nn.Module, mlp: _Projection | None, pruned: list[torch.Tensor], calls: list[_Call], config: ReconstructConfig
+) -> None:
+    """Sequential mode, MLP: fit the unpruned projection on the pruned stream's own input (after this layer's
+    refit attention); then `pruned` is advanced through the refit layer."""
+    if mlp is not None:
+        moments = Moments.zeros(mlp.linear.in_features, pruned[0].device)
+        for b, call in enumerate(calls):
+            moments.add(_run(layer, pruned[b], call, [mlp.linear])[1][0])
+        _refit(mlp, moments, config)
+    for b, call in enumerate(calls):
+        pruned[b] = _run(layer, pruned[b], call)[0]
+
+
+@torch.no_grad()
+def reconstruct(ctx: ScoringContext, keeps: Sequence[CurrentKeep], config: ReconstructConfig) -> None:
+    """Refit, in place, the output projections of every layer for the units `keeps` (one CurrentKeep per layer,
+    current indices) will keep, on the calibration tokens of `ctx`; the removed columns are set to zero and the
+    biases of the centred form created where missing. Call before physical removal, in eval mode."""
+    materialize(ctx.model)  # the refit writes weights: offloaded ones must be loaded for good
+    layers = ctx.adapter.layers()
+    targets = [_projections(ctx.adapter, layer, keep) for layer, keep in zip(layers, keeps)]
+    todo = [i for i, t in enumerate(targets) if any(p is not None for p in t)]
+    if not todo:
+        return
+    hidden, calls = capture_layer_calls(ctx.model, layers, ctx.batches())
+    pruned = list(hidden)  # sequential mode's pruned stream; `hidden` is the dense stream
+    steps = tqdm(range(todo[-1] + 1), desc=f"reconstruction ({config.mode})", disable=not ctx.progress, leave=False)
+    for i in steps:
+        att, mlp = targets[i]
+        if config.mode == "dense":
+            _dense_layer(layers[i], targets[i], hidden, calls[i], config)
+        else:
+            _sequential_attention(layers[i], att, hidden, pruned, calls[i], config)
+            _sequential_mlp(layers[i], mlp, pruned, calls[i], config)
+        calls[i].clear()  # this layer's masks and embeddings are no longer needed
