@@ -27,7 +27,7 @@ def data_file(relative: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(
             f"data file {path} is missing (minillm/resources/ ships inside the package; regenerate it with "
-            f"the scripts in the repository's data/ folder, see data/README.md)"
+            f"the scripts beside it, see minillm/resources/README.md)"
         )
     return path
 

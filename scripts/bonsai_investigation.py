@@ -24,7 +24,7 @@ VARIANTS = {
     "adam": ({}, {}, (0.2, 0.5)),
     "lasso": ({"regression": "lasso"}, {}, (0.2, 0.5)),
     "adam+comp": ({}, {"compensate_bias": True}, (0.2, 0.5)),
-    # attention left whole: a KV group costs 170 channels and its coefficient is the noisiest (see the closing note)
+    # attention left whole: a KV group costs 170 channels and its coefficient is the noisiest (see the small-modules note in minillm/scores/bonsai.py)
     "adam-mlp-only": ({}, {"targets": "mlp"}, (0.2, 0.5)),
     "prior-only": ({}, {}, (0.2, 0.5)),
     "noise-beta": ({}, {}, (0.2, 0.5)),
