@@ -672,3 +672,19 @@ def test_reproducing_cross_model_section_waits_for_both_profiles(monkeypatch):
     assert "tau = 1.00" in text  # a model against itself orders the methods identically
     # and separates no pair in opposite ways, nor any pair on one side only
     assert "Pairwise perplexity conclusions" in text and "opposite orders" not in text and "only cpu" not in text
+
+
+def test_claims_table_reason_summarises_the_comparisons():
+    """The claims table's one-line reason counts the comparisons each way and names who beat the claim's method."""
+    evidence = ("10%: fms 33.3 [31.8, 34.9] vs flap 30.3 [29.1, 31.6]: flap better; "
+                "20%: fms 55.7 [50.5, 63.4] (3 seeds) vs wanda_sp 1283 [669, 1876] (3 seeds): fms better; "
+                "30%: fms 68.4 [65.1, 72.0] vs flap 63.7 [60.6, 66.9]: intervals overlap; "
+                "50%: fms 1319 [1182, 1455] vs flap 250 [222, 278]: flap better")
+    assert claims.reason(evidence, "not supported") == (
+        "better in 1, worse in 2, within noise in 1 of 4 comparisons; lower: flap (10%/50%)"
+    )
+    assert claims.reason("-", "not testable on this hardware (no GPU here)") == "no GPU here"
+    table = claims.claims_markdown(claims.claims_frame("cpu-full"))
+    head = table.split("<details>")[0]
+    assert head.count("\n| ") == 7 and "better in" in head and "Evidence:" not in head
+    assert "Evidence: 10%: fms-weights-n64" in table  # the full evidence stays, collapsed

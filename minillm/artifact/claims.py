@@ -419,11 +419,44 @@ def claims_frame(profile: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def reason(evidence: str, verdict: str) -> str:
+    """One line for the claims table: for comparisons ("S%: a x [..] vs b y [..]: a better"), how many the claim's
+    method wins, loses and leaves within noise, and which rivals beat it at which sparsities; otherwise the verdict's
+    own explanation (in brackets) or the evidence itself when it is short."""
+    items = [e for e in str(evidence).split("; ") if " vs " in e and ": " in e]
+    if not items:
+        detail = verdict.partition(" (")[2].rstrip(")") if " (" in verdict else ""
+        return detail or (evidence if len(str(evidence)) <= 160 else str(evidence)[:157] + "...")
+    wins, losses, ties, beaten_by = 0, 0, 0, {}
+    for item in items:
+        sparsity, _, rest = item.partition(": ")
+        ours = rest.split(" ", 1)[0]
+        outcome = rest.rsplit(": ", 1)[1]
+        if outcome == "intervals overlap":
+            ties += 1
+        elif outcome == f"{ours} better":
+            wins += 1
+        else:
+            losses += 1
+            beaten_by.setdefault(outcome.removesuffix(" better"), []).append(sparsity)
+    line = f"better in {wins}, worse in {losses}, within noise in {ties} of {len(items)} comparisons"
+    if beaten_by:
+        line += "; lower: " + ", ".join(f"{rival} ({'/'.join(at)})" for rival, at in beaten_by.items())
+    return line
+
+
 def claims_markdown(df: pd.DataFrame) -> str:
-    """The claims table as Markdown (claim, quoted, evidence, verdict), the rules below it."""
-    columns = ["paper", "claim", "quoted", "evidence", "verdict"]
+    """The claims table as Markdown: paper, claim, verdict and a one-line reason per claim (readable on a page),
+    then each claim's quoted source and full evidence in a collapsed block, then the verdict rules."""
+    columns = ["paper", "claim", "verdict", "reason"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for _, row in df.iterrows():
-        lines.append("| " + " | ".join(str(row[c]).replace("|", "/") for c in columns) + " |")
+        cells = [row["paper"], row["claim"], str(row["verdict"]).partition(" (")[0], reason(row["evidence"], str(row["verdict"]))]
+        lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
+    details = ["<details><summary>Quoted sources and the full evidence of each claim</summary>", ""]
+    for _, row in df.iterrows():
+        details += [f"* **{row['paper']}: {row['claim']}** ({row['quoted']}). Verdict: {row['verdict']}. "
+                    f"Evidence: {row['evidence']}", ""]
+    details += ["</details>", ""]
     rules = [f"* {GENERAL_RULE}"] + [f"* {c}: {r}" for c, r in zip(df["claim"], df["rule"]) if r != "-"]
-    return "\n".join([*lines, "", "Verdict rules (minillm/artifact/claims.py):", "", *rules, ""])
+    return "\n".join([*lines, "", *details, "Verdict rules (minillm/artifact/claims.py):", "", *rules, ""])
