@@ -271,13 +271,17 @@ The summary under the table is generated from this profile's records."""),
     experiments.run_accuracy(cfg, force=bool(force), experiment="ablations")"""),
         code("""import pandas as pd
 abl = report.seed_summary(report.accuracy_frame(experiments.collect(profile, "ablations")))
-main = report.seed_summary(report.accuracy_frame(experiments.collect(profile, "accuracy")))
-keep = main.method.str.startswith(("fms", "wanda_sp", "taylor", "bonsai")) & main.sparsity.isin(abl.sparsity.unique())
-main = main[keep]
-both = pd.concat([abl, main[abl.columns.intersection(main.columns)]]).sort_values(["sparsity", "ppl"])
-report.save_table(both, out / "ablations")
-display(Markdown(both.to_markdown(index=False, floatfmt=".3f")))
-display(Markdown(report.ranking_markdown(both)))"""),
+both = pd.DataFrame(columns=["method", "sparsity", "ppl"])
+if abl.empty:
+    print(f"profile {profile!r} has no ablation records")
+else:
+    main = report.seed_summary(report.accuracy_frame(experiments.collect(profile, "accuracy")))
+    keep = main.method.str.startswith(("fms", "wanda_sp", "taylor", "bonsai")) & main.sparsity.isin(abl.sparsity.unique())
+    main = main[keep]
+    both = pd.concat([abl, main[abl.columns.intersection(main.columns)]]).sort_values(["sparsity", "ppl"])
+    report.save_table(both, out / "ablations")
+    display(Markdown(both.to_markdown(index=False, floatfmt=".3f")))
+    display(Markdown(report.ranking_markdown(both)))"""),
         code("""import matplotlib.pyplot as plt
 fms = both[both.method.str.match(r"fms-(weights|gates)-n\\d+$")].copy()
 if not fms.empty:
