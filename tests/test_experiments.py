@@ -1,4 +1,9 @@
-"""Experiment drivers on the embedded model at minimal sizes (slow: loads SmolLM2-135M several times)."""
+"""Experiment drivers end to end at minimal sizes: record reuse, re-pruning, resumption and recovery entries.
+
+The model is a tiny random LLaMA with SmolLM2's head layout and a tiny BPE tokenizer, saved as a local model directory
+(`tiny_text_model_dir`, tests/conftest.py): what is checked here is the drivers' bookkeeping (which records are
+reused, rebuilt or redone, and that a rebuilt model is the recorded one), which does not depend on the model's size;
+SmolLM2-135M made each test load, prune, train and evaluate a 135M model several times."""
 
 import json
 
@@ -9,14 +14,14 @@ from minillm.artifact import experiments
 pytestmark = pytest.mark.slow
 
 
-def _profile(name: str, compensate: bool) -> dict:
+def _profile(name: str, compensate: bool, model: str) -> dict:
     prune_options = {"attention_units": "auto", "allocation": "uniform"}
     if compensate:
         prune_options["compensate_bias"] = True
     eval_cfg = {"seqlen": 64, "windows": 1, "batch_size": 1}
     return {
         "profile": name,
-        "model": "smollm2-135m",
+        "model": model,
         "device": "cpu",
         "accuracy": {
             "calibration": {"n_samples": 2, "seqlen": 32, "seed": 0},
@@ -35,9 +40,9 @@ def _profile(name: str, compensate: bool) -> dict:
     }
 
 
-def test_recovery_rebuilds_the_accuracy_records_pruned_model(tmp_path, monkeypatch):
+def test_recovery_rebuilds_the_accuracy_records_pruned_model(tmp_path, monkeypatch, tiny_text_model_dir):
     monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path)
-    cfg = _profile("t", compensate=False)
+    cfg = _profile("t", compensate=False, model=tiny_text_model_dir)
     acc = experiments.run_accuracy(cfg)[1]
     rec, _control = experiments.run_recovery(cfg)
     source = rec["plan_source"]
@@ -48,18 +53,18 @@ def test_recovery_rebuilds_the_accuracy_records_pruned_model(tmp_path, monkeypat
     assert rec["plan"]["layers"] == acc["plan"]["layers"]
 
 
-def test_recovery_prunes_again_when_the_record_cannot_be_reused(tmp_path, monkeypatch):
+def test_recovery_prunes_again_when_the_record_cannot_be_reused(tmp_path, monkeypatch, tiny_text_model_dir):
     monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path)
-    cfg = _profile("t", compensate=True)  # compensation biases are not in the record
+    cfg = _profile("t", compensate=True, model=tiny_text_model_dir)  # compensation biases are not in the record
     acc = experiments.run_accuracy(cfg)[1]
     rec, _control = experiments.run_recovery(cfg)
     assert rec["plan_source"] == "pruned here"
     assert rec["metrics"]["before"]["perplexity"]["ppl"] == pytest.approx(acc["metrics"]["perplexity"]["ppl"], 1e-5)
 
 
-def test_a_record_made_with_other_calibration_is_not_reused(tmp_path, monkeypatch):
+def test_a_record_made_with_other_calibration_is_not_reused(tmp_path, monkeypatch, tiny_text_model_dir):
     monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path)
-    cfg = _profile("t", compensate=False)
+    cfg = _profile("t", compensate=False, model=tiny_text_model_dir)
     experiments.run_accuracy(cfg)
     path = tmp_path / "t" / "accuracy" / "wanda_sp_s20.json"
     record = json.loads(path.read_text())
@@ -69,9 +74,9 @@ def test_a_record_made_with_other_calibration_is_not_reused(tmp_path, monkeypatc
     assert rec["plan_source"] == "pruned here"
 
 
-def test_recovery_entries_override_training_and_experiments_resume(tmp_path, monkeypatch):
+def test_recovery_entries_override_training_and_experiments_resume(tmp_path, monkeypatch, tiny_text_model_dir):
     monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path)
-    cfg = _profile("t", compensate=False)
+    cfg = _profile("t", compensate=False, model=tiny_text_model_dir)
     first = experiments.run_accuracy(cfg)
     assert experiments.run_accuracy(cfg) == first  # resumed from the records, nothing recomputed
     cfg["recovery"]["methods"] = ["wanda_sp", {"label": "wanda_sp", "train": {"steps": 2}, "tag": "steps2"}]

@@ -5,13 +5,15 @@ synchronisation, bf16 autocast in recovery, the 2:4 conversion, the OOM capacity
 
 Shrinking keeps the structure: every section, every method entry, every label, every option key, both KL weights,
 every latency variant. It changes sizes only: the text model becomes a tiny random LLaMA (GQA, SmolLM2's head
-layout) saved with SmolLM2's tokenizer into a local model directory; the 7B-class shape models become the tiny
-registry model of the same family and attention layout; sparsity lists keep their first two values. A section this
-test does not know how to run, or a shape model without a tiny counterpart, fails the test.
+layout) saved with a tiny BPE tokenizer into a local model directory (`tiny_text_model_dir`, tests/conftest.py);
+the 7B-class shape models become the tiny registry model of the same family and attention layout; sparsity lists
+keep their first two values. A section this test does not know how to run, or a shape model without a tiny
+counterpart, fails the test.
 
 Two stand-ins keep it in CI time, both recorded: lm-eval's zero-shot runs for real once (the first call, ~6 s of
 task set-up) and later calls are answered by a stand-in that checks the arguments; each memory step runs
 `measure.memory_step` in this process instead of a fresh one (the fake GPU does not cross process boundaries).
+A section whose shrunk inputs equal those of the gpu profile runs in the gpu case only (`sections_to_run`).
 """
 
 from __future__ import annotations
@@ -140,48 +142,6 @@ def shrink_profile(cfg: dict, model_dir: str) -> dict:
     return out
 
 
-def tiny_tokenizer(vocab_size: int = 384):
-    """A byte-level BPE tokenizer trained in a second on part of one bundled novel: with SmolLM2's 49,152-token
-    vocabulary the LM head would be most of a tiny model's cost."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from minillm.data import read_novel
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator([read_novel("persuasion")[:100_000]], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-
-
-@pytest.fixture(scope="module")
-def text_model_dir(tmp_path_factory):
-    """A tiny random LLaMA with SmolLM2's head layout (9 query / 3 KV heads) and a tiny BPE tokenizer, saved as a
-    local model directory: a profile `model:` that load_model and the profile schema accept."""
-    from transformers import AutoModelForCausalLM
-
-    from minillm.models import SHAPES
-
-    tok = tiny_tokenizer()
-    config = SHAPES["tiny-llama-gqa3"]()
-    config.vocab_size = len(tok)
-    config.max_position_embeddings = 2048
-    config.bos_token_id = config.eos_token_id = tok.eos_token_id
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    path = tmp_path_factory.mktemp("tiny-text-model")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture
 def ci_run(tmp_path, monkeypatch):
     """Results into tmp_path, a fake GPU, in-process memory steps, zero-shot for real once."""
@@ -213,17 +173,42 @@ def ci_run(tmp_path, monkeypatch):
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("profile", ["gpu", "gpu-full"])
-def test_shrunk_gpu_profile_runs_every_section(profile, text_model_dir, ci_run):
+# the profiles of this test, in order; a later one runs only the sections whose inputs differ from every earlier one's
+PROFILES = ["gpu", "gpu-full"]
+# what a section's run depends on besides its own settings (recovery rebuilds the accuracy section's pruned models)
+DEPENDS = {"recovery": ("accuracy",)}
+
+
+def section_inputs(cfg: dict, section: str) -> dict:
+    """Everything a section's run reads from the shrunk profile: its settings, the sections it depends on, and the
+    profile's model, device and dtype (not its name or description, which only name the results folder)."""
+    keys = (section, *DEPENDS.get(section, ()), "model", "device", "dtype")
+    return {k: cfg.get(k) for k in keys}
+
+
+def sections_to_run(profile: str, cfg: dict, model_dir: str) -> list[str]:
+    """The sections of `cfg` (the shrunk `profile`) that no earlier profile in PROFILES runs with the same inputs.
+    gpu-full is gpu with more Bonsai sparsities and recovery methods: after shrinking, its ablations, memory and
+    latency sections equal gpu's, so they run (and are checked) once, in the gpu case; a change that makes them
+    differ makes this test run them for gpu-full too."""
+    earlier = [shrink_profile(experiments.load_profile(p), model_dir) for p in PROFILES[: PROFILES.index(profile)]]
+    return [
+        s for s in SECTION_RUNNERS
+        if s in cfg and all(section_inputs(e, s) != section_inputs(cfg, s) for e in earlier)
+    ]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_shrunk_gpu_profile_runs_every_section(profile, tiny_text_model_dir, ci_run):
     gpu = experiments.load_profile(profile)
-    cfg = shrink_profile(gpu, text_model_dir)
+    cfg = shrink_profile(gpu, tiny_text_model_dir)
     from minillm.artifact.profiles import validate_profile
 
     validate_profile(cfg, "shrunk gpu profile")  # the shrunk profile is still a valid profile
     assert set(cfg) - TOP_LEVEL == set(gpu) - TOP_LEVEL  # no section dropped
-    for section in SECTION_RUNNERS:
-        if section not in cfg:
-            continue
+    run = sections_to_run(profile, cfg, tiny_text_model_dir)
+    assert run and (profile != PROFILES[0] or run == [s for s in SECTION_RUNNERS if s in cfg])
+    for section in run:
         records = SECTION_RUNNERS[section](cfg)
         wanted = experiments.expected_records(cfg, section)
         assert len(records) == len(wanted) > 0, section
@@ -232,14 +217,14 @@ def test_shrunk_gpu_profile_runs_every_section(profile, text_model_dir, ci_run):
     fake, results = ci_run["fake"], ci_run["results"] / cfg["profile"]
     # the CUDA branches ran on the fake GPU
     assert fake.calls.get("reset_peak", 0) > 0 and fake.calls.get("synchronize", 0) > 0
-    if "recovery" in cfg:
+    if "recovery" in run:
         assert fake.calls.get("autocast", 0) > 0
         recs = [experiments.load_record(p) for p in sorted((results / "recovery").glob("*.json"))]
         assert all(r["metrics"]["recovery"]["bf16"] for r in recs)
         assert {r["config"]["kl_weight"] for r in recs} == set(cfg["recovery"]["kl_weights"])
-    if cfg.get("latency", {}).get("include_24"):
+    if "latency" in run and cfg["latency"].get("include_24"):
         assert fake.requested_backends and set(fake.requested_backends) == {"cusparselt"}  # Hopper: cuSPARSELt
-    if cfg.get("latency", {}).get("compile") == "all":
+    if "latency" in run and cfg["latency"].get("compile") == "all":
         assert fake.calls.get("compile", 0) > 0
     # every memory step of every (model, shape) ran, none failed
     mem = [experiments.load_record(p) for p in sorted((results / "memory").glob("*.json"))]
@@ -247,15 +232,18 @@ def test_shrunk_gpu_profile_runs_every_section(profile, text_model_dir, ci_run):
         rows = [rec["metrics"]["dense_forward"], *rec["metrics"]["methods"]]
         assert not [r for r in rows if r.get("error")], [r.get("error") for r in rows if r.get("error")]
         assert rec["provenance"]["device"] == "Fake H100 (CPU)"
-    assert len(ci_run["steps"]) == sum(
-        len(cfg["memory"]["shapes"]) * (1 + len(cfg["memory"]["methods"])) for _ in cfg["memory"]["models"]
+    assert len(ci_run["steps"]) == (
+        sum(len(cfg["memory"]["shapes"]) * (1 + len(cfg["memory"]["methods"])) for _ in cfg["memory"]["models"])
+        if "memory" in run else 0
     )
-    assert ci_run["zeroshot"], "no zero-shot evaluation ran"
-    # the report renders every section from the records, as the notebooks do
-    report.memory_frame(mem)
-    report.latency_frame([experiments.load_record(p) for p in sorted((results / "latency").glob("*.json"))])
-    report.accuracy_frame([experiments.load_record(p) for p in sorted((results / "accuracy").glob("*.json"))])
-    report.recovery_frame([experiments.load_record(p) for p in sorted((results / "recovery").glob("*.json"))])
+    if {"accuracy", "ablations", "recovery"} & set(run):
+        assert ci_run["zeroshot"], "no zero-shot evaluation ran"
+    # the report renders every section that ran from the records, as the notebooks do
+    frames = {"memory": report.memory_frame, "latency": report.latency_frame, "accuracy": report.accuracy_frame,
+              "recovery": report.recovery_frame}
+    for section, frame in frames.items():
+        if section in run:
+            frame([experiments.load_record(p) for p in sorted((results / section).glob("*.json"))])
 
 
 def test_shrinking_refuses_unknown_sections_and_models():

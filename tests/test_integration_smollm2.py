@@ -19,9 +19,10 @@ def test_loads_from_the_wheel_as_stock_llama(smollm2):
 
 def test_dense_ppl_in_expected_range_and_random_pruning_raises_it(smollm2):
     model, tok = smollm2
-    windows = perplexity_windows(tok, 512, 4)
+    windows = perplexity_windows(tok, 512, 2)
     dense = perplexity(model, windows, progress=False)["ppl"]
-    # the survey that picked this model measured 25.5 over 40 windows of 512 tokens; the first 4 are in that range
+    # the survey that picked this model measured 25.5 over 40 windows of 512 tokens; the first 2 are in that range
+    # (about 19.3; 20.8 over the first 4, each window 16 to 24), and random pruning takes them to about 1,500
     assert 15 < dense < 35, dense
     pruned, _ = minillm.load_model("smollm2-135m")
     plan = minillm.prune(pruned, "random", 0.2, seed=0)

@@ -45,7 +45,10 @@ def test_peak_memory_sees_a_larger_allocation():
 
 
 def test_memory_step_in_fresh_process_dense_and_method():
-    dense = memory_in_subprocess("tiny-llama", "dense", 2, 16)
+    # one fresh process (its start, importing torch and transformers, is most of this test's time): the method step
+    # goes through the child's command line and JSON; the dense step, the same `memory_step` with the same
+    # arguments that the child would run, runs here
+    dense = measure.memory_step("tiny-llama", "dense", 2, 16)
     taylor = memory_in_subprocess("tiny-llama", "taylor", 2, 16)
     assert "error" not in dense and "error" not in taylor, (dense, taylor)
     assert dense["peak_bytes"] > 0 and taylor["weights_bytes"] == dense["weights_bytes"]

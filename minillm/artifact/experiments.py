@@ -780,13 +780,15 @@ def _dtype(cfg: dict):
 
 
 def _free_device() -> None:
-    """Return freed blocks of the accelerator's caching allocator (a no-op on CPU)."""
+    """Return freed blocks of the accelerator's caching allocator (a no-op on CPU, where a full garbage collection
+    would only cost time)."""
     import gc
 
     from minillm.device import backend
 
-    gc.collect()
-    backend().empty_cache()
+    if backend().available():
+        gc.collect()
+        backend().empty_cache()
 
 
 def _reuse_accuracy_plan(base, acc_file: Path, entry: dict, prune_options: dict, calib_info: dict, sparsity: float):
