@@ -85,7 +85,8 @@ def cmd_prune(args) -> int:
     from minillm.bench.measure import peak_memory
     from minillm.data import calibration_windows, describe_calibration
     from minillm.files import check_output_dir
-    from minillm.prune import check_sparsity, max_positions
+    from minillm.prune import check_sparsity, max_positions, resolve_compensation
+    from minillm.reconstruct import ReconstructConfig
     from minillm.scores import check_options, get_method
 
     options = dict(args.option or [])
@@ -98,11 +99,13 @@ def cmd_prune(args) -> int:
     check_sparsity(args.sparsity)
     method = get_method(args.method)
     check_options(method, args.method, options)
+    rebuild = ReconstructConfig.parse(args.reconstruct, args.reconstruct_ridge, args.reconstruct_form)
+    resolve_compensation(args.method, method.spec, args.compensate_bias, rebuild)
     _device(args.device)
     _device(args.stream_device)
     model, tok = minillm.load_model(args.model, dtype=_dtype(args.dtype), device=args.device)
     calib, calib_info = None, None
-    if method.spec.needs_calibration:
+    if method.spec.needs_calibration or rebuild is not None:
         longest = max_positions(model.config)
         if args.calib_seqlen < 2 or (longest is not None and args.calib_seqlen > longest):
             raise ValueError(
@@ -142,6 +145,9 @@ def cmd_prune(args) -> int:
             progress=not args.quiet,
             stream_device=args.stream_device,
             compensate_bias=args.compensate_bias,
+            reconstruct=args.reconstruct,
+            reconstruct_ridge=args.reconstruct_ridge,
+            reconstruct_form=args.reconstruct_form,
             **options,
         )
     elapsed = time.perf_counter() - t0
@@ -489,7 +495,28 @@ def _add_prune(sub) -> None:
         "--compensate-bias",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="fold removed units' mean output into biases (FLAP; default: on for flap only)",
+        help="fold removed units' mean output into biases (FLAP; default: on for flap only, off with "
+        "--reconstruct)",
+    )
+    pr.add_argument(
+        "--reconstruct",
+        choices=("dense", "sequential"),
+        default=None,
+        help="refit the output projections to the kept units by least squares on the calibration data before "
+        "removal: statistics of the dense model, or layer by layer from the pruned prefix (supersedes "
+        "--compensate-bias; not with bonsai or the N:M methods)",
+    )
+    pr.add_argument(
+        "--reconstruct-ridge",
+        type=float,
+        default=None,
+        help="relative ridge of the refit, times the mean input variance (default 1e-2)",
+    )
+    pr.add_argument(
+        "--reconstruct-form",
+        choices=("centered", "uncentered"),
+        default=None,
+        help="centered: fit a bias (created where the model has none; default); uncentered: no bias, stock shape",
     )
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.set_defaults(func=cmd_prune)

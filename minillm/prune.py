@@ -174,15 +174,15 @@ def remove_units(
     mean output on `calib` into the output projections' biases (FLAP's bias compensation); `reconstruct` ('dense' |
     'sequential', with `reconstruct_ridge` and `reconstruct_form`, see `prune`) first refits the output projections
     on `calib` instead."""
-    adapter = get_adapter(model)
-    if len(keeps) != len(adapter.layers()):
-        raise ValueError(f"got keep sets for {len(keeps)} layers, the model has {len(adapter.layers())}")
     rebuild = ReconstructConfig.parse(reconstruct, reconstruct_ridge, reconstruct_form)
     if rebuild is not None and compensate_bias:
         raise ValueError(_SUPERSEDES)
+    adapter = get_adapter(model)
+    if len(keeps) != len(adapter.layers()):
+        raise ValueError(f"got keep sets for {len(keeps)} layers, the model has {len(adapter.layers())}")
     ctx = None
     if compensate_bias or rebuild is not None:
-        _check_calibration_for(model, calib, "reconstruction" if rebuild else "bias compensation", True)
+        _check_calibration_for(model, calib, "reconstruct" if rebuild else "bias compensation", True)
         ctx = ScoringContext(model, adapter, calib, progress=progress)
     with _eval_mode(model):
         _remove(model, adapter, pruning_state(model), keeps, ctx, compensate_bias, rebuild)
@@ -402,7 +402,8 @@ def _request(
 
 _SUPERSEDES = (
     "reconstruct supersedes compensate_bias: the centred refit already contains FLAP's bias compensation (its "
-    "special case for uncorrelated inputs) and the uncentred one fits without a bias; leave compensate_bias unset or False"
+    "special case for uncorrelated inputs) and the uncentred one fits without a bias; leave compensate_bias unset "
+    "or False"
 )
 
 
