@@ -369,8 +369,8 @@ def _request(
     adapter = get_adapter(model)
     m = get_method(method)
     check_options(m, method, method_options)
-    needs = method if m.spec.needs_calibration or rebuild is None else "reconstruct"
-    _check_calibration_for(model, calib, needs, m.spec.needs_calibration or rebuild is not None)
+    what = method if m.spec.needs_calibration or rebuild is None else "reconstruct"
+    _check_calibration_for(model, calib, what, m.spec.needs_calibration or rebuild is not None)
     alloc.allocation = alloc.allocation or m.spec.default_allocation
     alloc.validate(len(adapter.layers()))
     state = pruning_state(model).track(adapter)
@@ -395,9 +395,7 @@ def _request(
     if stream_device is not None:
         recorded["stream_device"] = str(stream_device)
     ctx = ScoringContext(model, adapter, calib, alloc.attention_units, seed, progress, pruning=state)
-    return _Request(
-        m, method_options, sparsity, adapter, state, ctx, alloc, bool(compensate_bias), rebuild, recorded
-    )
+    return _Request(m, method_options, sparsity, adapter, state, ctx, alloc, bool(compensate_bias), rebuild, recorded)
 
 
 _SUPERSEDES = (

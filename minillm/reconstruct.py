@@ -16,8 +16,9 @@ Sigma_xx = E[(x - mu_x)(x - mu_x)^T] and the cross-covariance Sigma_tx = E[(t - 
 with lambda = ridge * mean(diag(Sigma_xx[S, S])) (a relative ridge, so one value fits every layer's scale).
 
 **FLAP's bias compensation is the uncorrelated special case.** In dense mode (t = x) with Sigma_RS = 0 and no ridge,
-W Sigma[:, S] Sigma_SS^-1 = W_S and b' = b + W_R mu_R: exactly `minillm.compensate`. The refit therefore never
-reconstructs the calibration outputs worse than compensation (with ridge -> 0), nor than plain removal.
+W Sigma[:, S] Sigma_SS^-1 = W_S and b' = b + W_R mu_R: exactly `minillm.compensate`. In dense mode the refit
+therefore never reconstructs the calibration outputs worse than compensation (with ridge -> 0), nor than plain
+removal.
 
 **Two statistics modes.**
 
@@ -31,7 +32,9 @@ reconstructs the calibration outputs worse than compensation (with ridge -> 0), 
   - MLP output projection: the target is the unpruned projection applied to the pruned stream's own input,
     || W X + b - W'_S X_S - b' ||, X taken after this layer's attention was pruned and refit.
   On the first layer the attention refit equals dense mode's; with the attention left unpruned, the whole first
-  layer's does.
+  layer's does. Neither mode wins everywhere: on SmolLM2-135M (16 x 512 tokens) sequential beat dense after FLAP's
+  selection (50%: 65.3 vs 69.6) and lost after Wanda-SP's (50%: 107.1 vs 94.5), although there it fits the
+  calibration tokens better (their perplexity 81.5 vs 102.5): it generalises worse, not fits worse.
 
 **Two forms.** ``centered`` (above) needs a bias and creates one where the model has none (LLaMA / Gemma 3 without
 `attention_bias` / `mlp_bias`), saved and reloaded like compensation's. ``uncentered`` replaces the covariances by
@@ -39,9 +42,21 @@ the raw second moments G_xx = E[x x^T], G_tx = E[t x^T] and fits no bias, W'_S =
 lambda I)^-1 (SlimGPT's and Týr's form): no bias is created and the pruned model keeps the stock shape; an existing
 bias stays as it is.
 
-**Ridge.** Default 1e-2 (relative). Measured on SmolLM2-135M (16 x 512 calibration tokens, dense mode, FLAP's
-selection at 50%): see `DEFAULT_RIDGE`. Lower values overfit the calibration tokens (the 1536-wide MLP Gram of 8k
-tokens is well posed, but the fit then follows calibration noise), higher ones shrink W'_S towards zero.
+**Ridge.** Default 1e-2 (relative). Measured on SmolLM2-135M (fp32, 2 CPU cores, calibration seed 0, dense mode,
+centred; perplexity on the held-out novel, `perplexity_windows(tok, 512, 16)`; "before": FLAP with its bias
+compensation, Wanda-SP with plain removal):
+
+    calibration   selection       before    ridge 0   1e-3      1e-2    1e-1
+    16 x 512      FLAP 20%        31.5                29.0      28.9    30.3
+    16 x 512      FLAP 50%        164.5               69.8      69.6    78.8
+    16 x 512      Wanda-SP 50%    21,576              91.3      94.5    106.1
+    16 x 128      FLAP 50%        174.8                         87.6    94.7
+    10 x 64       FLAP 50%        236.8     3.0e7     4.8e5     672     189
+
+With 8k tokens (5x the 1536-wide MLP input) 1e-3 and 1e-2 are within 4% of each other and 1e-1 shrinks the fit too
+far (also at 2k tokens, where 1e-2 still halves compensation's perplexity). With fewer tokens than kept columns (640
+here) the fit is underdetermined and only the ridge holds it: 1e-3 and 1e-2 are then worse than compensation, 1e-1
+is not; a warning says so and asks for more tokens.
 
 **Implementation and memory.** One capture pass runs the unpruned model on every calibration batch and records the
 hidden states entering layer 0 [n_samples, seqlen, hidden] and the other arguments every decoder layer is called
@@ -50,22 +65,24 @@ tensors are shared by layers of one kind, so the references cost little). Then, 
 on the cached hidden states with forward pre-hooks on its output projections; their inputs are summed in float32
 matmuls per batch into float64 moments, the projections are refit for the layer's keep set and the next layer's
 input is computed (from the dense layer in dense mode; from the refit layer in sequential mode). The refit is
-written into the full-width weight with the removed columns set to zero, which computes exactly what the physically
-pruned layer computes; physical removal (`minillm.prune`) then slices the columns away. Memory beside the forward:
-the calibration hidden states of all tokens (one copy in dense mode, two in sequential mode, model dtype) and the
-moments of one layer at a time (d_ff^2 + d^2 float64 in dense mode; the attention's 2 d^2 and then the MLP's d_ff^2
-in sequential mode). Sequential mode costs about four layer forwards per layer and batch, dense mode one.
-Offloaded weights (accelerate) are loaded for good first (`minillm.offload.materialize`): the refit writes them.
-Layer streaming (`stream_layers`) works unchanged: each replayed layer call moves the layer as a model forward does.
+written into the full-width weight with the removed columns set to zero, which computes what the physically pruned
+layer computes (to float round-off); physical removal (`minillm.prune`) then slices the columns away. Memory beside
+the forward: the calibration hidden states of all tokens (one copy in dense mode, two in sequential mode, model
+dtype) and the moments of one layer at a time (d_ff^2 + d^2 float64 in dense mode; the attention's 2 d^2 and then
+the MLP's d_ff^2 in sequential mode). Sequential mode costs about four layer forwards per layer and batch, dense
+mode one. Offloaded weights (accelerate) are loaded for good first (`minillm.offload.materialize`): the refit writes
+them. Layer streaming (`stream_layers`) works unchanged: each replayed layer call moves the layer as a model forward
+does.
 
-References: SlimGPT (Ling et al., NeurIPS 2024: layer-wise sequential pruning with an OBS-style refit), Týr-the-Pruner
-(NeurIPS 2025: least-squares refit of the kept columns, G_SS^-1 form), FLAP (An et al., AAAI 2024: bias
-compensation, the uncorrelated special case).
+References: SlimGPT (Ling et al., NeurIPS 2024: layer-wise structured pruning, each layer's statistics from the
+pruned prefix, uncentred refit of the kept columns), Týr-the-Pruner (NeurIPS 2025: the same uncentred G_SS^-1
+refit), FLAP (An et al., AAAI 2024: bias compensation, the uncorrelated special case).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -350,6 +367,19 @@ def _sequential_mlp(
         pruned[b] = _run(layer, pruned[b], call)[0]
 
 
+def _warn_underdetermined(tokens: int, widest: int) -> None:
+    """Fewer calibration tokens than kept input columns leave the least-squares system underdetermined: only the
+    ridge holds the fit, and it follows the calibration tokens (measured in the module docstring)."""
+    if tokens <= widest:
+        warnings.warn(
+            f"reconstruct: {tokens} calibration tokens for up to {widest} kept input columns of one projection: the "
+            "refit is underdetermined and overfits the calibration tokens (on SmolLM2-135M, 640 tokens made it worse "
+            "than bias compensation); use several times more tokens (e.g. 16 windows of 512) or a larger ridge",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 @torch.no_grad()
 def reconstruct(ctx: ScoringContext, keeps: Sequence[CurrentKeep], config: ReconstructConfig) -> None:
     """Refit, in place, the output projections of every layer for the units `keeps` (one CurrentKeep per layer,
@@ -361,6 +391,7 @@ def reconstruct(ctx: ScoringContext, keeps: Sequence[CurrentKeep], config: Recon
     todo = [i for i, t in enumerate(targets) if any(p is not None for p in t)]
     if not todo:
         return
+    _warn_underdetermined(int(ctx.calib.numel()), max(p.keep.numel() for t in targets for p in t if p is not None))
     hidden, calls = capture_layer_calls(ctx.model, layers, ctx.batches())
     pruned = list(hidden)  # sequential mode's pruned stream; `hidden` is the dense stream
     steps = tqdm(range(todo[-1] + 1), desc=f"reconstruction ({config.mode})", disable=not ctx.progress, leave=False)

@@ -326,6 +326,12 @@ def test_reconstruct_needs_calibration_even_for_data_free_methods(tiny):
         minillm.remove_units(tiny("tiny-llama"), [], _calib(), compensate_bias=True, reconstruct="dense")
 
 
+def test_fewer_calibration_tokens_than_kept_columns_warn(tiny):
+    model, calib = tiny("tiny-llama"), _calib(2, 8)  # 16 tokens; 48 MLP channels, about 29 kept
+    with pytest.warns(UserWarning, match="16 calibration tokens .* underdetermined"):
+        minillm.prune(model, "wanda_sp", 0.4, calib, reconstruct="dense", progress=False)
+
+
 def test_offloaded_model_refits_like_in_memory(tmp_path, tokens):
     build_random("tiny-llama").save_pretrained(tmp_path / "dense")
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
