@@ -91,6 +91,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import Adapter
+from .layerwise import Call, Moments, capture_layer_calls, run_layer
 from .offload import materialize
 from .scores.common import ScoringContext
 from .surgery import CurrentKeep
@@ -132,57 +133,6 @@ class ReconstructConfig:
 
 
 # --- statistics and the solve ---------------------------------------------------------------------------------------
-
-
-def _gram(rows: int, cols: int, device: torch.device) -> torch.Tensor:
-    """A zero float64 moment matrix [rows, cols] (one place that allocates them, so tests can count the live ones)."""
-    return torch.zeros(rows, cols, dtype=torch.float64, device=device)
-
-
-@dataclass
-class Moments:
-    """Token sums of one projection's input, float64: x [d] is the input the refit projection sees, t [d] the
-    input whose unpruned output is the target (None fields: t = x). n: tokens summed."""
-
-    sum_x: torch.Tensor  # [d]
-    xx: torch.Tensor  # [d, d], sum of x x^T
-    sum_t: torch.Tensor | None = None  # [d]
-    tx: torch.Tensor | None = None  # [d, d], sum of t x^T
-    n: int = 0
-
-    @classmethod
-    def zeros(cls, d: int, device: torch.device, cross: bool = False) -> Moments:
-        # MPS has no float64: the moments then live in CPU memory
-        device = torch.device("cpu") if device.type == "mps" else device
-        vec = torch.zeros(d, dtype=torch.float64, device=device)
-        if not cross:
-            return cls(vec, _gram(d, d, device))
-        return cls(vec, _gram(d, d, device), vec.clone(), _gram(d, d, device))
-
-    def add(self, x: torch.Tensor, t: torch.Tensor | None = None) -> None:
-        """Add the tokens of one batch: x (and t, same shape, in cross mode) [..., d], any float dtype."""
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        dev = self.xx.device
-        self.xx += (x.T @ x).to(dev, torch.float64)
-        self.sum_x += x.sum(0).to(dev, torch.float64)
-        if self.tx is not None:
-            t = t.detach().reshape(-1, t.shape[-1]).float()
-            self.tx += (t.T @ x).to(dev, torch.float64)
-            self.sum_t += t.sum(0).to(dev, torch.float64)
-        self.n += x.shape[0]
-
-    def second_moments(self, centered: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(S_xx [d, d], S_tx [d, d], mu_x [d], mu_t [d]) per token: covariances when `centered`, else raw
-        second moments."""
-        n = max(self.n, 1)
-        mu_x = self.sum_x / n
-        mu_t = mu_x if self.sum_t is None else self.sum_t / n
-        sxx = self.xx / n
-        stx = sxx if self.tx is None else self.tx / n
-        if centered:
-            sxx = sxx - torch.outer(mu_x, mu_x)
-            stx = stx - torch.outer(mu_t, mu_x)
-        return sxx, stx, mu_x, mu_t
 
 
 def _ridge_solve(a: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -236,14 +186,6 @@ class _Projection:
     keep: torch.Tensor
 
 
-@dataclass
-class _Call:
-    """The arguments one decoder layer was called with on one batch, other than the hidden states."""
-
-    args: tuple
-    kwargs: dict
-
-
 def _projections(adapter: Adapter, layer: nn.Module, keep: CurrentKeep) -> list[_Projection | None]:
     """[attention output projection, MLP output projection] of one layer, None where no input column goes."""
     shape = adapter.attention_shape(layer)
@@ -258,56 +200,6 @@ def _projections(adapter: Adapter, layer: nn.Module, keep: CurrentKeep) -> list[
     return [att, mlp]
 
 
-@torch.no_grad()
-def capture_layer_calls(
-    model: nn.Module, layers: nn.ModuleList, batches: Sequence[torch.Tensor]
-) -> tuple[list[torch.Tensor], list[list[_Call]]]:
-    """One forward of the model per batch. Returns the hidden states entering layer 0, one [B, T, hidden] per batch,
-    and per layer the arguments it was called with on each batch (references, not copies)."""
-    hidden: list[torch.Tensor] = []
-    calls: list[list[_Call]] = [[] for _ in layers]
-
-    def hook_for(i: int):
-        def hook(module, args, kwargs):
-            kwargs = dict(kwargs)
-            h = args[0] if args else kwargs.pop("hidden_states")
-            if i == 0:
-                hidden.append(h)
-            calls[i].append(_Call(tuple(args[1:]), kwargs))
-
-        return hook
-
-    handles = [layer.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        for batch in batches:
-            model.base_model(input_ids=batch, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return hidden, calls
-
-
-def _run(
-    layer: nn.Module, hidden: torch.Tensor, call: _Call, watch: Sequence[nn.Linear] = ()
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The layer's output hidden states [B, T, hidden] on one batch and the inputs [B, T, d_in] of `watch`."""
-    seen: dict[int, torch.Tensor] = {}
-
-    def recorder(k: int):
-        def hook(module, args):
-            seen[k] = args[0]
-
-        return hook
-
-    handles = [lin.register_forward_pre_hook(recorder(k)) for k, lin in enumerate(watch)]
-    try:
-        out = layer(hidden, *call.args, **call.kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    return (out[0] if isinstance(out, tuple) else out), [seen[k] for k in range(len(watch))]
-
-
 def _refit(p: _Projection, moments: Moments, config: ReconstructConfig) -> None:
     w_s, delta = refit_columns(p.linear.weight, moments, p.keep, config.ridge, config.form == "centered")
     write_refit(p.linear, p.keep, w_s, delta)
@@ -317,14 +209,14 @@ def _dense_layer(
     layer: nn.Module,
     targets: list[_Projection | None],
     hidden: list[torch.Tensor],
-    calls: list[_Call],
+    calls: list[Call],
     config: ReconstructConfig,
 ) -> None:
     """Dense mode, one layer: statistics of the dense stream, refit, and `hidden` advanced through the dense layer."""
     projs = [p for p in targets if p is not None]
     moments = [Moments.zeros(p.linear.in_features, hidden[0].device) for p in projs]
     for b, call in enumerate(calls):
-        hidden[b], inputs = _run(layer, hidden[b], call, [p.linear for p in projs])
+        hidden[b], inputs = run_layer(layer, hidden[b], call, [p.linear for p in projs])
         for m, x in zip(moments, inputs):
             m.add(x)
     for p, m in zip(projs, moments):
@@ -336,35 +228,35 @@ def _sequential_attention(
     att: _Projection | None,
     dense: list[torch.Tensor],
     pruned: list[torch.Tensor],
-    calls: list[_Call],
+    calls: list[Call],
     config: ReconstructConfig,
 ) -> None:
     """Sequential mode, attention: fit the pruned stream's projection input to the dense layer's output (cross
     moments of the two streams); `dense` is advanced through the dense layer on the way."""
     if att is None:
         for b, call in enumerate(calls):
-            dense[b] = _run(layer, dense[b], call)[0]
+            dense[b] = run_layer(layer, dense[b], call)[0]
         return
     moments = Moments.zeros(att.linear.in_features, dense[0].device, cross=True)
     for b, call in enumerate(calls):
-        dense[b], (t,) = _run(layer, dense[b], call, [att.linear])
-        _, (x,) = _run(layer, pruned[b], call, [att.linear])
+        dense[b], (t,) = run_layer(layer, dense[b], call, [att.linear])
+        _, (x,) = run_layer(layer, pruned[b], call, [att.linear])
         moments.add(x, t)
     _refit(att, moments, config)
 
 
 def _sequential_mlp(
-    layer: nn.Module, mlp: _Projection | None, pruned: list[torch.Tensor], calls: list[_Call], config: ReconstructConfig
+    layer: nn.Module, mlp: _Projection | None, pruned: list[torch.Tensor], calls: list[Call], config: ReconstructConfig
 ) -> None:
     """Sequential mode, MLP: fit the unpruned projection on the pruned stream's own input (after this layer's
     refit attention); then `pruned` is advanced through the refit layer."""
     if mlp is not None:
         moments = Moments.zeros(mlp.linear.in_features, pruned[0].device)
         for b, call in enumerate(calls):
-            moments.add(_run(layer, pruned[b], call, [mlp.linear])[1][0])
+            moments.add(run_layer(layer, pruned[b], call, [mlp.linear])[1][0])
         _refit(mlp, moments, config)
     for b, call in enumerate(calls):
-        pruned[b] = _run(layer, pruned[b], call)[0]
+        pruned[b] = run_layer(layer, pruned[b], call)[0]
 
 
 def _warn_underdetermined(tokens: int, widest: int) -> None:

@@ -9,6 +9,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import minillm
+import minillm.layerwise as layerwise
 import minillm.reconstruct as rec
 from minillm.__main__ import main
 from minillm.adapters import get_adapter
@@ -182,13 +183,13 @@ def test_replayed_layer_calls_reproduce_the_model_forward(tiny):
     """Gemma 3's sliding and global layers get different masks: each layer is replayed with its own arguments."""
     model, calib = tiny("tiny-gemma3"), _calib(4, 16)  # window 4 < 16 tokens
     layers = get_adapter(model).layers()
-    hidden, calls = rec.capture_layer_calls(model, layers, [calib])
+    hidden, calls = layerwise.capture_layer_calls(model, layers, [calib])
     with torch.no_grad():
         expected = model.base_model(input_ids=calib, output_hidden_states=True).hidden_states
         h = hidden[0]
         for i, layer in enumerate(layers):
             assert torch.equal(h, expected[i]), i
-            h = rec._run(layer, h, calls[i][0])[0]
+            h = layerwise.run_layer(layer, h, calls[i][0])[0]
 
 
 # --- 4. sequential vs dense statistics ---------------------------------------------------------------------------
@@ -271,7 +272,7 @@ def test_moments_of_one_layer_at_a_time(tiny, monkeypatch, mode):
     adapter = get_adapter(model)
     keeps = _keeps(model, calib)
     live, peak, count = [], [0], [0]
-    allocate = rec._gram
+    allocate = layerwise._gram
 
     def tracked(rows, cols, device):
         t = allocate(rows, cols, device)
@@ -280,7 +281,7 @@ def test_moments_of_one_layer_at_a_time(tiny, monkeypatch, mode):
         peak[0] = max(peak[0], sum(r().numel() * 8 for r in live if r() is not None))
         return t
 
-    monkeypatch.setattr(rec, "_gram", tracked)
+    monkeypatch.setattr(layerwise, "_gram", tracked)
     minillm.remove_units(model, keeps, calib, reconstruct=mode, progress=False)
     d_att, d_ff = 6 * 8, 64
     n_layers = len(adapter.layers())

@@ -1,0 +1,126 @@
+"""Layer by layer over calibration batches: one capture pass records what enters every decoder layer, then each
+layer is replayed on its own with hooks on chosen linears, and their inputs are summed into float64 moments.
+
+Shared by the least-squares refit (`minillm.reconstruct`) and the structured-OBS scores (`minillm.scores.obs`), so
+that both hold the moments of one layer at a time: the memory beside the forward is one layer's Gram matrices, not
+the model's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def _gram(rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """A zero float64 moment matrix [rows, cols] (one place that allocates them, so tests can count the live ones)."""
+    return torch.zeros(rows, cols, dtype=torch.float64, device=device)
+
+
+@dataclass
+class Moments:
+    """Token sums of one projection's input, float64: x [d] is the input the refit projection sees, t [d] the
+    input whose unpruned output is the target (None fields: t = x). n: tokens summed."""
+
+    sum_x: torch.Tensor  # [d]
+    xx: torch.Tensor  # [d, d], sum of x x^T
+    sum_t: torch.Tensor | None = None  # [d]
+    tx: torch.Tensor | None = None  # [d, d], sum of t x^T
+    n: int = 0
+
+    @classmethod
+    def zeros(cls, d: int, device: torch.device, cross: bool = False) -> Moments:
+        # MPS has no float64: the moments then live in CPU memory
+        device = torch.device("cpu") if device.type == "mps" else device
+        vec = torch.zeros(d, dtype=torch.float64, device=device)
+        if not cross:
+            return cls(vec, _gram(d, d, device))
+        return cls(vec, _gram(d, d, device), vec.clone(), _gram(d, d, device))
+
+    def add(self, x: torch.Tensor, t: torch.Tensor | None = None) -> None:
+        """Add the tokens of one batch: x (and t, same shape, in cross mode) [..., d], any float dtype."""
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        dev = self.xx.device
+        self.xx += (x.T @ x).to(dev, torch.float64)
+        self.sum_x += x.sum(0).to(dev, torch.float64)
+        if self.tx is not None:
+            t = t.detach().reshape(-1, t.shape[-1]).float()
+            self.tx += (t.T @ x).to(dev, torch.float64)
+            self.sum_t += t.sum(0).to(dev, torch.float64)
+        self.n += x.shape[0]
+
+    def second_moments(self, centered: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(S_xx [d, d], S_tx [d, d], mu_x [d], mu_t [d]) per token: covariances when `centered`, else raw
+        second moments."""
+        n = max(self.n, 1)
+        mu_x = self.sum_x / n
+        mu_t = mu_x if self.sum_t is None else self.sum_t / n
+        sxx = self.xx / n
+        stx = sxx if self.tx is None else self.tx / n
+        if centered:
+            sxx = sxx - torch.outer(mu_x, mu_x)
+            stx = stx - torch.outer(mu_t, mu_x)
+        return sxx, stx, mu_x, mu_t
+
+
+@dataclass
+class Call:
+    """The arguments one decoder layer was called with on one batch, other than the hidden states."""
+
+    args: tuple
+    kwargs: dict
+
+
+@torch.no_grad()
+def capture_layer_calls(
+    model: nn.Module, layers: nn.ModuleList, batches: Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[list[Call]]]:
+    """One forward of the model per batch. Returns the hidden states entering layer 0, one [B, T, hidden] per batch,
+    and per layer the arguments it was called with on each batch (references, not copies)."""
+    hidden: list[torch.Tensor] = []
+    calls: list[list[Call]] = [[] for _ in layers]
+
+    def hook_for(i: int):
+        def hook(module, args, kwargs):
+            kwargs = dict(kwargs)
+            h = args[0] if args else kwargs.pop("hidden_states")
+            if i == 0:
+                hidden.append(h)
+            calls[i].append(Call(tuple(args[1:]), kwargs))
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for batch in batches:
+            model.base_model(input_ids=batch, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return hidden, calls
+
+
+def run_layer(
+    layer: nn.Module, hidden: torch.Tensor, call: Call, watch: Sequence[nn.Linear] = ()
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The layer's output hidden states [B, T, hidden] on one batch and the inputs [B, T, d_in] of `watch`."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def recorder(k: int):
+        def hook(module, args):
+            seen[k] = args[0]
+
+        return hook
+
+    handles = [lin.register_forward_pre_hook(recorder(k)) for k, lin in enumerate(watch)]
+    try:
+        out = layer(hidden, *call.args, **call.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return (out[0] if isinstance(out, tuple) else out), [seen[k] for k in range(len(watch))]
+
+
