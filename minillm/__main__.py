@@ -99,7 +99,9 @@ def cmd_prune(args) -> int:
     check_sparsity(args.sparsity)
     method = get_method(args.method)
     check_options(method, args.method, options)
-    rebuild = ReconstructConfig.parse(args.reconstruct, args.reconstruct_ridge, args.reconstruct_form)
+    rebuild = ReconstructConfig.for_method(
+        method.spec.default_reconstruct, args.reconstruct, args.reconstruct_ridge, args.reconstruct_form
+    )
     resolve_compensation(args.method, method.spec, args.compensate_bias, rebuild)
     _device(args.device)
     _device(args.stream_device)
@@ -500,11 +502,12 @@ def _add_prune(sub) -> None:
     )
     pr.add_argument(
         "--reconstruct",
-        choices=("dense", "sequential"),
+        choices=("dense", "sequential", "none"),
         default=None,
         help="refit the output projections to the kept units by least squares on the calibration data before "
         "removal: statistics of the dense model, or layer by layer from the pruned prefix (supersedes "
-        "--compensate-bias; not with bonsai or the N:M methods)",
+        "--compensate-bias; not with bonsai or the N:M methods); default: the method's own (dense for obs, none "
+        "for the others)",
     )
     pr.add_argument(
         "--reconstruct-ridge",

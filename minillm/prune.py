@@ -174,7 +174,7 @@ def remove_units(
     mean output on `calib` into the output projections' biases (FLAP's bias compensation); `reconstruct` ('dense' |
     'sequential', with `reconstruct_ridge` and `reconstruct_form`, see `prune`) first refits the output projections
     on `calib` instead."""
-    rebuild = ReconstructConfig.parse(reconstruct, reconstruct_ridge, reconstruct_form)
+    rebuild = ReconstructConfig.for_method(None, reconstruct, reconstruct_ridge, reconstruct_form)
     if rebuild is not None and compensate_bias:
         raise ValueError(_SUPERSEDES)
     adapter = get_adapter(model)
@@ -295,7 +295,8 @@ def prune(
     compensation; default: the method's declared default, on for flap only; off with `reconstruct`).
     reconstruct: refit the output projections to the kept units by least squares on `calib` before removal
     (minillm.reconstruct): 'dense' (statistics of the unpruned model) or 'sequential' (layer by layer, from the
-    model already pruned and refit up to that layer); None (default) refits nothing. It supersedes
+    model already pruned and refit up to that layer); None (default): the method's declared default (a refit for
+    obs, none for the others); 'none' or False: no refit. It supersedes
     `compensate_bias` (the centred refit contains it; an explicit compensate_bias=True is refused) and applies to
     methods with one removal step after scoring (not Bonsai or the N:M baselines).
     reconstruct_ridge: relative ridge of the refit (default minillm.reconstruct.DEFAULT_RIDGE).
@@ -321,7 +322,9 @@ def prune(
         precomputed=scores is not None,
         stream_device=stream_device,
         compensate_bias=compensate_bias,
-        rebuild=ReconstructConfig.parse(reconstruct, reconstruct_ridge, reconstruct_form),
+        rebuild=ReconstructConfig.for_method(
+            get_method(method).spec.default_reconstruct, reconstruct, reconstruct_ridge, reconstruct_form
+        ),
     )
     previous = req.state.plan
     t0 = time.perf_counter()
@@ -421,6 +424,20 @@ def resolve_compensation(
     if rebuild is not None:
         return False
     return spec.default_compensate_bias if compensate_bias is None else bool(compensate_bias)
+
+
+def changes_weights(method: str, prune_options: dict) -> bool:
+    """Whether pruning with these `prune` keywords writes weights beyond slicing them (bias compensation or a
+    least-squares refit, by request or by the method's default), so that the kept indices alone cannot rebuild the
+    pruned model."""
+    spec = get_method(method).spec
+    rebuild = ReconstructConfig.for_method(
+        spec.default_reconstruct,
+        prune_options.get("reconstruct"),
+        prune_options.get("reconstruct_ridge"),
+        prune_options.get("reconstruct_form"),
+    )
+    return rebuild is not None or resolve_compensation(method, spec, prune_options.get("compensate_bias"), rebuild)
 
 
 def _score_allocate_remove(req: _Request, scores: list | None, t0: float) -> list[dict]:

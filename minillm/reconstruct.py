@@ -5,18 +5,24 @@ BLOOM `dense`, `dense_4h_to_h`), W [m, d], x [d] its input, S the input columns 
 heads' columns of the attention projection, the kept channels of the MLP projection) and R the removed ones, the
 refit chooses W'_S [m, |S|] and b' [m] to minimise, over the N calibration tokens,
 
-    sum_tokens || (W t + b) - (W'_S x_S + b') ||^2
+    sum_tokens || (W t + b) - (W'_S x_S + b') ||^2  +  N lambda || W'_S - W_S ||^2
 
 where x is the input the pruned layer sees and t the input whose unpruned output is the target (t = x except for
 the attention projection in sequential mode, below). With means mu_x, mu_t, the centred covariance
 Sigma_xx = E[(x - mu_x)(x - mu_x)^T] and the cross-covariance Sigma_tx = E[(t - mu_t)(x - mu_x)^T], the solution is
 
-    W'_S = W Sigma_tx[:, S] (Sigma_xx[S, S] + lambda I)^-1        b' = b + W mu_t - W'_S mu_x[S]
+    W'_S = (W Sigma_tx[:, S] + lambda W_S) (Sigma_xx[S, S] + lambda I)^-1        b' = b + W mu_t - W'_S mu_x[S]
 
-with lambda = ridge * mean(diag(Sigma_xx[S, S])) (a relative ridge, so one value fits every layer's scale).
+with lambda = ridge * mean(diag(Sigma_xx)) (a relative ridge, so one value fits every layer's scale). In dense mode
+this is W'_S = W_S + W_R Sigma_RS (Sigma_SS + lambda I)^-1: the ridge pulls the kept columns towards their original
+weights, so lambda -> infinity gives back FLAP's bias compensation (below) and lambda = 0 the plain least-squares
+refit. These are the weights of the greedy structured-OBS removal (`minillm.scores.obs`) for the same kept set, and
+Týr-the-Pruner's refit (held to it in `tests/peers/test_obs_peer.py`). The issue that asked for this refit wrote the
+ridge towards zero, W Sigma[:, S] (Sigma_SS + lambda I)^-1; that form shrinks even a layer that loses nothing
+(W Sigma (Sigma + lambda I)^-1 != W) and, with few tokens, overfits unless lambda is large (measured below).
 
-**FLAP's bias compensation is the uncorrelated special case.** In dense mode (t = x) with Sigma_RS = 0 and no ridge,
-W Sigma[:, S] Sigma_SS^-1 = W_S and b' = b + W_R mu_R: exactly `minillm.compensate`. In dense mode the refit
+**FLAP's bias compensation is the uncorrelated special case.** In dense mode (t = x) with Sigma_RS = 0 (any ridge),
+W'_S = W_S and b' = b + W_R mu_R: exactly `minillm.compensate`. In dense mode the refit
 therefore never reconstructs the calibration outputs worse than compensation (with ridge -> 0), nor than plain
 removal.
 
@@ -38,8 +44,8 @@ removal.
 
 **Two forms.** ``centered`` (above) needs a bias and creates one where the model has none (LLaMA / Gemma 3 without
 `attention_bias` / `mlp_bias`), saved and reloaded like compensation's. ``uncentered`` replaces the covariances by
-the raw second moments G_xx = E[x x^T], G_tx = E[t x^T] and fits no bias, W'_S = W G_tx[:, S] (G_xx[S, S] +
-lambda I)^-1 (SlimGPT's and Týr's form): no bias is created and the pruned model keeps the stock shape; an existing
+the raw second moments G_xx = E[x x^T], G_tx = E[t x^T] and fits no bias, W'_S = (W G_tx[:, S] + lambda W_S)
+(G_xx[S, S] + lambda I)^-1 (SlimGPT's and Týr's form): no bias is created and the pruned model keeps the stock shape; an existing
 bias stays as it is.
 
 **Ridge.** Default 1e-2 (relative). Measured on SmolLM2-135M (fp32, 2 CPU cores, calibration seed 0, dense mode,
@@ -98,7 +104,7 @@ from .surgery import CurrentKeep
 
 MODES = ("dense", "sequential")
 FORMS = ("centered", "uncentered")
-#: relative ridge: lambda = DEFAULT_RIDGE * mean(diag(Sigma_SS))
+#: relative ridge: lambda = DEFAULT_RIDGE * mean(diag(Sigma))
 DEFAULT_RIDGE = 1e-2
 
 
@@ -128,6 +134,18 @@ class ReconstructConfig:
             raise ValueError(f"reconstruct_ridge must be a finite number >= 0, got {ridge!r}")
         return cls(mode, float(ridge), form)
 
+    @classmethod
+    def for_method(
+        cls, default: str | None, mode: str | bool | None, ridge: float | None = None, form: str | None = None
+    ) -> ReconstructConfig | None:
+        """As `parse`, with `mode` None meaning the method's `default` (its MethodSpec.default_reconstruct) and
+        'none' or False meaning no refit even where the method refits by default."""
+        if mode is None:
+            mode = default
+        elif mode is False or mode == "none":
+            mode = None
+        return cls.parse(mode, ridge, form)
+
     def to_json(self) -> dict:
         return {"mode": self.mode, "ridge": self.ridge, "form": self.form}
 
@@ -135,12 +153,12 @@ class ReconstructConfig:
 # --- statistics and the solve ---------------------------------------------------------------------------------------
 
 
-def _ridge_solve(a: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
-    """rhs (a + lambda I)^-1 for symmetric PSD a [k, k], rhs [m, k], lambda = ridge * mean(diag(a)). A singular
-    system (ridge 0 and dead columns) falls back to the pseudo-inverse: a minimum-norm least-squares solution."""
+def _ridge_solve(a: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:
+    """rhs (a + lam I)^-1 for symmetric PSD a [k, k], rhs [m, k]. A singular system (lam 0 and dead columns) falls
+    back to the pseudo-inverse: a minimum-norm least-squares solution."""
     if a.shape[0] == 0:
         return rhs
-    a = a + ridge * a.diagonal().mean() * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    a = a + lam * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
         return torch.cholesky_solve(rhs.T, chol).T
@@ -151,12 +169,14 @@ def refit_columns(
     weight: torch.Tensor, moments: Moments, keep: torch.Tensor, ridge: float, centered: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The least-squares refit of one projection (module docstring): weight W [m, d], keep S [k] (long, input
-    columns). Returns W'_S [m, k] and the bias change b' - b [m] (None for the uncentred form), float64 on the
-    moments' device."""
+    columns). W'_S = (W S_tx[:, S] + lambda W_S) (S_xx[S, S] + lambda I)^-1 with lambda = ridge * mean(diag(S_xx)):
+    the ridge pulls the kept columns towards their original weights. Returns W'_S [m, k] and the bias change
+    b' - b [m] (None for the uncentred form), float64 on the moments' device."""
     sxx, stx, mu_x, mu_t = moments.second_moments(centered)
     keep = keep.to(sxx.device)
     w = weight.detach().to(sxx.device, torch.float64)
-    w_s = _ridge_solve(sxx[keep][:, keep], w @ stx[:, keep], ridge)
+    lam = ridge * float(sxx.diagonal().mean()) if sxx.shape[0] else 0.0
+    w_s = _ridge_solve(sxx[keep][:, keep], w @ stx[:, keep] + lam * w[:, keep], lam)
     delta = w @ mu_t - w_s @ mu_x[keep] if centered else None
     return w_s, delta
 

@@ -248,6 +248,7 @@ def estimate_profile(cfg: dict, hw: dict = H100, sections: list[str] | None = No
     if any(s in cfg for s in ("accuracy", "ablations", "recovery")):
         tok = _tokenizer(model)
     from minillm.artifact.experiments import seed_replicates
+    from minillm.prune import changes_weights
     from minillm.scores import get_method
 
     for section in ("accuracy", "ablations"):
@@ -270,7 +271,7 @@ def estimate_profile(cfg: dict, hw: dict = H100, sections: list[str] | None = No
         for entry, item_exp, s, kls in by_group.values():
             resolved = resolved_entry(acc, entry)
             po = resolved["prune_options"]
-            compensate = po.get("compensate_bias", get_method(entry["method"]).spec.default_compensate_bias)
+            compensate = changes_weights(entry["method"], po)
             total = Cost()
             if compensate:  # the accuracy record cannot be reused: pruned again
                 c = resolved["calibration"]

@@ -22,7 +22,7 @@ from minillm.data import calibration_windows, describe_calibration, perplexity_w
 from minillm.evaluate import perplexity, zeroshot
 from minillm.files import temporary_directory, write_json_atomic
 from minillm.models import load_model
-from minillm.prune import prune, score
+from minillm.prune import changes_weights, prune, score
 from minillm.scores import get_method
 
 log = logging.getLogger(__name__)
@@ -794,7 +794,8 @@ def _free_device() -> None:
 def _reuse_accuracy_plan(base, acc_file: Path, entry: dict, prune_options: dict, calib_info: dict, sparsity: float):
     """Rebuild the pruned model of an existing accuracy record from its kept indices instead of scoring again (FMS
     and Bonsai take minutes on CPU). Only when the record was made with the same method settings and calibration,
-    and without bias compensation (its bias values are not in the record). Returns the plan, or None."""
+    and without bias compensation or a refit (the weights they write are not in the record). Returns the plan, or
+    None."""
     from minillm.adapters import get_adapter
     from minillm.plan import OriginalKeep
     from minillm.prune import make_plan
@@ -805,7 +806,7 @@ def _reuse_accuracy_plan(base, acc_file: Path, entry: dict, prune_options: dict,
         return None
     method, options = entry["method"], entry.get("options", {})
     rc = record["config"]
-    compensate = prune_options.get("compensate_bias", get_method(method).spec.default_compensate_bias)
+    compensate = changes_weights(method, prune_options)
     same = (
         rc.get("method") == method
         and rc.get("options") == options

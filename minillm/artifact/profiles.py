@@ -136,6 +136,9 @@ class PruneOptions(_Section):
     skip_layers: list[NonNegInt] = ABSENT
     round_to: PosInt = ABSENT
     compensate_bias: bool = ABSENT
+    reconstruct: Literal["dense", "sequential", "none"] = ABSENT
+    reconstruct_ridge: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = ABSENT
+    reconstruct_form: Literal["centered", "uncentered"] = ABSENT
 
 
 class MethodEntry(_Section):

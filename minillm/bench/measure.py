@@ -174,7 +174,17 @@ def memory_step(
 
 
 # prune() keywords that belong to allocation and removal, not to scoring (see prune.prune)
-_PRUNE_ONLY = {"allocation", "targets", "skip_layers", "round_to", "calibration", "compensate_bias"}
+_PRUNE_ONLY = {
+    "allocation",
+    "targets",
+    "skip_layers",
+    "round_to",
+    "calibration",
+    "compensate_bias",
+    "reconstruct",
+    "reconstruct_ridge",
+    "reconstruct_form",
+}
 
 
 def _separate_scoring(method: str, options: dict) -> bool:

@@ -26,6 +26,7 @@ METHODS = {
     "bonsai": "bonsai",
     "wanda_24": "wanda_24",
     "magnitude_24": "magnitude_24",
+    "obs": "obs",
 }
 
 
@@ -39,7 +40,8 @@ class MethodSpec:
         loaded for good first; a bool, or a function of the method's options when only some variants do.
     scores_and_removes: removes units itself (module defines `run`, not `score`): precomputed scores and bias
         compensation do not apply.
-    default_allocation, default_compensate_bias: defaults of `prune`'s `allocation` and `compensate_bias`.
+    default_allocation, default_compensate_bias, default_reconstruct: defaults of `prune`'s `allocation`,
+        `compensate_bias` and `reconstruct` (None: no refit).
     """
 
     needs_calibration: bool
@@ -48,6 +50,7 @@ class MethodSpec:
     scores_and_removes: bool = False
     default_allocation: str = "uniform"
     default_compensate_bias: bool = False
+    default_reconstruct: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,192 @@
+"""`obs`: structured Optimal Brain Surgeon scores that are consistent with the least-squares refit, minillm's own
+forward-only method. It scores a unit by the error that the refit of `minillm.reconstruct` leaves behind when the
+unit is removed, not by a proxy for it, and it prunes with that refit (`reconstruct='dense'` by default).
+
+**The cost of removing a block.** For an output projection y = W x + b (o_proj / down_proj and equivalents) with
+input second-moment matrix H = Sigma + lambda I on the calibration tokens (Sigma the centred covariance, or the raw
+Gram E[x x^T] with `form='uncentered'`; lambda = ridge * mean(diag(Sigma))), removing the input columns B of one
+unit (an MLP channel: one column; a query head: its head_dim columns; a KV group: the columns of all its query
+heads) and refitting the others by least squares raises the mean squared output error by exactly
+
+    dE_B = tr(W_B ([H^-1]_BB)^-1 W_B^T)
+
+and the optimal change of the surviving columns is W <- W - W_B ([H^-1]_BB)^-1 [H^-1]_B,: (Hassibi & Stork's OBS
+for a block; SlimGPT's per-head "grouped" error and per-column error; Týr-the-Pruner's `local_prune_core`). The
+inverse then loses the block by its Schur complement, H^-1 <- H^-1 - [H^-1]_:,B ([H^-1]_BB)^-1 [H^-1]_B,:.
+
+**Greedy order per projection.** All units of a projection are removed greedily, in at most `batches` batches (the
+cheapest ones first, the costs recomputed after every batch with the weights and the inverse updated), down to the
+last unit. The *order* is the method's ranking within a layer; a unit's score is the cumulative error once it is
+gone (monotone along the order, so removing the k lowest scores of a layer is the greedy removal of k units), and the
+refit of the kept units (`minillm.reconstruct`, dense mode, same form and ridge) writes exactly the greedy OBS
+weights W_S + W_R H_RS (H_SS)^-1, both being the ridge-to-original least-squares solution for that set.
+
+**Across layers.** `normalize='output'` (default) divides the scores of a projection by its output energy
+tr(W Sigma W^T) (tr(W G W^T) uncentred), so that the scores are relative errors; with `allocation='global'`
+(default) one threshold tau is applied to every projection of every layer: each loses units until the refit's
+relative error would pass tau, which equalises the relative output error of the projections. `normalize='none'`
+compares absolute errors (the projections of every layer write to residual streams of very different scales, which
+this ignores); `allocation='uniform'` keeps the greedy order within each layer at the same fraction everywhere.
+
+**Cost.** One capture forward of the calibration batches, then one replay of every decoder layer on them with the
+output projections' inputs summed into float64 moments, one layer at a time (memory: d_ff^2 + d^2 float64 beside
+the forward, as dense reconstruction); per projection one Cholesky inverse of H and at most `batches` rank-|B|
+updates, O(d^3). The refit that follows is a second such pass (`minillm.reconstruct`).
+
+References: Hassibi & Stork (NeurIPS 1992, Optimal Brain Surgeon); Frantar & Alistarh (OBC, NeurIPS 2022; SparseGPT,
+ICML 2023: the inverse update); SlimGPT (Ling et al., NeurIPS 2024: structured OBS for heads and FFN columns with
+greedy batches and a least-squares refit); Týr-the-Pruner (NeurIPS 2025: the same block cost and refit).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from ..allocate import LayerScores
+from ..layerwise import Moments, capture_layer_calls, run_layer
+from ..offload import loaded
+from . import MethodSpec
+from .common import ScoringContext
+
+SPEC = MethodSpec(
+    needs_calibration=True, default_allocation="global", default_reconstruct="dense", default_compensate_bias=False
+)
+NORMALIZE = ("output", "none")
+FORMS = ("centered", "uncentered")
+#: relative ridge of the OBS inverse (the refit's default, minillm.reconstruct.DEFAULT_RIDGE)
+RIDGE = 1e-2
+
+
+def _inverse(h: torch.Tensor, ridge: float) -> torch.Tensor:
+    """(h + lambda I)^-1 for symmetric PSD h, lambda = ridge * mean(diag(h)); a dead column (zero variance) gets a
+    tiny lambda so that the inverse exists."""
+    d = h.shape[0]
+    lam = ridge * float(h.diagonal().mean()) if d else 0.0
+    lam = max(lam, 1e-12 * max(float(h.diagonal().max()) if d else 0.0, 1e-30))
+    a = h + lam * torch.eye(d, dtype=h.dtype, device=h.device)
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0:
+        return torch.linalg.pinv(a, hermitian=True)
+    return torch.cholesky_inverse(chol)
+
+
+def _block_costs(w: torch.Tensor, hinv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """tr(W_B ([H^-1]_BB)^-1 W_B^T) for every block, idx [U, b] (blocks of equal width b)."""
+    if idx.shape[1] == 1:  # single columns: ||W_:,j||^2 / [H^-1]_jj, without U one-by-one solves
+        cols = idx[:, 0]
+        return w[:, cols].pow(2).sum(0) / hinv.diagonal()[cols]
+    hb = hinv[idx[:, :, None], idx[:, None, :]]  # [U, b, b]
+    wb = w[:, idx].permute(1, 2, 0)  # [U, b, m]
+    return (wb * torch.linalg.solve(hb, wb)).sum((1, 2))
+
+
+def greedy_removal(
+    weight: torch.Tensor, h: torch.Tensor, blocks: torch.Tensor, ridge: float = RIDGE, batches: int = 64
+) -> tuple[list[int], torch.Tensor]:
+    """Greedy structured OBS removal of every unit of one projection.
+
+    weight W [m, d]; h [d, d] the input's second-moment matrix (covariance, or raw Gram); blocks [U, b] the input
+    columns of each unit (equal widths). Units go in at most `batches` batches, the cheapest first, the costs
+    recomputed after each batch. Returns (the units in removal order, the cumulative error [U] once each is gone,
+    per token and in the units of ||W x||^2). The cumulative error is exact for the quadratic objective with the
+    ridge: after removing a set, it equals tr((W - W') H (W - W')^T) for the refit W' of the kept columns."""
+    w = weight.detach().to(torch.float64).clone()
+    hinv = _inverse(h.to(w.device, torch.float64), ridge)
+    blocks = blocks.to(w.device)
+    n_units = blocks.shape[0]
+    per_batch = max(1, math.ceil(n_units / max(int(batches), 1)))
+    active = torch.ones(n_units, dtype=torch.bool)
+    order: list[int] = []
+    cumulative = torch.zeros(n_units, dtype=torch.float64)
+    total = 0.0
+    while active.any():
+        alive = active.nonzero().flatten()
+        costs = _block_costs(w, hinv, blocks[alive])
+        ranked = torch.argsort(costs.cpu(), stable=True)[:per_batch]
+        chosen = alive[ranked]
+        cols = blocks[chosen].reshape(-1)
+        hbb = hinv[cols][:, cols]
+        k = torch.linalg.solve(hbb, hinv[cols])  # ([H^-1]_BB)^-1 [H^-1]_B,:  [|B|, d]
+        increment = float((w[:, cols] * (w[:, cols] @ torch.linalg.inv(hbb))).sum()) if cols.numel() else 0.0
+        w -= w[:, cols] @ k
+        hinv -= hinv[:, cols] @ k
+        w[:, cols] = 0.0
+        hinv[cols] = 0.0
+        hinv[:, cols] = 0.0
+        # the batch's units get increasing scores between the error before and after it, in their own cost order
+        steps = costs[ranked].cpu().cumsum(0)
+        span = float(steps[-1]) if float(steps[-1]) > 0 else 1.0
+        for j, u in enumerate(chosen.tolist()):
+            cumulative[u] = total + max(increment, 0.0) * float(steps[j]) / span
+        total += max(increment, 0.0)
+        active[chosen.cpu()] = False
+        order += chosen.tolist()
+    return order, cumulative
+
+
+def _unit_blocks(ctx: ScoringContext, layer) -> torch.Tensor | None:
+    """[U, b] input columns of o_proj per attention unit (KV group: all its query heads' columns)."""
+    shape = ctx.adapter.attention_shape(layer)
+    if not shape.n_query_heads:
+        return None
+    heads = torch.arange(shape.n_query_heads)
+    if ctx.unit(layer) == "kv_group":
+        heads = heads.reshape(shape.n_kv_heads, shape.group_size)
+    else:
+        heads = heads[:, None]
+    cols = heads[:, :, None] * shape.head_dim + torch.arange(shape.head_dim)[None, None, :]
+    return cols.reshape(heads.shape[0], -1)
+
+
+def _scores(linear, moments: Moments, blocks: torch.Tensor, centered: bool, normalize: str, ridge, batches):
+    with loaded(linear):
+        weight = linear.weight.detach().to(moments.xx.device, torch.float64)
+    h, _, _, _ = moments.second_moments(centered)
+    order, cumulative = greedy_removal(weight, h, blocks, ridge, batches)
+    if normalize == "output":
+        energy = float((weight @ h * weight).sum())
+        cumulative = cumulative / max(energy, 1e-30)
+    return cumulative
+
+
+@torch.no_grad()
+def score(
+    ctx: ScoringContext, normalize: str = "output", form: str = "centered", ridge: float = RIDGE, batches: int = 64
+) -> list[LayerScores]:
+    """Per unit, the refit's cumulative output error once the greedy OBS order reaches it (module docstring)."""
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise ValueError(f"batches must be an integer >= 1, got {batches!r}")
+    adapter = ctx.adapter
+    layers = adapter.layers()
+    hidden, calls = capture_layer_calls(ctx.model, layers, ctx.batches())
+    out = []
+    for i in tqdm(range(len(layers)), desc="OBS scores", disable=not ctx.progress, leave=False):
+        layer = layers[i]
+        blocks = _unit_blocks(ctx, layer)
+        projs = []
+        if blocks is not None:
+            projs.append(("attention", adapter.attn_out_proj(layer), blocks))
+        n_ch = adapter.n_channels(layer)
+        if n_ch:
+            projs.append(("channels", adapter.mlp_out_proj(layer), torch.arange(n_ch)[:, None]))
+        moments = [Moments.zeros(lin.in_features, hidden[0].device) for _, lin, _ in projs]
+        for b, call in enumerate(calls[i]):
+            hidden[b], inputs = run_layer(layer, hidden[b], call, [lin for _, lin, _ in projs])
+            for m, x in zip(moments, inputs):
+                m.add(x)
+        calls[i].clear()
+        found = {
+            kind: _scores(lin, m, blk, form == "centered", normalize, ridge, batches).float()
+            for (kind, lin, blk), m in zip(projs, moments)
+        }
+        out.append(LayerScores(found.get("attention"), found.get("channels")))
+    return out

@@ -1,0 +1,105 @@
+"""The structured-OBS method (`obs`): its greedy order against brute force, its cumulative error against the refit's
+error computed directly, and the method end to end (default refit, options, allocation)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import minillm
+from minillm.scores.obs import greedy_removal
+
+
+def _problem(m=5, d=8, n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64)
+    w = torch.randn(m, d, generator=g, dtype=torch.float64)
+    return w, x.T @ x / n
+
+
+def _refit_error(w, h, ridge, removed_cols):
+    """min over W' with W'[:, removed] = 0 of tr((W - W') H_lambda (W - W')^T), solved directly."""
+    d = h.shape[0]
+    hl = h + ridge * h.diagonal().mean() * torch.eye(d, dtype=h.dtype)  # the relative ridge of obs
+    kept = [j for j in range(d) if j not in set(removed_cols)]
+    if not kept:
+        return float((w @ hl * w).sum())
+    r, s = list(removed_cols), kept
+    # W'_S = W_S + W_R H_RS H_SS^-1: the error left is W_R (H_RR - H_RS H_SS^-1 H_SR) W_R^T
+    schur = hl[r][:, r] - hl[r][:, s] @ torch.linalg.solve(hl[s][:, s], hl[s][:, r])
+    return float((w[:, r] @ schur * w[:, r]).sum())
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_cumulative_error_is_the_refit_error(width):
+    w, h = _problem()
+    blocks = torch.arange(8).reshape(-1, width)
+    order, cumulative = greedy_removal(w, h, blocks, ridge=1e-2, batches=blocks.shape[0])
+    assert sorted(order) == list(range(blocks.shape[0]))
+    for k in range(1, len(order) + 1):
+        cols = blocks[order[:k]].reshape(-1).tolist()
+        assert float(cumulative[order[k - 1]]) == pytest.approx(_refit_error(w, h, 1e-2, cols), rel=1e-6, abs=1e-9)
+    assert all(cumulative[a] <= cumulative[b] for a, b in itertools.pairwise(order))  # monotone along the order
+
+
+def test_greedy_order_matches_brute_force():
+    w, h = _problem(seed=3)
+    blocks = torch.arange(8)[:, None]
+    order, _ = greedy_removal(w, h, blocks, ridge=1e-3, batches=8)
+    removed: list[int] = []
+    for step in range(8):
+        best = min(
+            (u for u in range(8) if u not in removed), key=lambda u: _refit_error(w, h, 1e-3, removed + [u])
+        )
+        assert order[step] == best, f"step {step}"
+        removed.append(best)
+
+
+def test_batches_cover_every_unit_once():
+    w, h = _problem(m=4, d=12, seed=1)
+    order, cumulative = greedy_removal(w, h, torch.arange(12)[:, None], batches=3)
+    assert sorted(order) == list(range(12))
+    assert (cumulative >= 0).all()
+    assert all(cumulative[a] <= cumulative[b] + 1e-12 for a, b in itertools.pairwise(order))
+
+
+def test_correlated_column_is_cheap_to_remove():
+    """A column that is a copy of another costs nothing under the refit (the copy takes over), while its plain
+    variance is as large as any: the point of scoring by the conditional variance."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 4, generator=g, dtype=torch.float64)
+    x = torch.cat([x, x[:, :1]], 1)  # column 4 duplicates column 0
+    w = torch.ones(3, 5, dtype=torch.float64)
+    order, cumulative = greedy_removal(w, x.T @ x / 200, torch.arange(5)[:, None], ridge=1e-8, batches=5)
+    assert order[0] in (0, 4) and float(cumulative[order[0]]) < 1e-5
+
+
+def test_obs_prunes_with_its_refit(tiny):
+    model = tiny("tiny-llama-gqa")
+    calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    plan = minillm.prune(model, "obs", 0.3, calib, progress=False)
+    assert plan.options["reconstruct"]["mode"] == "dense" and plan.options["compensate_bias"] is False
+    assert plan.options["allocation"] == "global"
+    assert abs(plan.achieved_sparsity - 0.3) < 0.05
+    assert "reconstruct_time_s" in plan.history[-1]
+
+
+def test_obs_without_its_refit_and_uniform(tiny):
+    model = tiny("tiny-llama-gqa")
+    calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    plan = minillm.prune(
+        model, "obs", 0.3, calib, progress=False, reconstruct="none", allocation="uniform", normalize="none"
+    )
+    assert plan.options["reconstruct"] is None and plan.options["normalize"] == "none"
+
+
+@pytest.mark.parametrize(
+    "option", [{"normalize": "layer"}, {"form": "raw"}, {"ridge": -1.0}, {"ridge": float("inf")}, {"batches": 0}]
+)
+def test_obs_refuses_bad_options(tiny, option):
+    model = tiny("tiny-llama-gqa")
+    calib = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError):
+        minillm.prune(model, "obs", 0.3, calib, progress=False, **option)
