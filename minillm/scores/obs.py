@@ -26,7 +26,8 @@ tr(W Sigma W^T) (tr(W G W^T) uncentred), so that the scores are relative errors;
 (default) one threshold tau is applied to every projection of every layer: each loses units until the refit's
 relative error would pass tau, which equalises the relative output error of the projections. `normalize='none'`
 compares absolute errors (the projections of every layer write to residual streams of very different scales, which
-this ignores); `allocation='uniform'` keeps the greedy order within each layer at the same fraction everywhere.
+this ignores); `normalize='stream'` divides them by the mean squared norm of the residual stream entering the layer,
+so that the threshold is a relative perturbation of the stream; `allocation='uniform'` keeps the greedy order within each layer at the same fraction everywhere.
 
 **Cost.** One capture forward of the calibration batches, then one replay of every decoder layer on them with the
 output projections' inputs summed into float64 moments, one layer at a time (memory: d_ff^2 + d^2 float64 beside
@@ -54,7 +55,7 @@ from .common import ScoringContext
 SPEC = MethodSpec(
     needs_calibration=True, default_allocation="global", default_reconstruct="dense", default_compensate_bias=False
 )
-NORMALIZE = ("output", "none")
+NORMALIZE = ("output", "stream", "none")
 FORMS = ("centered", "uncentered")
 #: relative ridge of the OBS inverse (the refit's default, minillm.reconstruct.DEFAULT_RIDGE)
 RIDGE = 1e-2
@@ -93,37 +94,44 @@ def greedy_removal(
     recomputed after each batch. Returns (the units in removal order, the cumulative error [U] once each is gone,
     per token and in the units of ||W x||^2). The cumulative error is exact for the quadratic objective with the
     ridge: after removing a set, it equals tr((W - W') H (W - W')^T) for the refit W' of the kept columns."""
-    w = weight.detach().to(torch.float64).clone()
+    w = weight.detach().to(torch.float64)
     hinv = _inverse(h.to(w.device, torch.float64), ridge)
-    blocks = blocks.to(w.device)
-    n_units = blocks.shape[0]
+    n_units, width = blocks.shape
+    # columns reordered so that unit p's columns are p*width ... (p+1)*width - 1, the columns of no unit last; after
+    # every batch the removed units' rows and columns are dropped, so the updates shrink with the active set
+    covered = blocks.reshape(-1).to(w.device)
+    rest = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
+    rest[covered] = False
+    perm = torch.cat([covered, rest.nonzero().flatten()])
+    w, hinv = w[:, perm], hinv[perm][:, perm]
     per_batch = max(1, math.ceil(n_units / max(int(batches), 1)))
-    active = torch.ones(n_units, dtype=torch.bool)
+    alive = torch.arange(n_units)  # unit ids by position
     order: list[int] = []
     cumulative = torch.zeros(n_units, dtype=torch.float64)
     total = 0.0
-    while active.any():
-        alive = active.nonzero().flatten()
-        costs = _block_costs(w, hinv, blocks[alive])
-        ranked = torch.argsort(costs.cpu(), stable=True)[:per_batch]
-        chosen = alive[ranked]
-        cols = blocks[chosen].reshape(-1)
+    while alive.numel():
+        n_alive = alive.numel()
+        idx = torch.arange(n_alive * width, device=w.device).reshape(n_alive, width)
+        costs = _block_costs(w, hinv, idx).cpu()
+        ranked = torch.argsort(costs, stable=True)[:per_batch]
+        cols = idx[ranked.to(w.device)].reshape(-1)
         hbb = hinv[cols][:, cols]
+        increment = max(float((w[:, cols] * (w[:, cols] @ torch.linalg.inv(hbb))).sum()), 0.0)
         k = torch.linalg.solve(hbb, hinv[cols])  # ([H^-1]_BB)^-1 [H^-1]_B,:  [|B|, d]
-        increment = float((w[:, cols] * (w[:, cols] @ torch.linalg.inv(hbb))).sum()) if cols.numel() else 0.0
-        w -= w[:, cols] @ k
-        hinv -= hinv[:, cols] @ k
-        w[:, cols] = 0.0
-        hinv[cols] = 0.0
-        hinv[:, cols] = 0.0
+        w = w - w[:, cols] @ k
+        hinv = hinv - hinv[:, cols] @ k
         # the batch's units get increasing scores between the error before and after it, in their own cost order
-        steps = costs[ranked].cpu().cumsum(0)
+        steps = costs[ranked].cumsum(0)
         span = float(steps[-1]) if float(steps[-1]) > 0 else 1.0
+        chosen = alive[ranked]
         for j, u in enumerate(chosen.tolist()):
-            cumulative[u] = total + max(increment, 0.0) * float(steps[j]) / span
-        total += max(increment, 0.0)
-        active[chosen.cpu()] = False
+            cumulative[u] = total + increment * float(steps[j]) / span
+        total += increment
         order += chosen.tolist()
+        survivors = torch.ones(n_alive, dtype=torch.bool)
+        survivors[ranked] = False
+        keep = torch.cat([idx[survivors.to(w.device)].reshape(-1), torch.arange(n_alive * width, w.shape[1])])
+        w, hinv, alive = w[:, keep], hinv[keep][:, keep], alive[survivors]
     return order, cumulative
 
 
@@ -141,15 +149,15 @@ def _unit_blocks(ctx: ScoringContext, layer) -> torch.Tensor | None:
     return cols.reshape(heads.shape[0], -1)
 
 
-def _scores(linear, moments: Moments, blocks: torch.Tensor, centered: bool, normalize: str, ridge, batches):
+def _scores(linear, moments: Moments, blocks: torch.Tensor, centered: bool, scale: float | None, ridge, batches):
+    """The cumulative errors of one projection, divided by `scale` (None: by its own output energy)."""
     with loaded(linear):
         weight = linear.weight.detach().to(moments.xx.device, torch.float64)
     h, _, _, _ = moments.second_moments(centered)
     order, cumulative = greedy_removal(weight, h, blocks, ridge, batches)
-    if normalize == "output":
-        energy = float((weight @ h * weight).sum())
-        cumulative = cumulative / max(energy, 1e-30)
-    return cumulative
+    if scale is None:
+        scale = float((weight @ h * weight).sum())
+    return cumulative / max(scale, 1e-30)
 
 
 @torch.no_grad()
@@ -179,13 +187,17 @@ def score(
         if n_ch:
             projs.append(("channels", adapter.mlp_out_proj(layer), torch.arange(n_ch)[:, None]))
         moments = [Moments.zeros(lin.in_features, hidden[0].device) for _, lin, _ in projs]
+        stream, tokens = 0.0, 0
         for b, call in enumerate(calls[i]):
+            stream += float(hidden[b].double().pow(2).sum())
+            tokens += hidden[b].shape[0] * hidden[b].shape[1]
             hidden[b], inputs = run_layer(layer, hidden[b], call, [lin for _, lin, _ in projs])
             for m, x in zip(moments, inputs):
                 m.add(x)
         calls[i].clear()
+        scale = {"output": None, "stream": stream / max(tokens, 1), "none": 1.0}[normalize]
         found = {
-            kind: _scores(lin, m, blk, form == "centered", normalize, ridge, batches).float()
+            kind: _scores(lin, m, blk, form == "centered", scale, ridge, batches).float()
             for (kind, lin, blk), m in zip(projs, moments)
         }
         out.append(LayerScores(found.get("attention"), found.get("channels")))
