@@ -103,3 +103,16 @@ def test_obs_refuses_bad_options(tiny, option):
     calib = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError):
         minillm.prune(model, "obs", 0.3, calib, progress=False, **option)
+
+
+def test_flap_budget_keeps_flaps_layer_widths_with_the_obs_order(tiny):
+    """budget='flap': every layer keeps as many KV groups and channels as FLAP keeps (FLAP's global standardised
+    ranking sets the widths), and within a layer the units that go are the first of the greedy OBS order."""
+    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    flap_model, obs_model = tiny("tiny-llama-gqa"), tiny("tiny-llama-gqa")
+    flap_plan = minillm.prune(flap_model, "flap", 0.4, calib, progress=False)
+    scores = minillm.score(obs_model, "obs", calib, progress=False, budget="flap")
+    obs_plan = minillm.prune(obs_model, "obs", 0.4, calib, progress=False, scores=scores)
+    assert [len(k.kept_kv_heads) for k in obs_plan.layers] == [len(k.kept_kv_heads) for k in flap_plan.layers]
+    assert [len(k.kept_channels) for k in obs_plan.layers] == [len(k.kept_channels) for k in flap_plan.layers]
+    assert [k.kept_channels for k in obs_plan.layers] != [k.kept_channels for k in flap_plan.layers]

@@ -53,9 +53,13 @@ from . import MethodSpec
 from .common import ScoringContext
 
 SPEC = MethodSpec(
-    needs_calibration=True, default_allocation="global", default_reconstruct="dense", default_compensate_bias=False
+    needs_calibration=True,
+    default_allocation="global",
+    default_reconstruct="dense",
+    default_calibration=(32, 512),  # 16k tokens: ten times the 1536-wide MLP input of SmolLM2 (see the docstring)
 )
 NORMALIZE = ("output", "stream", "none")
+BUDGETS = ("cumulative", "flap", "cost")
 FORMS = ("centered", "uncentered")
 #: relative ridge of the OBS inverse (the refit's default, minillm.reconstruct.DEFAULT_RIDGE)
 RIDGE = 1e-2
@@ -149,12 +153,37 @@ def _unit_blocks(ctx: ScoringContext, layer) -> torch.Tensor | None:
     return cols.reshape(heads.shape[0], -1)
 
 
-def _scores(linear, moments: Moments, blocks: torch.Tensor, centered: bool, scale: float | None, ridge, batches):
-    """The cumulative errors of one projection, divided by `scale` (None: by its own output energy)."""
+def _standardised(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean()) / (x.std() + 1e-12) if x.numel() > 1 else torch.zeros_like(x)
+
+
+def _budget_signal(kind: str, weight, moments: Moments, blocks: torch.Tensor, budget: str, ridge: float):
+    """Per unit, the standardised value whose global ranking sets how many units each projection loses:
+    'flap': FLAP's fluctuation Var(X_j) ||W_:,j||^2 (attention: squared and standardised over the columns, then
+    averaged over each unit's columns; channels: standardised), 'cost': the one-shot OBS costs, standardised."""
+    if budget == "cost":
+        h, _, _, _ = moments.second_moments(centered=True)
+        idx = blocks.to(weight.device)
+        return _standardised(_block_costs(weight, _inverse(h, ridge), idx))
+    sxx, _, _, _ = moments.second_moments(centered=True)
+    metric = sxx.diagonal() * weight.pow(2).sum(0)
+    if kind == "attention":
+        return _standardised(metric.pow(2))[blocks.to(metric.device)].mean(1)
+    return _standardised(metric)
+
+
+def _scores(linear, moments: Moments, blocks, kind: str, centered: bool, scale, ridge, batches, budget: str):
+    """One projection's unit scores: the cumulative errors divided by `scale` (None: by its own output energy), or
+    with budget 'flap' / 'cost' that signal's sorted values laid along the greedy order (rank-matched)."""
     with loaded(linear):
         weight = linear.weight.detach().to(moments.xx.device, torch.float64)
     h, _, _, _ = moments.second_moments(centered)
     order, cumulative = greedy_removal(weight, h, blocks, ridge, batches)
+    if budget != "cumulative":
+        signal = _budget_signal(kind, weight, moments, blocks, budget, ridge).cpu()
+        ranked = torch.empty_like(signal)
+        ranked[torch.tensor(order)] = torch.sort(signal).values
+        return ranked
     if scale is None:
         scale = float((weight @ h * weight).sum())
     return cumulative / max(scale, 1e-30)
@@ -162,9 +191,16 @@ def _scores(linear, moments: Moments, blocks: torch.Tensor, centered: bool, scal
 
 @torch.no_grad()
 def score(
-    ctx: ScoringContext, normalize: str = "output", form: str = "centered", ridge: float = RIDGE, batches: int = 64
+    ctx: ScoringContext,
+    normalize: str = "output",
+    form: str = "centered",
+    ridge: float = RIDGE,
+    batches: int = 64,
+    budget: str = "cumulative",
 ) -> list[LayerScores]:
     """Per unit, the refit's cumulative output error once the greedy OBS order reaches it (module docstring)."""
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
     if normalize not in NORMALIZE:
         raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
     if form not in FORMS:
@@ -197,7 +233,7 @@ def score(
         calls[i].clear()
         scale = {"output": None, "stream": stream / max(tokens, 1), "none": 1.0}[normalize]
         found = {
-            kind: _scores(lin, m, blk, form == "centered", scale, ridge, batches).float()
+            kind: _scores(lin, m, blk, kind, form == "centered", scale, ridge, batches, budget).float()
             for (kind, lin, blk), m in zip(projs, moments)
         }
         out.append(LayerScores(found.get("attention"), found.get("channels")))
