@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,13 +24,18 @@ DTYPES = {
 
 
 def parse_layers(text: str | None) -> list[int]:
-    """'0-3,28,29' -> [0, 1, 2, 3, 28, 29]."""
+    """'0-3,28,29' -> [0, 1, 2, 3, 28, 29]. A reversed range ('2-0') would silently skip nothing: it is an error, as
+    is anything but non-negative integers and ranges (the model's layer count is checked by the allocation)."""
     if not text:
         return []
     out: list[int] = []
     for part in text.split(","):
-        a, _, b = part.strip().partition("-")
-        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+        a, dash, b = part.strip().partition("-")
+        if not a.isdigit() or (dash and not b.isdigit()):
+            raise ValueError(f"--skip-layers {text!r}: {part.strip()!r} is not a layer index or a range such as 0-3")
+        if dash and int(b) < int(a):
+            raise ValueError(f"--skip-layers {text!r}: the range {part.strip()!r} is empty; write it as {b}-{a}")
+        out += list(range(int(a), int(b) + 1)) if dash else [int(a)]
     return out
 
 
@@ -40,6 +47,17 @@ def parse_option(text: str) -> tuple[str, object]:
         return key.replace("-", "_"), json.loads(value)
     except json.JSONDecodeError:
         return key.replace("-", "_"), value
+
+
+def finite_float(text: str) -> float:
+    """A float flag: argparse's float() takes 'inf' and 'nan', which would make every score or loss NaN downstream."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -80,12 +98,86 @@ def _dtype(name: str | None):
     return DTYPES[name]
 
 
+def _holding_out(cmd):
+    """Lock --out from the first check until the model is saved in it: a second run writing the same --out fails at
+    once (naming the pid that holds it) instead of both reporting success while one result is silently lost."""
+
+    @functools.wraps(cmd)
+    def run(args) -> int:
+        from minillm.files import check_output_dir, output_lock
+
+        check_output_dir(args.out, args.overwrite)  # the clear messages first: the lock file goes beside --out
+        with output_lock(args.out):
+            return cmd(args)
+
+    return run
+
+
+def _load(name: str, dtype, device):
+    """`minillm.load_model`, where a local directory without pruning.json that transformers cannot read (a pruned
+    directory that lost its pruning.json: its weights are smaller than its config.json says) is one line, not a
+    transformers traceback. A plain transformers directory loads as a dense model."""
+    import minillm
+
+    try:
+        return minillm.load_model(name, dtype=dtype, device=device)
+    except RuntimeError as e:
+        path = Path(name)
+        if not path.is_dir() or (path / "pruning.json").exists():
+            raise
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(
+            f"{path} has no pruning.json and transformers cannot load it as a checkpoint ({reason}); if minillm prune "
+            "wrote it, restore its pruning.json (the weights are pruned, the config.json is the original model's)"
+        ) from None
+
+
+def _check_seqlen(flag: str, seqlen: int, config) -> None:
+    """A window must hold a next-token pair and fit the model's positions (beyond them: an IndexError or minutes of
+    extrapolated nonsense)."""
+    from minillm.prune import max_positions
+
+    longest = max_positions(config)
+    if seqlen < 2 or (longest is not None and seqlen > longest):
+        raise ValueError(
+            f"{flag} {seqlen} must be between 2 and the model's {longest} positions"
+            if longest
+            else f"{flag} {seqlen} must be >= 2"
+        )
+
+
+def _random_calibration(args, model, tok) -> tuple[torch.Tensor, dict]:
+    """Seeded random token ids and their description. Scores from them say nothing about real text, so only the
+    random-weight registry models (shape and tiny, which have no tokenizer) get them unasked; any other model without
+    a tokenizer stops here unless --random-calibration asks for them."""
+    from minillm.models import SHAPES
+
+    if not args.random_calibration and args.model not in SHAPES:
+        raise ValueError(
+            f"{args.model} has no tokenizer (no tokenizer files), so there is no text to calibrate on: add the "
+            "tokenizer files to the directory, or pass --random-calibration to calibrate on random token ids"
+        )
+    vocab = int(model.config.vocab_size)
+    calib = torch.randint(
+        0, vocab, (args.calib_samples, args.calib_seqlen), generator=torch.Generator().manual_seed(args.seed)
+    )
+    why = "--random-calibration" if args.random_calibration else "random-weight registry model"
+    info = {
+        "source": f"random token ids ({why}; model has {'a' if tok is not None else 'no'} tokenizer)",
+        "n_samples": args.calib_samples,
+        "seqlen": args.calib_seqlen,
+        "seed": args.seed,
+    }
+    return calib, info
+
+
+@_holding_out
 def cmd_prune(args) -> int:
     import minillm
     from minillm.bench.measure import peak_memory
     from minillm.data import calibration_windows, describe_calibration
     from minillm.files import check_output_dir
-    from minillm.prune import check_sparsity, max_positions, resolve_compensation
+    from minillm.prune import check_sparsity, resolve_compensation
     from minillm.reconstruct import ReconstructConfig
     from minillm.scores import check_options, get_method
 
@@ -95,37 +187,28 @@ def cmd_prune(args) -> int:
         if value is not None:
             options[flag] = value
     # everything that can be checked without the model is checked before loading it
-    check_output_dir(args.out, args.overwrite)
+    # a registry name is no directory, even where a folder of that name exists (a previous --out, say)
+    inputs = [] if args.model in minillm.models.registry_names() else [args.model]
+    check_output_dir(args.out, args.overwrite, inputs)
     check_sparsity(args.sparsity)
+    skip_layers = parse_layers(args.skip_layers)
     method = get_method(args.method)
     check_options(method, args.method, options)
+    n_default, len_default = method.spec.default_calibration
+    args.calib_samples = n_default if args.calib_samples is None else args.calib_samples
+    args.calib_seqlen = len_default if args.calib_seqlen is None else args.calib_seqlen
     rebuild = ReconstructConfig.for_method(
         method.spec.default_reconstruct, args.reconstruct, args.reconstruct_ridge, args.reconstruct_form
     )
     resolve_compensation(args.method, method.spec, args.compensate_bias, rebuild)
     _device(args.device)
     _device(args.stream_device)
-    model, tok = minillm.load_model(args.model, dtype=_dtype(args.dtype), device=args.device)
+    model, tok = _load(args.model, _dtype(args.dtype), args.device)
     calib, calib_info = None, None
     if method.spec.needs_calibration or rebuild is not None:
-        longest = max_positions(model.config)
-        if args.calib_seqlen < 2 or (longest is not None and args.calib_seqlen > longest):
-            raise ValueError(
-                f"--calib-seqlen {args.calib_seqlen} must be between 2 and the model's {longest} positions"
-                if longest
-                else f"--calib-seqlen {args.calib_seqlen} must be >= 2"
-            )
-        if tok is None:
-            vocab = int(model.config.vocab_size)
-            calib = torch.randint(
-                0, vocab, (args.calib_samples, args.calib_seqlen), generator=torch.Generator().manual_seed(args.seed)
-            )
-            calib_info = {
-                "source": "random token ids (model has no tokenizer)",
-                "n_samples": args.calib_samples,
-                "seqlen": args.calib_seqlen,
-                "seed": args.seed,
-            }
+        _check_seqlen("--calib-seqlen", args.calib_seqlen, model.config)
+        if tok is None or args.random_calibration:
+            calib, calib_info = _random_calibration(args, model, tok)
         else:
             calib = calibration_windows(tok, args.calib_samples, args.calib_seqlen, seed=args.seed)
             calib_info = describe_calibration(args.calib_samples, args.calib_seqlen, args.seed)
@@ -140,7 +223,7 @@ def cmd_prune(args) -> int:
             allocation=args.allocation,
             attention_units=args.attention_units,
             targets=args.targets,
-            skip_layers=parse_layers(args.skip_layers),
+            skip_layers=skip_layers,
             round_to=args.round_to,
             seed=args.seed,
             calibration=calib_info,
@@ -169,18 +252,21 @@ def cmd_prune(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import minillm
     from minillm.data import perplexity_windows
     from minillm.evaluate import perplexity, zeroshot
-    from minillm.files import write_json_atomic
+    from minillm.files import check_output_file, write_json_atomic
     from minillm.provenance import provenance
 
     if not (args.ppl or args.zeroshot):
         raise SystemExit("nothing to do: give --ppl and/or --zeroshot")
+    if args.json:
+        check_output_file(args.json, args.overwrite)  # before the evaluation, not after an hour of it
     _device(args.device)
-    model, tok = minillm.load_model(args.model, dtype=_dtype(args.dtype), device=args.device)
+    model, tok = _load(args.model, _dtype(args.dtype), args.device)
     if tok is None:
         raise SystemExit(f"{args.model} has no tokenizer; evaluation needs real text")
+    if args.ppl:
+        _check_seqlen("--ppl-seqlen", args.ppl_seqlen, model.config)
     out: dict = {"model": args.model}
     if args.ppl:
         windows = perplexity_windows(tok, args.ppl_seqlen, args.ppl_windows)
@@ -314,6 +400,7 @@ def _bench_simulate(args) -> int:
     """`bench memory --simulate`: simulated peak memory (no GPU), or the validation tables with --validate."""
     from minillm.bench import simulate
     from minillm.files import write_json_atomic
+    from minillm.models import SHAPES
 
     if args.what != "memory":
         raise ValueError("--simulate applies to `bench memory` only")
@@ -325,6 +412,9 @@ def _bench_simulate(args) -> int:
     wanted = set(args.methods or [])
     shapes = [(args.batch or 10, args.seqlen or 128)] if args.batch or args.seqlen else list(simulate.SHAPES)
     dtype = args.dtype or "float16"
+    if args.model and args.model not in SHAPES:  # else every row would be a KeyError
+        shapes_known = ", ".join(name for name in SHAPES if name.endswith("-shape"))
+        raise ValueError(f"--model {args.model!r}: --simulate builds registry shapes only: {shapes_known} (or tiny-*)")
     if args.model:  # one model: the in-memory steps, or the streamed ones for the 70B shape (unless --methods says)
         default = simulate.STREAMED_STEPS if args.model == simulate.STREAMED_MODEL else simulate.STEPS
         pool = simulate.STEPS + simulate.STREAMED_STEPS if wanted else default
@@ -402,15 +492,37 @@ def cmd_pending(args) -> int:
     return 0
 
 
+def _load_parent(directory: Path, base: str, device):
+    """The unpruned parent of a pruned directory (its pruning.json's base_model), the KL teacher. A relative path
+    was recorded relative to where prune ran: it is looked for relative to the pruned directory first, then to the
+    current directory, and a miss names both; registry names, absolute paths and Hub ids load as recorded."""
+    import minillm
+    from minillm.models import registry_names
+
+    path = Path(base)
+    if base in registry_names() or path.is_absolute():
+        return minillm.load_model(base, device=device)
+    tried = [Path(directory) / path, path]
+    for candidate in tried:
+        if candidate.is_dir():
+            return minillm.load_model(str(candidate), device=device)
+    where = f"{tried[0]} (relative to the pruned directory) nor at {tried[1].resolve()} (relative to the current one)"
+    if base.count("/") != 1 or base.startswith("."):  # not a Hub id 'org/name'
+        raise FileNotFoundError(f"the parent model {base!r} (base_model in pruning.json) is neither at {where}")
+    try:
+        return minillm.load_model(base, device=device)
+    except OSError as e:
+        raise OSError(f"{e}; as a local path, the parent model {base!r} is neither at {where}") from None
+
+
+@_holding_out
 def cmd_recover(args) -> int:
     import minillm
     from minillm.data import calibration_windows
     from minillm.files import check_output_dir
     from minillm.recover import recover
 
-    check_output_dir(args.out, args.overwrite)
-    if Path(args.out).resolve() == Path(args.directory).resolve():
-        raise ValueError(f"--out {args.out} is the input directory; recovery leaves its input untouched")
+    check_output_dir(args.out, args.overwrite, [args.directory])  # recovery leaves its input untouched
     _device(args.device)
     model, tok = minillm.load_pruned(args.directory, device=args.device)
     plan = minillm.pruning_state(model).plan
@@ -419,7 +531,7 @@ def cmd_recover(args) -> int:
     windows = calibration_windows(tok, args.windows, args.seqlen, seed=args.seed + 1)
     teacher = None
     if args.kl_weight > 0:
-        teacher, _ = minillm.load_model(plan.base_model, device=args.device)
+        teacher, _ = _load_parent(args.directory, plan.base_model, args.device)
     merged, record = recover(
         model,
         windows,
@@ -452,16 +564,29 @@ def _add_prune(sub) -> None:
     pr = sub.add_parser("prune", help="score, remove units physically, write a reloadable directory")
     pr.add_argument("--model", default="smollm2-135m", help="registry name, local directory or Hub id")
     pr.add_argument("--method", required=True, help="fms, bonsai, taylor, wanda_sp, flap, magnitude, random")
-    pr.add_argument("--sparsity", type=float, required=True, help="fraction of prunable parameters to remove")
+    pr.add_argument("--sparsity", type=finite_float, required=True, help="fraction of prunable parameters to remove")
     pr.add_argument("--out", required=True, type=Path, help="output directory (pruning.json + model.safetensors)")
     pr.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace --out even when it is a non-empty directory not written by minillm",
+        help="write into --out even when it is a non-empty directory not written by minillm (other files stay)",
     )
-    pr.add_argument("--calib-samples", type=positive_int, default=10)
-    pr.add_argument("--calib-seqlen", type=int, default=64)
+    pr.add_argument(
+        "--calib-samples",
+        type=positive_int,
+        default=None,
+        help="calibration windows (default: the method's own, 10 for most; see docs/methods.md)",
+    )
+    pr.add_argument(
+        "--calib-seqlen", type=int, default=None, help="tokens per calibration window (default: the method's own)"
+    )
     pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument(
+        "--random-calibration",
+        action="store_true",
+        help="calibrate on seeded random token ids instead of text (needed for a model without a tokenizer, other "
+        "than the random-weight registry models; recorded in the plan)",
+    )
     pr.add_argument(
         "--allocation",
         choices=("uniform", "global"),
@@ -473,7 +598,7 @@ def _add_prune(sub) -> None:
     pr.add_argument("--skip-layers", help="layers left intact, e.g. '0-3,28,29'")
     pr.add_argument("--round-to", type=int, default=1, help="round kept MLP widths to a multiple of this")
     pr.add_argument("--queries", type=int, help="fms: number of SPSA queries")
-    pr.add_argument("--eps", type=float, help="fms: SPSA perturbation scale")
+    pr.add_argument("--eps", type=finite_float, help="fms: SPSA perturbation scale")
     pr.add_argument("--space", help="fms: perturbation space (weights | gates)")
     pr.add_argument("--sign", help="fms: sign handling")
     pr.add_argument("--combination", help="fms: per-weight combination (product | additive | taylor)")
@@ -511,7 +636,7 @@ def _add_prune(sub) -> None:
     )
     pr.add_argument(
         "--reconstruct-ridge",
-        type=float,
+        type=finite_float,
         default=None,
         help="relative ridge of the refit, times the mean input variance (default 1e-2)",
     )
@@ -545,6 +670,7 @@ def _add_eval(sub) -> None:
     ev.add_argument("--limit", type=positive_int, help="examples per task")
     ev.add_argument("--batch-size", type=positive_int, default=4)
     ev.add_argument("--json", help="also write the result (with provenance) to this file")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     ev.add_argument("--dtype")
     ev.add_argument("--device")
     ev.add_argument("--quiet", action="store_true")
@@ -565,9 +691,9 @@ def _add_bench(sub) -> None:
     be.add_argument("--method", default="dense", help="memory-step: one method (internal)")
     be.add_argument("--batch", type=int, help="default 10 (with --simulate: 10 x 128 and 4 x 2048)")
     be.add_argument("--seqlen", type=int, help="default 128")
-    be.add_argument("--sparsity", type=float, default=0.2)
+    be.add_argument("--sparsity", type=finite_float, default=0.2)
     be.add_argument("--options", default="{}", help="memory-step: method options as JSON (internal)")
-    be.add_argument("--sparsities", type=float, nargs="*", default=[0.2, 0.5])
+    be.add_argument("--sparsities", type=finite_float, nargs="*", default=[0.2, 0.5])
     be.add_argument("--prefill", nargs="*", default=["1x128", "16x128"], help="BATCHxLENGTH")
     be.add_argument("--decode-batch", type=int, nargs="*", default=[1])
     be.add_argument("--prompt", type=int, default=128)
@@ -645,17 +771,19 @@ def _add_recover(sub) -> None:
     rc.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace --out even when it is a non-empty directory not written by minillm",
+        help="write into --out even when it is a non-empty directory not written by minillm (other files stay)",
     )
     rc.add_argument("--rank", type=int, default=8)
-    rc.add_argument("--alpha", type=float, default=16.0)
-    rc.add_argument("--dropout", type=float, default=0.05)
-    rc.add_argument("--lr", type=float, default=1e-4)
+    rc.add_argument("--alpha", type=finite_float, default=16.0)
+    rc.add_argument("--dropout", type=finite_float, default=0.05)
+    rc.add_argument("--lr", type=finite_float, default=1e-4)
     rc.add_argument("--steps", type=int, default=100)
     rc.add_argument("--batch-size", type=int, default=4)
     rc.add_argument("--windows", type=int, default=256, help="training windows drawn from the calibration novels")
     rc.add_argument("--seqlen", type=int, default=256)
-    rc.add_argument("--kl-weight", type=float, default=0.0, help="weight of KL(parent || pruned); 0 = LoRA alone")
+    rc.add_argument(
+        "--kl-weight", type=finite_float, default=0.0, help="weight of KL(parent || pruned); 0 = LoRA alone"
+    )
     rc.add_argument("--gradient-checkpointing", action="store_true")
     rc.add_argument("--seed", type=int, default=0)
     rc.add_argument("--device")

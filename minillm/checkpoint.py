@@ -7,6 +7,8 @@ so no modeling code is copied and nothing is unpickled.
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import torch
@@ -25,17 +27,32 @@ WEIGHTS_FILE = "model.safetensors"
 def save_pruned(
     model: nn.Module, plan: PruningPlan, directory: str | Path, tokenizer=None, overwrite: bool = False
 ) -> Path:
-    """Write `directory` atomically (a crash leaves either the old directory or the complete new one). A non-empty
-    directory that is not a previous minillm output is refused unless `overwrite`; so are the current directory and
-    its parents."""
+    """Write `directory` atomically (a crash leaves either the old directory or the complete new one), replacing only
+    the files minillm wrote there before (see `minillm.files`). A non-empty directory that is not a previous minillm
+    output is refused unless `overwrite`; so are the current directory and its parents, and the model cache."""
     directory = Path(directory)
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         model.config.save_pretrained(tmp)
         save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "minillm": "pruned"})
+        _sort_metadata(tmp / WEIGHTS_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         plan.save(tmp / PLAN_FILE)
     return directory
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the safetensors header with its metadata in sorted order, in place and at the same length:
+    safetensors writes it in hash order, which changes from run to run, so identical models gave different bytes and
+    a checksum could not show that a run was reproduced."""
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:  # same keys and values, so the same length: the tensor offsets stay valid
+            f.seek(8)
+            f.write(text.ljust(size))
 
 
 def _add_compensation_biases(model: nn.Module, state: dict) -> None:

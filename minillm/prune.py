@@ -85,6 +85,18 @@ def check_calibration(
         raise ValueError(f"calibration seqlen {seqlen} exceeds the model's {max_len} positions")
 
 
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model with NaN or Inf parameters (a corrupt checkpoint, an fp16 overflow): every method would score
+    and save it without a word. One pass over the parameters; offloaded (meta) tensors hold no values to check."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.device.type != "meta" and p.numel() and not bool(torch.isfinite(p).all()):
+                raise ValueError(
+                    f"parameter {name} has non-finite values (NaN or Inf): the model's weights are corrupt or "
+                    f"overflowed in {p.dtype}; prune a model whose weights are finite"
+                )
+
+
 def _check_calibration_for(model: nn.Module, calib: torch.Tensor | None, what: str, needed: bool) -> None:
     check_calibration(calib, what, needed, int(model.config.vocab_size), max_positions(model.config))
 
@@ -374,6 +386,7 @@ def _request(
     check_options(m, method, method_options)
     what = method if m.spec.needs_calibration or rebuild is None else "reconstruct"
     _check_calibration_for(model, calib, what, m.spec.needs_calibration or rebuild is not None)
+    check_finite_weights(model)
     alloc.allocation = alloc.allocation or m.spec.default_allocation
     alloc.validate(len(adapter.layers()))
     state = pruning_state(model).track(adapter)
@@ -451,22 +464,33 @@ def _score_allocate_remove(req: _Request, scores: list | None, t0: float) -> lis
 
 
 def _warn_surprises(plan: PruningPlan, sparsity: float, round_to: int) -> None:
-    """Warn about results a user would not expect from the request: every unit gone, or (with rounding of kept
-    widths) an achieved sparsity far from the requested one."""
+    """Warn about results a user would not expect from the request, with both numbers: every unit gone, nothing
+    removed for a non-zero request (the budget is below one unit), or an achieved sparsity far from the requested one
+    (more than max(0.03, 0.15 * request) off: rounding of kept widths, coarse units, or targets / skip_layers that
+    leave too little to prune)."""
     pattern = (plan.history[0] if plan.history else {}).get("pattern", "structured")
     if pattern != "structured":  # N:M patterns zero weights inside dense matrices; nothing is removed
         return
+    before = plan.previous_steps[-1].get("achieved_sparsity", 0.0) if plan.previous_steps else 0.0
+    achieved = plan.achieved_sparsity
     if plan.prunable_params_original and plan.prunable_params_kept == 0:
-        warnings.warn(
+        message = (
             f"sparsity {sparsity} removed every attention head and MLP channel of every layer: the model is "
-            "reduced to embeddings, norms and the LM head",
-            UserWarning,
-            stacklevel=3,
+            "reduced to embeddings, norms and the LM head"
         )
-    elif round_to > 1 and abs(plan.achieved_sparsity - sparsity) > max(0.03, 0.15 * sparsity):
-        warnings.warn(
-            f"round_to={round_to}: achieved sparsity {plan.achieved_sparsity:.4f} is far from the requested "
-            f"{sparsity} (kept widths rounded to multiples of {round_to})",
-            UserWarning,
-            stacklevel=3,
+    elif sparsity > before and achieved <= before:
+        message = (
+            f"sparsity {sparsity} removed nothing (achieved sparsity {achieved:.4f}): the budget is smaller than "
+            "one attention unit or MLP channel; ask for a larger sparsity"
         )
+    elif abs(achieved - sparsity) > max(0.03, 0.15 * sparsity):
+        why = (
+            f"kept widths rounded to multiples of {round_to}"
+            if round_to > 1
+            else "units too coarse for this budget, or targets / skip_layers leave too little to prune"
+        )
+        prefix = f"round_to={round_to}: " if round_to > 1 else ""
+        message = f"{prefix}achieved sparsity {achieved:.4f} is far from the requested {sparsity} ({why})"
+    else:
+        return
+    warnings.warn(message, UserWarning, stacklevel=3)

@@ -30,7 +30,11 @@ def lora_targets(model: nn.Module) -> list[str]:
 def _check(
     rank: int, alpha: float, dropout: float, lr: float, steps: int, batch_size: int, kl_weight: float, teacher
 ) -> None:
-    problems = []
+    problems = [
+        f"{name} must be a finite number (got {value})"
+        for name, value in (("alpha", alpha), ("dropout", dropout), ("lr", lr), ("kl_weight", kl_weight))
+        if not math.isfinite(value)
+    ]
     if rank < 1:
         problems.append(f"rank must be >= 1 (got {rank})")
     if alpha <= 0:

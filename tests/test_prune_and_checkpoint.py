@@ -19,7 +19,8 @@ def test_save_reload_identical_logits_and_stock_class(tiny, tokens, tmp_path, na
     with torch.no_grad():
         before = model(tokens).logits
     minillm.save_pruned(model, plan, tmp_path / "p")
-    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["config.json", "model.safetensors", "pruning.json"]
+    written = ["config.json", "model.safetensors", "pruning.json"]  # and the manifest that lists them
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [".minillm-manifest.json", *written]
     reloaded, _ = minillm.load_pruned(tmp_path / "p")
     assert type(reloaded) is type(model)
     assert type(reloaded).__module__.startswith("transformers.")

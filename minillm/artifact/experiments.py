@@ -30,8 +30,8 @@ CONFIG_DIR = REPO_ROOT / "configs"
 RESULTS_DIR = REPO_ROOT / "results"
 
 
-def load_profile(name: str) -> dict:
-    """Read configs/<name>.yaml and check it against the schema (minillm.artifact.profiles) before anything runs."""
+def profile_path(name: str) -> Path:
+    """configs/<name>.yaml; an unknown name is an error listing the known profiles (with the closest one)."""
     path = CONFIG_DIR / f"{name}.yaml"
     if not path.exists():
         import difflib
@@ -40,6 +40,12 @@ def load_profile(name: str) -> dict:
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise FileNotFoundError(f"no profile {name!r} ({path}){hint}; known profiles: {', '.join(known)}")
+    return path
+
+
+def load_profile(name: str) -> dict:
+    """Read configs/<name>.yaml and check it against the schema (minillm.artifact.profiles) before anything runs."""
+    path = profile_path(name)
     try:
         cfg = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -396,7 +402,9 @@ def refresh_pending(profile: str) -> list[dict]:
     """Update results/<profile>/pending.json after records were computed: each entry ({reason, command, records})
     keeps the records that are still missing or not current, an entry with none left is dropped, and the file is
     deleted when no entry remains. Returns the entries left. (A long run that spans sessions commits its records
-    with this list, which `tests/test_reliability.py` checks against the records on disk.)"""
+    with this list, which `tests/test_reliability.py` checks against the records on disk.) An unknown profile is an
+    error, not "nothing pending"."""
+    profile_path(profile)
     path = RESULTS_DIR / profile / "pending.json"
     entries = _pending_entries(profile)
     if not entries:

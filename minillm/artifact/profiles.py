@@ -92,7 +92,8 @@ Pair = Annotated[list[PosInt], Field(min_length=2, max_length=2), WrapValidator(
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # YAML's .inf and .nan are floats: refused everywhere (a bound such as `gt=0` alone lets .inf through)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class Calibration(_Section):
@@ -447,6 +448,7 @@ def _messages(err: dict) -> list[tuple[tuple, str]]:
         return [(loc, f"must have at least {ctx['min_length']} item(s), got {value!r}")]
     plain = {
         "float_type": "must be a number",
+        "finite_number": "must be a finite number",
         "bool_type": "must be true or false",
         "string_type": "must be a string",
         "list_type": "must be a list",

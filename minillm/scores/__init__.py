@@ -4,14 +4,16 @@ A method is one module here plus one line in `METHODS`. The module declares what
 MethodSpec(...)`` and defines either ``score(ctx, **options) -> list[LayerScores]`` (higher = more important) or,
 when it scores and removes units itself (``scores_and_removes``: Bonsai's rounds, the N:M baselines),
 ``run(ctx, sparsity, original_params, alloc, **options) -> history``. Its options are the keyword parameters of
-that function (`check_options` validates against the signature). `minillm.prune` reads only the SPEC, never the
-method's name.
+that function (`check_options` validates against the signature); a module may also define
+``check_values(options: dict)``, the ranges of its options, which `check_options` runs before any model is loaded.
+`minillm.prune` reads only the SPEC, never the method's name.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -41,7 +43,7 @@ class MethodSpec:
     scores_and_removes: removes units itself (module defines `run`, not `score`): precomputed scores and bias
         compensation do not apply.
     default_allocation, default_compensate_bias, default_reconstruct: defaults of `prune`'s `allocation`,
-        `compensate_bias` and `reconstruct` (None: no refit).
+        `compensate_bias` and `reconstruct` (None: no refit); default_calibration: the CLI's calibration size.
     """
 
     needs_calibration: bool
@@ -51,6 +53,9 @@ class MethodSpec:
     default_allocation: str = "uniform"
     default_compensate_bias: bool = False
     default_reconstruct: str | None = None
+    #: (windows, tokens per window) of the CLI's calibration unless given: LLM-Pruner's 10 x 64 for the methods
+    #: that the artifact's grid calibrates so; more for a method whose refit needs many more tokens than columns
+    default_calibration: tuple[int, int] = (10, 64)
 
 
 @dataclass(frozen=True)
@@ -139,8 +144,9 @@ def _type_ok(value, types: tuple[type, ...]) -> bool:
 
 
 def check_options(method: Method, name: str, options: dict) -> None:
-    """Reject options the method does not take (naming the closest one it does) and values of the wrong type
-    (`queries="4"`, `queries=2.5`): the method's signature is the schema."""
+    """Reject options the method does not take (naming the closest one it does), values of the wrong type
+    (`queries="4"`, `queries=2.5`) and non-finite numbers (`eps=Infinity` from JSON would make every score NaN): the
+    method's signature is the schema. Then the method's own ranges (its module's `check_values`), if it has any."""
     import difflib
 
     params = option_signature(method)
@@ -160,5 +166,13 @@ def check_options(method: Method, name: str, options: dict) -> None:
         if types is not None and not _type_ok(value, types):
             want = " or ".join("None" if t is type(None) else t.__name__ for t in types)
             problems.append(f"{key}={value!r} must be {want}, got {type(value).__name__}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{key}={value!r} must be a finite number")
     if problems:
         raise ValueError(f"invalid option value(s) for method {name!r}: " + "; ".join(problems))
+    check_values = getattr(method.module, "check_values", None)
+    if callable(check_values):
+        try:
+            check_values(options)
+        except ValueError as e:
+            raise ValueError(f"invalid option value for method {name!r}: {e}") from None

@@ -545,17 +545,29 @@ def run(
     return history
 
 
-def _check_options(
-    ctx: ScoringContext, alloc: AllocationConfig, masks_per_round: int, prune_frac: float, prior: str, regression: str
-) -> None:
+def check_values(options: dict) -> None:
+    """The ranges of the options given (`check_options` runs this before any model is loaded, `run` again)."""
+    prior, regression = options.get("prior", PRIORS[0]), options.get("regression", REGRESSIONS[0])
     if prior not in PRIORS:
         raise ValueError(f"bonsai prior must be one of {PRIORS}, got {prior!r}")
     if regression not in REGRESSIONS:
         raise ValueError(f"bonsai regression must be one of {REGRESSIONS}, got {regression!r}")
-    if masks_per_round < 2 or masks_per_round % 2:
-        raise ValueError(f"masks_per_round must be an even number >= 2 (antithetic pairs), got {masks_per_round}")
-    if not 0 < prune_frac < 0.5:
-        raise ValueError(f"prune_frac must be in (0, 0.5), got {prune_frac}")
+    masks = options.get("masks_per_round", 2)
+    if masks < 2 or masks % 2:
+        raise ValueError(f"masks_per_round must be an even number >= 2 (antithetic pairs), got {masks}")
+    if not 0 < options.get("prune_frac", 0.1) < 0.5:
+        raise ValueError(f"prune_frac must be in (0, 0.5), got {options['prune_frac']}")
+    if options.get("max_rounds", 1) < 1:
+        raise ValueError(f"max_rounds must be >= 1, got {options['max_rounds']}")
+    windows = options.get("windows_per_round")
+    if windows is not None and windows < 0:
+        raise ValueError(f"windows_per_round must be >= 1 (or 0 / null: every calibration window), got {windows}")
+
+
+def _check_options(
+    ctx: ScoringContext, alloc: AllocationConfig, masks_per_round: int, prune_frac: float, prior: str, regression: str
+) -> None:
+    check_values(dict(masks_per_round=masks_per_round, prune_frac=prune_frac, prior=prior, regression=regression))
     if alloc.allocation != "global" or alloc.round_to != 1:
         raise ValueError("bonsai allocates globally by regression; allocation/round_to options do not apply")
     adapter = ctx.adapter

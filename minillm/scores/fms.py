@@ -74,15 +74,10 @@ def score(
     shortlist: float = 0.5,
     batch_tokens: int = 4096,
 ) -> list[LayerScores]:
-    for name, value, allowed in (
-        ("estimator", estimator, ESTIMATORS),
-        ("space", space, SPACES),
-        ("precision", precision, PRECISIONS),
-        ("sign", sign, SIGNS),
-        ("combination", combination, COMBINATIONS),
-    ):
-        if value not in allowed:
-            raise ValueError(f"fms {name} must be one of {allowed}, got {value!r}")
+    check_values(
+        dict(queries=queries, eps=eps, space=space, sign=sign, combination=combination, precision=precision,
+             estimator=estimator, shortlist=shortlist, batch_tokens=batch_tokens)
+    )
     stats = ctx.input_stats("all")
     loss = lambda: calibration_loss(ctx)  # noqa: E731
     if estimator != "spsa":
@@ -90,6 +85,27 @@ def score(
     if space.startswith("gates"):
         return _gate_space_scores(ctx, stats, loss, queries, eps, space, sign, combination, precision)
     return _weight_space_scores(ctx, stats, loss, queries, eps, sign, combination, alpha, precision)
+
+
+def check_values(options: dict) -> None:
+    """The ranges of the options given (`check_options` runs this before any model is loaded, `score` again)."""
+    for name, allowed in (
+        ("estimator", ESTIMATORS),
+        ("space", SPACES),
+        ("precision", PRECISIONS),
+        ("sign", SIGNS),
+        ("combination", COMBINATIONS),
+    ):
+        if name in options and options[name] not in allowed:
+            raise ValueError(f"fms {name} must be one of {allowed}, got {options[name]!r}")
+    if options.get("queries", 1) < 1:
+        raise ValueError(f"fms queries must be >= 1, got {options['queries']}")
+    if not options.get("eps", 1.0) > 0:
+        raise ValueError(f"eps must be > 0, got {options['eps']}")
+    if not 0.0 <= options.get("shortlist", 0.0) <= 1.0:
+        raise ValueError(f"fms shortlist must be in [0, 1], got {options['shortlist']}")
+    if options.get("batch_tokens", 1) < 1:
+        raise ValueError(f"fms batch_tokens must be >= 1, got {options['batch_tokens']}")
 
 
 def _gate_space_scores(ctx, stats, loss, queries, eps, space, sign, combination, precision) -> list[LayerScores]:
