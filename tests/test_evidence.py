@@ -686,5 +686,26 @@ def test_claims_table_reason_summarises_the_comparisons():
     assert claims.reason("-", "not testable on this hardware (no GPU here)") == "no GPU here"
     table = claims.claims_markdown(claims.claims_frame("cpu-full"))
     head = table.split("<details>")[0]
-    assert head.count("\n| ") == 7 and "better in" in head and "Evidence:" not in head
+    assert head.count("\n| ") == 9 and "better in" in head and "Evidence:" not in head
     assert "Evidence: 10%: fms-weights-n64" in table  # the full evidence stays, collapsed
+
+
+OBS_FLAP = "a forward-only method that beats FLAP"
+OBS_24 = "obs at 50% better than 2:4 Wanda"
+
+
+def test_obs_claim_compares_with_flap_as_published_not_with_flaps_best_variant():
+    recs = [
+        _acc_record("obs", "obs", 0.5, 60.0, (55, 65)),
+        _acc_record("flap", "flap", 0.5, 160.0, (150, 170)),
+        _acc_record("flap-reconstruct", "flap", 0.5, 58.0, (54, 62)),  # FLAP's best variant: not the reference
+        _acc_record("wanda_24", "wanda_24", 0.5, 120.0, (110, 130)),
+    ]
+    rows = claims.assess(recs, [], [])
+    assert _verdict(rows, OBS_FLAP) == "supported"
+    assert _verdict(rows, OBS_24) == "supported"
+    recs[1] = _acc_record("flap", "flap", 0.5, 50.0, (45, 54))
+    assert _verdict(claims.assess(recs, [], []), OBS_FLAP) == "not supported"
+    recs[1] = _acc_record("flap", "flap", 0.5, 62.0, (58, 70))
+    assert _verdict(claims.assess(recs, [], []), OBS_FLAP).startswith("insufficient evidence (intervals overlap")
+    assert _verdict(claims.assess(recs[1:], [], []), OBS_FLAP).startswith("insufficient evidence (no sparsity")
