@@ -3,6 +3,7 @@ compared against, exact physical removal, pickle-free save/reload, evaluation an
 
 from .adapters import UnsupportedArchitectureError, get_adapter
 from .checkpoint import load_pruned, save_pruned
+from .export import ExportError, export_pretrained
 from .models import load_model
 from .plan import OriginalKeep, PlanError, PruningPlan
 from .prune import allocate_units, make_plan, prune, remove_units, score
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CurrentKeep",
+    "ExportError",
     "GQAConstraintError",
     "OriginalKeep",
     "PlanError",
@@ -21,6 +23,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "VirtualMasks",
     "allocate_units",
+    "export_pretrained",
     "get_adapter",
     "load_model",
     "load_pruned",

@@ -493,13 +493,19 @@ def cmd_pending(args) -> int:
 
 
 def _load_parent(directory: Path, base: str, device):
-    """The unpruned parent of a pruned directory (its pruning.json's base_model), the KL teacher. A relative path
-    was recorded relative to where prune ran: it is looked for relative to the pruned directory first, then to the
-    current directory, and a miss names both; registry names, absolute paths and Hub ids load as recorded."""
+    """The unpruned parent of a pruned directory (its pruning.json's base_model), the KL teacher. minillm records a
+    local directory as an absolute path; a relative one (plans of older versions) was recorded relative to where
+    prune ran: it is looked for relative to the pruned directory first, then to the current directory, and a miss
+    names both; registry names, absolute paths and Hub ids load as recorded."""
     import minillm
     from minillm.models import registry_names
 
     path = Path(base)
+    if path.is_absolute() and not path.is_dir():
+        raise FileNotFoundError(
+            f"the parent model {base!r} (base_model in pruning.json) is no longer there; put it back, or recover "
+            "without --kl-weight"
+        )
     if base in registry_names() or path.is_absolute():
         return minillm.load_model(base, device=device)
     tried = [Path(directory) / path, path]
@@ -556,6 +562,29 @@ def cmd_recover(args) -> int:
     plan.recovery.append(record)
     minillm.save_pruned(merged, plan, args.out, tokenizer=tok, overwrite=args.overwrite)
     print(json.dumps({k: record[k] for k in ("method", "steps", "first_loss", "last_loss", "time_s")}, indent=1))
+    return 0
+
+
+@_holding_out
+def cmd_export(args) -> int:
+    from minillm.export import export_pretrained
+    from minillm.files import check_output_dir
+
+    check_output_dir(args.out, args.overwrite, [args.directory])  # the export leaves its input untouched
+    if args.pad_to < 1:
+        raise ValueError(f"--pad-to must be a positive integer, got {args.pad_to}")
+    record = export_pretrained(
+        args.directory, args.out, pad_to=args.pad_to, overwrite=args.overwrite, verify=not args.no_verify
+    )
+    params = record["params"]
+    summary = {
+        "out": str(args.out),
+        "format": args.format,
+        **record["stock_widths"],
+        **{k: params[k] for k in ("pruned_prunable", "stored_prunable", "padding_overhead")},
+        "notes": record["notes"],
+    }
+    print(json.dumps(summary, indent=1))
     return 0
 
 
@@ -791,6 +820,32 @@ def _add_recover(sub) -> None:
     rc.set_defaults(func=cmd_recover)
 
 
+def _add_export(sub) -> None:
+    """`export`: a pruned directory in the stock transformers form, for tools without minillm."""
+    ex = sub.add_parser(
+        "export", help="write a pruned directory in a form the stock transformers class loads (zero-padded widths)"
+    )
+    ex.add_argument("directory", type=Path, help="a directory written by prune or recover (left untouched)")
+    ex.add_argument(
+        "--format", choices=("hf",), default="hf", help="hf: config.json + safetensors for from_pretrained (default)"
+    )
+    ex.add_argument("--out", type=Path, required=True)
+    ex.add_argument(
+        "--pad-to",
+        type=int,
+        default=1,
+        help="round the MLP width up to a multiple of this (e.g. 64 or 256 for kernels and GGUF k-quants; never "
+        "beyond the original width); default 1: the widest layer's width",
+    )
+    ex.add_argument("--no-verify", action="store_true", help="skip the logit comparison with the pruned model")
+    ex.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into --out even when it is a non-empty directory not written by minillm (other files stay)",
+    )
+    ex.set_defaults(func=cmd_export)
+
+
 def _add_info(sub) -> None:
     """`info`: registry, architectures, methods, data checksums."""
     info = sub.add_parser("info", help="registry names, supported architectures, methods, data checksums")
@@ -809,6 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment(sub)
     _add_pending(sub)
     _add_recover(sub)
+    _add_export(sub)
     _add_info(sub)
     return p
 

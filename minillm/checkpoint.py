@@ -7,7 +7,11 @@ so no modeling code is copied and nothing is unpickled.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -18,10 +22,13 @@ from torch import nn
 from .adapters import get_adapter
 from .files import atomic_directory
 from .plan import PlanError, PruningPlan
-from .state import restore_keep
+from .state import pruning_state, restore_keep
 
 PLAN_FILE = "pruning.json"
 WEIGHTS_FILE = "model.safetensors"
+#: licence and terms files of a source model, copied into every model pruned from it (Gemma's GEMMA_TERMS.html,
+#: LICENSE, NOTICE, Llama's USE_POLICY.md, ...)
+NOTICE_NAME = re.compile(r"(LICEN[CS]E|NOTICE|COPYING|GEMMA_TERMS|USE_POLICY)([._-][\w.-]*)?", re.IGNORECASE)
 
 
 def save_pruned(
@@ -37,8 +44,63 @@ def save_pruned(
         _sort_metadata(tmp / WEIGHTS_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        plan.save(tmp / PLAN_FILE)
+        for notice in notice_files(model, plan):
+            shutil.copyfile(notice, tmp / notice.name)
+        dataclasses.replace(plan, weights_sha256=weights_digest(tmp / WEIGHTS_FILE)).save(tmp / PLAN_FILE)
     return directory
+
+
+def weights_digest(path: Path) -> str:
+    """SHA-256 of a weights file, recorded in pruning.json (`weights_sha256`): widths alone cannot tell the weights
+    of two models pruned to the same widths apart, and the bytes are deterministic (`_sort_metadata`)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def _source_directory(source: str | None, revision: str | None) -> Path | None:
+    """Where the files of the model a pruned model came from are on this machine: the converted cache of a registry
+    name (without converting), a local directory, or a Hub id's snapshot in the local Hugging Face cache."""
+    from .files import cache_dir
+    from .models import PRETRAINED
+
+    if not source:
+        return None
+    if source in PRETRAINED:
+        return cache_dir() / source
+    if Path(source).is_dir():
+        return Path(source)
+    if source.count("/") == 1:
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(source, revision=revision, local_files_only=True))
+        except Exception:  # not in the local cache (or no huggingface_hub): nothing to copy from
+            return None
+    return None
+
+
+def _notices_in(directory: Path | None) -> list[Path]:
+    if directory is None or not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_file() and NOTICE_NAME.fullmatch(p.name))
+
+
+def notice_files(model: nn.Module, plan: PruningPlan | None = None) -> list[Path]:
+    """The licence and terms files that apply to `model`: those of the directory a pruned model was loaded from,
+    then those of its source model (the plan's `base_model` where the model has no recorded source). The terms of
+    the original weights (the Gemma Terms of Use) apply to every model pruned from them, so they travel with each
+    output; one file per name."""
+    state = pruning_state(model)
+    base, revision = (plan.base_model, plan.base_revision) if plan is not None else (None, None)
+    source = _source_directory(state.source or base, state.revision or revision)
+    found: dict[str, Path] = {}
+    for path in [*map(Path, state.notices), *_notices_in(source)]:
+        if path.is_file():
+            found.setdefault(path.name, path)
+    return list(found.values())
 
 
 def _sort_metadata(path: Path) -> None:
@@ -65,6 +127,36 @@ def _add_compensation_biases(model: nn.Module, state: dict) -> None:
                 lin.bias = nn.Parameter(
                     torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device)
                 )
+
+
+def _check_dtypes(state: dict, expected: dict, weights: Path) -> None:
+    """Refuse a tensor that is not floating point where the model holds a floating-point one: loading would cast an
+    integer (or boolean) tensor into the weight silently, and the model would compute garbage."""
+    wrong = [
+        f"{k} is {str(v.dtype).removeprefix('torch.')}, {str(expected[k].dtype).removeprefix('torch.')} expected"
+        for k, v in state.items()
+        if k in expected and expected[k].is_floating_point() and not v.is_floating_point()
+    ]
+    if wrong:
+        raise PlanError(
+            f"{weights}: {len(wrong)} tensor(s) hold integers where the model has floating-point weights "
+            f"({'; '.join(wrong[:3])}); the file was not written by minillm.save_pruned"
+        )
+
+
+def _check_weights_digest(plan: PruningPlan, weights: Path, plan_file: Path) -> None:
+    """Refuse weights that do not belong to the plan (`weights_sha256`, written by `save_pruned`): the weights of
+    another model pruned to the same widths fit every shape and would load unnoticed. Plans written before the
+    digest existed load without this check."""
+    if plan.weights_sha256 is None:
+        return
+    found = weights_digest(weights)
+    if found != plan.weights_sha256:
+        raise PlanError(
+            f"{weights} does not belong to {plan_file}: its SHA-256 is {found}, the plan records "
+            f"{plan.weights_sha256} (weights copied from another pruned model, or changed after saving; save the "
+            "model again with minillm.save_pruned)"
+        )
 
 
 def load_pruned(
@@ -112,8 +204,9 @@ def load_pruned(
     except PlanError as e:
         raise PlanError(f"{directory / PLAN_FILE} does not fit {config_file}: {e}") from None
     _add_compensation_biases(model, state)
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     expected = model.state_dict()
+    _check_dtypes(state, expected, weights)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     wrong = [
         f"{k}: {tuple(v.shape)} in the file, {tuple(expected[k].shape)} expected"
         for k, v in state.items()
@@ -124,6 +217,7 @@ def load_pruned(
             f"{weights}: tensor shapes do not match the pruned architecture of {directory / PLAN_FILE} "
             f"({len(wrong)} tensors, e.g. {'; '.join(wrong[:3])}); were the weights copied from another model?"
         )
+    _check_weights_digest(plan, weights, directory / PLAN_FILE)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied_spec = getattr(model, "_tied_weights_keys", None) or {}
     # safetensors keeps one name of a tied pair; either side may be the missing one
@@ -138,6 +232,7 @@ def load_pruned(
     pruning.source, pruning.revision = plan.base_model, plan.base_revision
     pruning.original_params = plan.prunable_params_original or pruning.original_params
     pruning.plan = plan
+    pruning.notices = [str(p) for p in _notices_in(directory)]
     if device is not None:
         model.to(device)
     model.eval()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -14,6 +13,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import DATA_DIR, data_file, tokenizer_adds_bos
+from .files import temporary_directory
+
+TASK_DIR_PREFIX = "minillm-tasks-"  # lm-eval task folders, in the system's temporary folder
 
 
 @torch.no_grad()
@@ -184,7 +186,8 @@ def zeroshot(
     # rather than left to lm-eval's default; for one that adds none (SmolLM2) lm-eval's default is left unchanged.
     bos = {"add_bos_token": True} if tokenizer_adds_bos(tokenizer) else {}
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, **bos)
-    with tempfile.TemporaryDirectory(prefix="minillm-tasks-") as tmp:
+    # removed on exit and on SIGTERM; one a SIGKILL left behind is removed by the next zeroshot call
+    with temporary_directory(prefix=TASK_DIR_PREFIX) as tmp:
         # only the bundled tasks can be asked for: indexing lm-eval's own ~15k task files (15-20 s a call) is skipped
         folder = write_task_dir(Path(tmp), [by_name[t] for t in names])
         manager = TaskManager(include_path=str(folder), include_defaults=False)

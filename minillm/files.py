@@ -109,6 +109,11 @@ def check_output_dir(target: Path, overwrite: bool = False, inputs=()) -> Path:
             )
     if resolved.exists() and not resolved.is_dir():
         raise OutputDirError(f"output {str(target)!r} exists and is not a directory")
+    if os.path.ismount(resolved):
+        raise OutputDirError(
+            f"output directory {str(target)!r} is a mount point, which cannot be replaced in one step (EBUSY after "
+            f"all the work); give a subdirectory of it, e.g. {str(Path(target) / 'model')!r}"
+        )
     if resolved.is_dir() and any(resolved.iterdir()) and not is_minillm_output(resolved) and not overwrite:
         raise OutputDirError(
             f"output directory {str(target)!r} is not empty and was not written by minillm (no {MANIFEST}); "
@@ -307,8 +312,78 @@ def terminate_as_exit():
         signal.signal(signal.SIGTERM, previous)
 
 
+_OWNED = re.compile(r".*pid(?P<pid>\d+)\.[a-z0-9_]{8}")  # `PREFIXpidNNN.xxxxxxxx`, named by `owned_directory`
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _stale(path: Path) -> bool:
+    """An owned directory whose owner is gone: its pid is not running here and nobody holds its flock (the kernel
+    drops a killed owner's lock; the flock also keeps the directory of a live owner in another pid namespace)."""
+    match = _OWNED.fullmatch(path.name)
+    if not match or _pid_alive(int(match["pid"])):
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def remove_stale_directories(parent: Path, prefix: str) -> list[Path]:
+    """Remove the directories `owned_directory(parent, prefix)` made for processes that are gone: SIGKILL (or a
+    power cut) skips every clean-up, so what a killed run left is removed by the next one. Only the caller's own
+    directories are touched. Returns what was removed."""
+    removed = []
+    try:
+        entries = sorted(Path(parent).iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        try:
+            mine = path.name.startswith(prefix) and path.lstat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and path.is_dir() and not path.is_symlink() and _stale(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+@contextmanager
+def owned_directory(parent: Path, prefix: str):
+    """A new directory `PREFIXpidNNN.xxxxxxxx` in `parent`, flocked by this process while the block runs and removed
+    after it. The leftovers of killed earlier runs (same prefix, pid gone, lock free) are removed first."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_directories(parent, prefix)
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}pid{os.getpid()}.", dir=parent))
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        os.close(fd)
+
+
 @contextmanager
 def temporary_directory(prefix: str = "minillm-"):
-    """A temporary directory that is removed on exit, on exceptions, and when the process receives SIGTERM."""
-    with terminate_as_exit(), tempfile.TemporaryDirectory(prefix=prefix) as tmp:
-        yield tmp
+    """A temporary directory that is removed on exit, on exceptions, and when the process receives SIGTERM; one
+    left by a SIGKILL is removed by the next run that asks for one of the same prefix (`owned_directory`)."""
+    with terminate_as_exit(), owned_directory(Path(tempfile.gettempdir()), prefix) as tmp:
+        yield str(tmp)

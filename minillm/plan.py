@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the checksum covers every field; 1: only the architecture and the kept indices
+READABLE_VERSIONS = (1, 2)
 
 
 class PlanError(ValueError):
@@ -20,10 +21,21 @@ class PlanError(ValueError):
 
 
 def plan_checksum(architecture: Any, layers: list) -> str:
-    """SHA-256 of the architecture and the kept indices (canonical JSON), stored in pruning.json and checked on load:
-    swapped indices or an edited architecture field are caught even when every count still fits."""
+    """The checksum of format 1: SHA-256 of the architecture and the kept indices (canonical JSON). Kept to check
+    files written before format 2; it left out fields that change what a later step does (`base_model`,
+    `prunable_params_original`, `sparsity`, ...)."""
     layers = [lk.to_json() if isinstance(lk, OriginalKeep) else lk for lk in layers]
     text = json.dumps({"architecture": architecture, "layers": layers}, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def document_checksum(d: dict) -> str:
+    """The checksum of format 2: SHA-256 of every field of pruning.json but the checksum (canonical JSON, after a
+    JSON round trip so that the writer and the reader hash the same values). Any edit is caught: the kept indices,
+    the architecture, and the fields a re-prune, `recover` or `load_pruned` act on (`base_model`,
+    `prunable_params_original`, `sparsity`, `weights_sha256`, ...)."""
+    body = json.loads(json.dumps({k: v for k, v in d.items() if k != "checksum"}))
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -58,6 +70,35 @@ class OriginalKeep:
         return keep
 
 
+def _check_checksum(d: dict, where: str) -> None:
+    """Refuse a pruning.json edited after it was written. Format 2 covers every field; format 1 files (older
+    minillm) are checked by their own checksum, which covers only the architecture and the kept indices, and load
+    with a warning saying so; a file without a checksum loads with a warning."""
+    if "checksum" not in d:
+        warnings.warn(
+            f"{where}: no checksum (written by an older minillm); the kept indices cannot be verified",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    if d["format_version"] == 1:
+        expected, covered = plan_checksum(d["architecture"], d["layers"]), "the kept indices or the architecture"
+    else:
+        expected, covered = document_checksum(d), "a field (kept indices, architecture, base_model, sizes, ...)"
+    if d["checksum"] != expected:
+        raise PlanError(
+            f"{where}: checksum mismatch: {covered} changed after the file was written (re-create it with "
+            "minillm.save_pruned)"
+        )
+    if d["format_version"] == 1:
+        warnings.warn(
+            f"{where}: format 1 (an older minillm): its checksum covers only the architecture and the kept indices, "
+            "so edits of base_model, sizes or sparsity cannot be detected; save it again to upgrade",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 @dataclass
 class PruningPlan:
     """What `minillm.prune` did. `sparsity` is the requested fraction of prunable parameters (decoder-layer linear
@@ -80,16 +121,19 @@ class PruningPlan:
     provenance: dict = field(default_factory=dict)
     # earlier pruning steps of a model pruned more than once (oldest first): method, sparsity, options, history, ...
     previous_steps: list[dict] = field(default_factory=list)
+    # SHA-256 of model.safetensors, set by save_pruned: load_pruned refuses weights that belong to another plan
+    weights_sha256: str | None = None
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["layers"] = [lk.to_json() for lk in self.layers]
-        return {"format_version": FORMAT_VERSION, **d, "checksum": plan_checksum(self.architecture, self.layers)}
+        d = {"format_version": FORMAT_VERSION, **d}
+        return {**d, "checksum": document_checksum(d)}
 
     def step_summary(self) -> dict:
         """This plan's own step (everything but the kept indices), as kept in `previous_steps` of a later plan."""
         d = asdict(self)
-        for key in ("layers", "previous_steps", "base_model", "base_revision", "architecture"):
+        for key in ("layers", "previous_steps", "base_model", "base_revision", "architecture", "weights_sha256"):
             d.pop(key)
         return d
 
@@ -100,9 +144,10 @@ class PruningPlan:
     def from_json(cls, d: Any, where: str = "pruning.json") -> PruningPlan:
         if not isinstance(d, dict):
             raise PlanError(f"{where}: expected a JSON object")
-        if d.get("format_version") != FORMAT_VERSION:
+        if d.get("format_version") not in READABLE_VERSIONS:
             raise PlanError(
-                f"{where}: unsupported format_version {d.get('format_version')!r} (expected {FORMAT_VERSION})"
+                f"{where}: unsupported format_version {d.get('format_version')!r} (this minillm reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))}; a newer minillm wrote it?)"
             )
         for key in ("base_model", "architecture", "layers"):
             if key not in d:
@@ -110,18 +155,7 @@ class PruningPlan:
         if not isinstance(d["layers"], list):
             raise PlanError(f"{where}: 'layers' must be a list")
         layers = [OriginalKeep.from_json(x, f"{where}: layers[{i}]") for i, x in enumerate(d["layers"])]
-        if "checksum" in d:
-            if d["checksum"] != plan_checksum(d["architecture"], d["layers"]):
-                raise PlanError(
-                    f"{where}: checksum mismatch: the kept indices or the architecture were changed after the file "
-                    "was written (re-create it with minillm.save_pruned)"
-                )
-        else:
-            warnings.warn(
-                f"{where}: no checksum (written by an older minillm); the kept indices cannot be verified",
-                UserWarning,
-                stacklevel=2,
-            )
+        _check_checksum(d, where)
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "layers"}
         return cls(layers=layers, **known)
 

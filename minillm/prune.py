@@ -33,7 +33,7 @@ from torch import nn
 from .adapters import Adapter, get_adapter
 from .allocate import AllocationConfig, LayerScores, allocate
 from .compensate import compensate_selections
-from .offload import has_offloaded, materialize
+from .offload import execution_device, has_offloaded, materialize
 from .plan import PruningPlan
 from .provenance import provenance
 from .reconstruct import ReconstructConfig, reconstruct
@@ -250,7 +250,7 @@ def make_plan(
         seed=seed,
         calibration=calibration,
         history=list(history or []),
-        provenance=provenance(next(model.parameters()).device),
+        provenance=provenance(execution_device(model)),
     )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -27,13 +27,16 @@ _STATES: weakref.WeakKeyDictionary[nn.Module, PruningState] = weakref.WeakKeyDic
 class PruningState:
     """source / revision: what the model was loaded from (recorded in plans). original_params: prunable parameters
     before any pruning. kept: surviving original units per layer. plan: the plan of the last pruning step.
-    The last three are None until the model is first seen by pruning (`track`)."""
+    These three are None until the model is first seen by pruning (`track`). notices: licence and terms files of a
+    loaded pruned directory, which `save_pruned` carries into the next output (the terms of the original weights
+    apply to every model pruned from them)."""
 
     source: str | None = None
     revision: str | None = None
     original_params: int | None = None
     kept: list[OriginalKeep] | None = None
     plan: PruningPlan | None = None
+    notices: list[str] = field(default_factory=list)
 
     def track(self, adapter: Adapter) -> PruningState:
         """Start the bookkeeping of a model seen by pruning for the first time (it is taken to be unpruned)."""

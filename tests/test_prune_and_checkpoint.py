@@ -124,9 +124,9 @@ def test_plan_indices_out_of_range(tiny, tmp_path):
     d = json.loads((tmp_path / "p" / "pruning.json").read_text())
     d["layers"][0]["mlp"]["kept_channels"] = [0, 1, 999]
     # a consistent checksum (the file was written wrong, not edited afterwards): the range check still applies
-    from minillm.plan import plan_checksum
+    from minillm.plan import document_checksum
 
-    d["checksum"] = plan_checksum(d["architecture"], d["layers"])
+    d["checksum"] = document_checksum(d)
     (tmp_path / "p" / "pruning.json").write_text(json.dumps(d))
     with pytest.raises(PlanError, match="channel indices must be distinct and in"):
         minillm.load_pruned(tmp_path / "p")

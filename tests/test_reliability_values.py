@@ -173,17 +173,31 @@ def test_simulated_memory_of_an_unknown_shape_is_an_error(capsys):
 
 
 def test_recover_finds_a_relative_parent_from_the_pruned_directory(tmp_path, monkeypatch, capsys, tiny_text_model_dir):
+    from minillm.plan import document_checksum
+
     shutil.copytree(tiny_text_model_dir, tmp_path / "base")
     for d in ("x", "y/z"):
         (tmp_path / d).mkdir(parents=True)
-    monkeypatch.chdir(tmp_path / "x")  # prune records base_model '../base', relative to here
+    monkeypatch.chdir(tmp_path / "x")  # prune records base_model '../base' as an absolute path
     assert _prune_cli(tmp_path / "p", model="../base") == 0
+    plan = json.loads((tmp_path / "p" / "pruning.json").read_text())
+    assert plan["base_model"] == os.fspath(tmp_path / "base")
     monkeypatch.chdir(tmp_path / "y" / "z")  # '../base' relative to here does not exist; relative to p it does
     args = ["recover", str(tmp_path / "p"), "--steps", "1", "--windows", "2", "--seqlen", "16", "--batch-size", "1"]
     assert main([*args, "--kl-weight", "0.5", "--quiet", "--out", str(tmp_path / "r")]) == 0
     assert json.loads((tmp_path / "r" / "pruning.json").read_text())["recovery"][0]["kl_weight"] == 0.5
+    plan["base_model"] = "../base"  # as older versions recorded it: relative to where prune ran
+    plan["checksum"] = document_checksum(plan)
+    (tmp_path / "p" / "pruning.json").write_text(json.dumps(plan))
+    assert main([*args, "--kl-weight", "0.5", "--quiet", "--out", str(tmp_path / "r1")]) == 0
     shutil.rmtree(tmp_path / "base")
     capsys.readouterr()
     assert main([*args, "--kl-weight", "0.5", "--quiet", "--out", str(tmp_path / "r2")]) == 2
     err = capsys.readouterr().err
     assert f"neither at {tmp_path / 'p' / '..' / 'base'}" in err and os.fspath(tmp_path / "y" / "base") in err
+    plan["base_model"] = os.fspath(tmp_path / "base")
+    plan["checksum"] = document_checksum(plan)
+    (tmp_path / "p" / "pruning.json").write_text(json.dumps(plan))
+    assert main([*args, "--kl-weight", "0.5", "--quiet", "--out", str(tmp_path / "r3")]) == 2
+    err = capsys.readouterr().err
+    assert f"{os.fspath(tmp_path / 'base')!r} (base_model in pruning.json) is no longer there" in err

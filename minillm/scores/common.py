@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import Adapter, Member
 from ..allocate import LayerScores, resolve_attention_unit
-from ..offload import loaded
+from ..offload import execution_device, loaded
 from ..state import PruningState
 from ..surgery import CurrentKeep
 
@@ -66,7 +66,8 @@ class ScoringContext:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where calibration inputs go: the input embeddings' device (their execution device when offloaded)."""
+        return execution_device(self.model)
 
     def batches(self) -> list[torch.Tensor]:
         calib = self.calib.to(self.device)

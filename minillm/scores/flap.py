@@ -39,7 +39,8 @@ from .common import ScoringContext, member_key
 SPEC = MethodSpec(needs_calibration=True, default_allocation="global", default_compensate_bias=True)
 
 
-def _standardise(x: torch.Tensor) -> torch.Tensor:
+def zscore(x: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / unbiased std; zeros for fewer than two values."""
     if x.numel() < 2:
         return torch.zeros_like(x)
     return (x - x.mean()) / (x.std() + 1e-12)
@@ -68,12 +69,12 @@ def _layer_scores(ctx: ScoringContext, stats, i: int, layer, standardise: bool) 
         out = adapter.attention_members(layer)[-1]
         col = fluctuation(out.linear, stats[member_key(i, out)].variance).pow(2)
         if standardise:
-            col = _standardise(col)  # over every o_proj input column of the layer, before the per-head mean
+            col = zscore(col)  # over every o_proj input column of the layer, before the per-head mean
         per_head = col.reshape(shape.n_query_heads, -1).mean(1)
         heads = per_head.reshape(shape.n_kv_heads, -1).mean(1) if ctx.unit(layer) == "kv_group" else per_head
     if adapter.n_channels(layer):
         down = adapter.mlp_members(layer)[-1]
         channels = fluctuation(down.linear, stats[member_key(i, down)].variance)
         if standardise:
-            channels = _standardise(channels)
+            channels = zscore(channels)
     return LayerScores(heads, channels)

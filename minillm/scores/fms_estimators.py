@@ -47,6 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import Adapter
+from ..offload import execution_device
 from ..allocate import LayerScores
 from ..precision import fp32_forward
 from ..surgery import VirtualMasks
@@ -313,7 +314,7 @@ class BlockGateSpace(PerturbationSpace):
     def __init__(self, adapter: Adapter):
         self.adapter = adapter
         self.layers = list(adapter.layers())
-        self.device = next(adapter.model.parameters()).device
+        self.device = execution_device(adapter.model)
 
     def shapes(self):
         return [(torch.Size([2]), torch.device("cpu")) for _ in self.layers]

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import Adapter
+from ..offload import execution_device
 from ..surgery import VirtualMasks
 
 _BLOCK_STRIDE = 1_000_003
@@ -111,7 +112,7 @@ class GateSpace(PerturbationSpace):
                 self.blocks.append((i, "heads", n_q))
             if adapter.n_channels(layer) and "channels" in kinds:
                 self.blocks.append((i, "channels", adapter.n_channels(layer)))
-        self.device = next(adapter.model.parameters()).device
+        self.device = execution_device(adapter.model)
 
     def shapes(self):
         return [(torch.Size([n]), self.device) for _, _, n in self.blocks]
