@@ -64,12 +64,12 @@ def _source_directory(source: str | None, revision: str | None) -> Path | None:
     """Where the files of the model a pruned model came from are on this machine: the converted cache of a registry
     name (without converting), a local directory, or a Hub id's snapshot in the local Hugging Face cache."""
     from .files import cache_dir
-    from .models import PRETRAINED
 
     if not source:
         return None
-    if source in PRETRAINED:
-        return cache_dir() / source
+    cached = cache_dir() / source  # a registry name's converted copy (models.py; not imported here: no cycle)
+    if "/" not in source and cached.is_dir():
+        return cached
     if Path(source).is_dir():
         return Path(source)
     if source.count("/") == 1:

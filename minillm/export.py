@@ -15,9 +15,9 @@ widest layer of each kind, by padding narrower layers with zeros:
   inside each group.
 * the head dimension never changes. LLaMA-family and Gemma 3 configs take an explicit `head_dim`, so their head
   counts shrink to the widest layer's (or the next count the config class accepts: transformers 5 wants
-  hidden_size to be a multiple of the query-head count). OPT and BLOOM derive it as hidden_size / heads, so their attention keeps the
-  original head count with every head at its original index (BLOOM's ALiBi slopes are per index); BLOOM's MLP is
-  fixed at 4 x hidden_size too, so its export stores the original size.
+  hidden_size to be a multiple of the query-head count). OPT and BLOOM derive it as hidden_size / heads, so their
+  attention keeps the original head count with every head at its original index (BLOOM's ALiBi slopes are per
+  index); BLOOM's MLP is fixed at 4 x hidden_size too, so its export stores the original size.
 
 Models with uniform widths lose nothing; otherwise the export stores more than the pruned model and records by how
 much (`minillm_export.json`, README.md). The compact, lossless form remains `save_pruned` + `load_pruned`.

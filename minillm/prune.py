@@ -87,10 +87,15 @@ def check_calibration(
 
 def check_finite_weights(model: nn.Module) -> None:
     """Refuse a model with NaN or Inf parameters (a corrupt checkpoint, an fp16 overflow): every method would score
-    and save it without a word. One pass over the parameters; offloaded (meta) tensors hold no values to check."""
+    and save it without a word. One pass over the parameters; offloaded (meta) tensors and the fake tensors of the
+    memory simulator (minillm.bench.simulate) hold no values to check."""
+    from torch._subclasses.fake_tensor import is_fake
+
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.device.type != "meta" and p.numel() and not bool(torch.isfinite(p).all()):
+            if p.device.type == "meta" or is_fake(p) or not p.numel():
+                continue
+            if not bool(torch.isfinite(p).all()):
                 raise ValueError(
                     f"parameter {name} has non-finite values (NaN or Inf): the model's weights are corrupt or "
                     f"overflowed in {p.dtype}; prune a model whose weights are finite"

@@ -19,6 +19,7 @@ from minillm.__main__ import main
 from minillm.export import CARD_FILE, RECORD_FILE, ExportError
 from minillm.files import MANIFEST, OutputDirError
 from minillm.models import SHAPES
+from minillm.surgery import CurrentKeep
 
 TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 CASES = [(name, alloc) for name in TINY for alloc in ("uniform", "global")] + [("tiny-llama-gqa", "dense")]
@@ -124,7 +125,7 @@ def test_per_layer_widths_are_padded_to_the_widest_layer(exported, name):
     assert written <= {x.name for x in directory.iterdir()}
 
 
-def test_gqa_pads_whole_groups_and_mqa_pads_query_heads_within_the_group(exported):
+def test_mqa_pads_query_heads_within_the_group(exported):
     record, _, _, directory = exported["tiny-llama-mqa", "global"]
     assert record["stock_widths"]["num_kv_heads"] == 1
     weights = load_file(str(directory / "model.safetensors"))
@@ -132,6 +133,30 @@ def test_gqa_pads_whole_groups_and_mqa_pads_query_heads_within_the_group(exporte
         o = weights[f"model.layers.{i}.self_attn.o_proj.weight"]
         heads = o.reshape(o.shape[0], -1, 8).abs().sum(dim=(0, 2)) > 0
         assert int(heads.sum()) == w["query_heads"]  # padded heads have zero o_proj columns
+
+
+def test_gqa_pads_whole_kv_groups_and_an_emptied_layer_stays_empty(tmp_path):
+    """tiny-llama-gqa (6 query heads in 2 KV groups of 3, head_dim 8): layer 0 keeps group 1 only, layer 1 both,
+    layer 2 neither, nor any MLP channel; the export holds 2 groups everywhere, group 1 of layer 0 moved to slot 0."""
+    model, _ = minillm.load_model("tiny-llama-gqa")
+    keeps = [
+        CurrentKeep([3, 4, 5], [1], list(range(64))),
+        CurrentKeep(list(range(6)), [0, 1], list(range(40))),
+        CurrentKeep([], [], []),
+    ]
+    minillm.remove_units(model, keeps, progress=False)
+    record = minillm.export_pretrained(model, tmp_path / "hf")
+    assert (record["stock_widths"]["num_query_heads"], record["stock_widths"]["num_kv_heads"]) == (6, 2)
+    weights = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    layer0 = {n: weights[f"model.layers.0.self_attn.{n}_proj.weight"] for n in "qkvo"}
+    for name, zero in (("q", slice(24, 48)), ("k", slice(8, 16)), ("v", slice(8, 16))):
+        assert torch.count_nonzero(layer0[name][zero]) == 0 and torch.count_nonzero(layer0[name][: zero.start]) > 0
+    assert torch.count_nonzero(layer0["o"][:, 24:]) == 0
+    for name in ("self_attn.o_proj", "mlp.down_proj"):
+        assert torch.count_nonzero(weights[f"model.layers.2.{name}.weight"]) == 0
+    with torch.no_grad():
+        stock = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")(TOKENS).logits
+        assert (stock - model(TOKENS).logits).abs().max() <= 1e-5
 
 
 def test_opt_and_bloom_keep_the_original_head_count_with_heads_at_their_original_indices(exported, tmp_path):

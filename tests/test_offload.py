@@ -66,8 +66,16 @@ def test_offloaded_model_prunes_like_in_memory(checkpoint, tokens, method, opts)
 FAMILIES = ["tiny-llama", "tiny-gemma3", "tiny-opt", "tiny-bloom"]
 #: max_memory["cpu"] as a fraction of the model's bytes: "disk" puts the whole model on disk, "split" keeps the
 #: embeddings and the first decoder layer(s) in memory and puts the later layers on disk
-PLACEMENTS = {"disk": 0.0, "split": 0.75}
+PLACEMENTS = {"disk": 0.0, "split": 0.8}
 DETERMINISTIC = ["magnitude", "wanda_sp", "flap", "obs"]
+#: obs (its refit through minillm.reconstruct) is the slow one: split placement on one family only
+AUTO_CASES = [
+    (family, method, placement)
+    for family in FAMILIES
+    for method in DETERMINISTIC
+    for placement in PLACEMENTS
+    if not (method == "obs" and placement == "split" and family != "tiny-llama")
+]
 
 
 def _save_dense(path, name):
@@ -93,9 +101,7 @@ def _auto(dense, placement):
     return off
 
 
-@pytest.mark.parametrize("placement", PLACEMENTS)
-@pytest.mark.parametrize("method", DETERMINISTIC)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family,method,placement", AUTO_CASES, ids=["-".join(c) for c in AUTO_CASES])
 def test_auto_device_map_prunes_saves_and_reloads_like_in_memory(tmp_path, tokens, family, method, placement):
     """KeyError 'model.rotary_emb.inv_freq' (materialize) and 'Cannot copy out of meta tensor' (inputs sent to the
     meta device) before the fix."""
@@ -114,11 +120,21 @@ def test_auto_device_map_prunes_saves_and_reloads_like_in_memory(tmp_path, token
         assert torch.allclose(back(tokens).logits, expected, atol=1e-5)
 
 
+#: every method of METHODS (the allocation estimator with fewer queries), random, taylor (backprop: loaded first) and a
+#: sequential refit
+ON_DISK = [
+    *[(m, o) for m, o in METHODS if o.get("estimator") != "allocation"],
+    ("fms", {"estimator": "allocation", "queries": 4, "eps": 1e-2}),
+    ("random", {}),
+    ("taylor", {}),
+    ("wanda_sp", {"reconstruct": "sequential"}),
+]
+
+
 @pytest.mark.parametrize(
     "method,opts",
-    [*METHODS, ("random", {}), ("taylor", {}), ("wanda_sp", {"reconstruct": "sequential"})],
-    ids=[m + "-" + "-".join(f"{k}={v}" for k, v in o.items()) for m, o in METHODS]
-    + ["random-", "taylor-", "wanda_sp-reconstruct=sequential"],
+    ON_DISK,
+    ids=[m + "-" + "-".join(f"{k}={v}" for k, v in o.items()) for m, o in ON_DISK],
 )
 def test_every_method_prunes_a_model_accelerate_put_on_disk(tmp_path, tokens, method, opts):
     dense = _save_dense(tmp_path, "tiny-llama")
