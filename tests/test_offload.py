@@ -120,11 +120,12 @@ def test_auto_device_map_prunes_saves_and_reloads_like_in_memory(tmp_path, token
         assert torch.allclose(back(tokens).logits, expected, atol=1e-5)
 
 
-#: every method of METHODS (the allocation estimator with fewer queries), random, taylor (backprop: loaded first) and a
-#: sequential refit
+#: every method of METHODS (the allocation estimator with fewer queries), magnitude_24, random, taylor (backprop:
+#: loaded first) and a sequential refit
 ON_DISK = [
     *[(m, o) for m, o in METHODS if o.get("estimator") != "allocation"],
     ("fms", {"estimator": "allocation", "queries": 4, "eps": 1e-2}),
+    ("magnitude_24", {}),
     ("random", {}),
     ("taylor", {}),
     ("wanda_sp", {"reconstruct": "sequential"}),
@@ -139,7 +140,7 @@ ON_DISK = [
 def test_every_method_prunes_a_model_accelerate_put_on_disk(tmp_path, tokens, method, opts):
     dense = _save_dense(tmp_path, "tiny-llama")
     calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
-    sparsity = 0.5 if method == "wanda_24" else 0.3
+    sparsity = 0.5 if method.endswith("_24") else 0.3
     ref, _ = minillm.load_model(str(dense))
     a = minillm.prune(ref, method, sparsity, calib, progress=False, **opts)
     off = _auto(dense, "disk")
@@ -150,13 +151,12 @@ def test_every_method_prunes_a_model_accelerate_put_on_disk(tmp_path, tokens, me
 
 
 def test_materialize_keeps_buffers_and_tied_weights(tmp_path):
-    """Non-persistent buffers (not in the offload index) stay as they are; an LM head tied to the embeddings stays
-    tied (one tensor, not two copies); inputs go to the execution device, not to the meta device."""
+    """Non-persistent buffers (the rotary tables: not in the offload index) stay as they are instead of being looked
+    up there (KeyError before the fix); an LM head tied to the embeddings stays tied (one tensor, not two copies)."""
     dense = _save_dense(tmp_path, "tiny-gemma3")
     ref, _ = minillm.load_model(str(dense))
     off = _auto(dense, "disk")
     assert off.get_output_embeddings().weight is off.get_input_embeddings().weight
-    assert execution_device(off) == torch.device("cpu")
     assert materialize(off) > 0 and not has_offloaded(off)
     assert off.get_output_embeddings().weight is off.get_input_embeddings().weight
     assert not any(hasattr(m, "_hf_hook") and m._hf_hook.offload for m in off.modules())
@@ -165,3 +165,17 @@ def test_materialize_keeps_buffers_and_tied_weights(tmp_path):
         assert buf.device.type == "cpu" and torch.equal(buf, expected[name]), name
     for name, p in off.named_parameters():
         assert torch.equal(p, ref.get_parameter(name)), name
+
+
+def test_calibration_goes_to_the_execution_device_of_offloaded_embeddings(tmp_path):
+    """With the embeddings on disk the model's first parameter is on the meta device; calibration batches sent there
+    hold no data (NotImplementedError 'Cannot copy out of meta tensor' before the fix)."""
+    from minillm.adapters import get_adapter
+    from minillm.scores.common import ScoringContext
+
+    off = _auto(_save_dense(tmp_path, "tiny-llama"), "disk")
+    assert next(off.parameters()).device.type == "meta"
+    calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    ctx = ScoringContext(off, get_adapter(off), calib)
+    assert ctx.device == torch.device("cpu") and all(b.device.type == "cpu" for b in ctx.batches())
+    assert execution_device(off) == torch.device("cpu")

@@ -23,6 +23,7 @@ FAMILY_COLOURS = {
     "taylor": "#d62728",
     "fms": "#1f77b4",
     "bonsai": "#9467bd",
+    "obs": "#e6550d",
 }
 OTHER_COLOUR = "#17becf"
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
@@ -35,9 +36,10 @@ VARIANTS = {
     "random": ["random"],
     "magnitude": ["magnitude"],
     "magnitude_24": ["magnitude_24"],
-    "wanda_sp": ["wanda_sp", "wanda_sp+comp"],
+    "wanda_sp": ["wanda_sp", "wanda_sp+comp", "wanda_sp-reconstruct"],
     "wanda_24": ["wanda_24"],
-    "flap": ["flap", "flap-uniform", "flap-uniform-nocomp"],
+    "flap": ["flap", "flap-uniform", "flap-uniform-nocomp", "flap-reconstruct", "flap-c32x512"],
+    "obs": ["obs"],
     "taylor": ["taylor", "taylor+comp", "taylor-mlp-only", "taylor-query-heads"],
     "fms": [
         "fms-gates",
@@ -83,6 +85,8 @@ PINNED = {
     "fms-gates-split-n32": {"color": "#0b3c5d", "marker": "^"},
     "fms-ablation-heads": {"color": "#17becf", "marker": "D"},
     "fms-allocation-n128": {"color": "#393b79", "marker": "v"},
+    "flap-reconstruct": {"color": "#145a14", "marker": "P"},
+    "flap-c32x512": {"color": "#98df8a", "marker": "v"},
 }
 
 
