@@ -368,6 +368,40 @@ def _from_pretrained(path: str, dtype, device, attn_implementation, **kw):
     return model.eval(), tok
 
 
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def _hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the Hub's endpoint opens within `timeout_s` (HF_ENDPOINT, default huggingface.co)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _check_hub_reachable(repo_id: str, revision: str | None) -> None:
+    """A Hub id that is neither in the local Hugging Face cache nor reachable fails at once with a clear message;
+    transformers would otherwise retry its requests for about 50 s first. Offline mode (HF_HUB_OFFLINE=1) is left to
+    transformers, which reads the cache only."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if isinstance(cached, str) or _hub_reachable():
+        return
+    raise OSError(
+        f"could not load Hub model {repo_id!r}: it is not in the local Hugging Face cache and the Hub "
+        f"({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) is not reachable from here; download it where "
+        "there is network, or pass a local directory"
+    )
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: torch.dtype | None = None,
@@ -405,6 +439,7 @@ def load_model(
         set_source(model, os.path.abspath(path))
         return model, tok
     if name_or_path.count("/") == 1 and not path.exists() and not name_or_path.startswith((".", "/")):
+        _check_hub_reachable(name_or_path, from_pretrained_kwargs.get("revision"))
         try:
             model, tok = _from_pretrained(name_or_path, dtype, device, attn_implementation, **from_pretrained_kwargs)
         except OSError as e:

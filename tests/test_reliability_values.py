@@ -201,3 +201,20 @@ def test_recover_finds_a_relative_parent_from_the_pruned_directory(tmp_path, mon
     assert main([*args, "--kl-weight", "0.5", "--quiet", "--out", str(tmp_path / "r3")]) == 2
     err = capsys.readouterr().err
     assert f"{os.fspath(tmp_path / 'base')!r} (base_model in pruning.json) is no longer there" in err
+
+
+def test_an_unreachable_hub_id_fails_at_once(monkeypatch):
+    """A Hub id that is not cached, with no network, fails in about the probe's timeout, not after ~50 s of
+    retries, and says why."""
+    import time
+
+    from huggingface_hub import constants
+
+    import minillm.models as models
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the tests run offline (conftest); this one may not
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout_s=models.HUB_PROBE_TIMEOUT_S: False)
+    t0 = time.perf_counter()
+    with pytest.raises(OSError, match="not in the local Hugging Face cache and the Hub"):
+        models.load_model("no-such-org/no-such-model-xyz")
+    assert time.perf_counter() - t0 < 10
