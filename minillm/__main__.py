@@ -177,7 +177,7 @@ def cmd_prune(args) -> int:
     from minillm.bench.measure import peak_memory
     from minillm.data import calibration_windows, describe_calibration
     from minillm.files import check_output_dir
-    from minillm.prune import check_sparsity, resolve_compensation
+    from minillm.prune import check_sparsity, max_positions, resolve_compensation
     from minillm.reconstruct import ReconstructConfig
     from minillm.scores import check_options, get_method
 
@@ -195,6 +195,7 @@ def cmd_prune(args) -> int:
     method = get_method(args.method)
     check_options(method, args.method, options)
     n_default, len_default = method.spec.default_calibration
+    seqlen_given = args.calib_seqlen is not None
     args.calib_samples = n_default if args.calib_samples is None else args.calib_samples
     args.calib_seqlen = len_default if args.calib_seqlen is None else args.calib_seqlen
     rebuild = ReconstructConfig.for_method(
@@ -206,6 +207,9 @@ def cmd_prune(args) -> int:
     model, tok = _load(args.model, _dtype(args.dtype), args.device)
     calib, calib_info = None, None
     if method.spec.needs_calibration or rebuild is not None:
+        longest = max_positions(model.config)
+        if not seqlen_given and longest is not None and args.calib_seqlen > longest:
+            args.calib_seqlen = longest  # the method's default windows are longer than this model reads
         _check_seqlen("--calib-seqlen", args.calib_seqlen, model.config)
         if tok is None or args.random_calibration:
             calib, calib_info = _random_calibration(args, model, tok)

@@ -116,3 +116,20 @@ def test_flap_budget_keeps_flaps_layer_widths_with_the_obs_order(tiny):
     assert [len(k.kept_kv_heads) for k in obs_plan.layers] == [len(k.kept_kv_heads) for k in flap_plan.layers]
     assert [len(k.kept_channels) for k in obs_plan.layers] == [len(k.kept_channels) for k in flap_plan.layers]
     assert [k.kept_channels for k in obs_plan.layers] != [k.kept_channels for k in flap_plan.layers]
+
+
+def test_cli_gives_obs_its_default_calibration_within_the_models_positions(tmp_path, capsys):
+    """`prune --method obs` with no calibration flags: the method's 32 windows, of 512 tokens or of the model's
+    positions where it reads fewer (tiny-llama-gqa: 256), and its refit."""
+    import json
+
+    from minillm.__main__ import main
+
+    out = tmp_path / "obs"
+    assert main(["prune", "--model", "tiny-llama-gqa", "--method", "obs", "--sparsity", "0.3", "--out", str(out)]) == 0
+    plan = json.loads((out / "pruning.json").read_text())
+    text = json.dumps(plan)
+    assert '"n_samples": 32' in text and '"seqlen": 256' in text and '"mode": "dense"' in text
+    rc = main(["prune", "--model", "tiny-llama-gqa", "--method", "obs", "--sparsity", "0.3", "--calib-seqlen", "512",
+               "--out", str(tmp_path / "x")])
+    assert rc == 2 and "--calib-seqlen 512 must be between 2" in capsys.readouterr().err
