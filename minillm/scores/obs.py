@@ -182,8 +182,9 @@ def _budget_signal(kind: str, weight, moments: Moments, blocks: torch.Tensor, bu
         h, _, _, _ = moments.second_moments(centered=True)
         idx = blocks.to(weight.device)
         return zscore(_block_costs(weight, _inverse(h, ridge), idx))
-    sxx, _, _, _ = moments.second_moments(centered=True)
-    metric = sxx.diagonal() * weight.pow(2).sum(0)
+    n = max(moments.n, 1)
+    variance = moments.xx.diagonal() / n - (moments.sum_x / n) ** 2  # the diagonal only: no d x d copy
+    metric = variance * weight.pow(2).sum(0)
     if kind == "attention":
         return zscore(metric.pow(2))[blocks.to(metric.device)].mean(1)
     return zscore(metric)
