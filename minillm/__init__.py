@@ -4,6 +4,7 @@ compared against, exact physical removal, pickle-free save/reload, evaluation an
 from .adapters import UnsupportedArchitectureError, get_adapter
 from .checkpoint import load_pruned, save_pruned
 from .export import ExportError, export_pretrained
+from .gguf_export import export_gguf
 from .models import load_model
 from .plan import OriginalKeep, PlanError, PruningPlan
 from .prune import allocate_units, make_plan, prune, remove_units, score
@@ -24,6 +25,7 @@ __all__ = [
     "VirtualMasks",
     "allocate_units",
     "export_pretrained",
+    "export_gguf",
     "get_adapter",
     "load_model",
     "load_pruned",

@@ -353,8 +353,28 @@ def cmd_bench(args) -> int:
                 f"x{r.get('ratio_to_dense_forward', float('nan')):.2f} dense forward {r.get('error', '')}"
             )
         print(f"{'dense':>12}: peak {result['dense_forward'].get('peak_gib', float('nan')):.3f} GiB")
+    elif args.engine == "llamacpp":
+        from minillm.bench import llamacpp
+
+        if args.device not in (None, "cpu"):
+            raise ValueError("--engine llamacpp runs on the CPU build of llama.cpp (make engines); leave --device out")
+        device = "cpu"
+        result = llamacpp.bench_latency_llamacpp(
+            args.model or "smollm2-135m",
+            args.sparsities,
+            [_shape(s) for s in (args.prefill or ["1x128", "1x512"])],
+            args.prompt,
+            args.new_tokens,
+            args.repeats,
+            quant_types=tuple(args.quant_types),
+            threads=args.threads,
+            global_method=None if args.global_method == "none" else args.global_method,
+            round_to=args.round_to,
+            bench_repeats=args.bench_repeats or measure.BENCH_REPEATS,
+        )
+        llamacpp.print_speedups(result)
     else:
-        prefill = [_shape(s) for s in args.prefill]
+        prefill = [_shape(s) for s in (args.prefill or ["1x128", "16x128"])]
         result = measure.bench_latency(
             args.model,
             args.sparsities,
@@ -569,16 +589,41 @@ def cmd_recover(args) -> int:
     return 0
 
 
-@_holding_out
 def cmd_export(args) -> int:
+    if args.format == "gguf":
+        return _export_gguf(args)
+    if args.float_type or args.tokenizer_pre:
+        raise ValueError("--float-type and --tokenizer-pre are GGUF options (--format gguf)")
+    return _export_hf(args)
+
+
+def _export_gguf(args) -> int:
+    from minillm.gguf_export import DEFAULT_PAD_TO, export_gguf
+
+    pad_to = DEFAULT_PAD_TO if args.pad_to is None else args.pad_to
+    if pad_to < 1:
+        raise ValueError(f"--pad-to must be a positive integer, got {pad_to}")
+    record = export_gguf(
+        args.directory, args.out, float_type=args.float_type, pad_to=pad_to, tokenizer_pre=args.tokenizer_pre,
+        overwrite=args.overwrite,
+    )
+    summary = {"out": str(args.out), "format": "gguf", **{k: record[k] for k in ("architecture", "float_type")}}
+    summary |= {k: record["params"][k] for k in ("pruned_prunable", "stored_prunable_weights", "padding_overhead")}
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+@_holding_out
+def _export_hf(args) -> int:
     from minillm.export import export_pretrained
     from minillm.files import check_output_dir
 
     check_output_dir(args.out, args.overwrite, [args.directory])  # the export leaves its input untouched
-    if args.pad_to < 1:
-        raise ValueError(f"--pad-to must be a positive integer, got {args.pad_to}")
+    pad_to = 1 if args.pad_to is None else args.pad_to
+    if pad_to < 1:
+        raise ValueError(f"--pad-to must be a positive integer, got {pad_to}")
     record = export_pretrained(
-        args.directory, args.out, pad_to=args.pad_to, overwrite=args.overwrite, verify=not args.no_verify
+        args.directory, args.out, pad_to=pad_to, overwrite=args.overwrite, verify=not args.no_verify
     )
     params = record["params"]
     summary = {
@@ -727,7 +772,9 @@ def _add_bench(sub) -> None:
     be.add_argument("--sparsity", type=finite_float, default=0.2)
     be.add_argument("--options", default="{}", help="memory-step: method options as JSON (internal)")
     be.add_argument("--sparsities", type=finite_float, nargs="*", default=[0.2, 0.5])
-    be.add_argument("--prefill", nargs="*", default=["1x128", "16x128"], help="BATCHxLENGTH")
+    be.add_argument(
+        "--prefill", nargs="*", help="BATCHxLENGTH (default 1x128 16x128; --engine llamacpp: 1x128 1x512)"
+    )
     be.add_argument("--decode-batch", type=int, nargs="*", default=[1])
     be.add_argument("--prompt", type=int, default=128)
     be.add_argument("--new-tokens", type=int, default=64)
@@ -740,6 +787,21 @@ def _add_bench(sub) -> None:
     )
     be.add_argument("--round-to", type=int, default=1)
     be.add_argument("--include-24", action="store_true", help="latency: add a semi-structured 2:4 copy")
+    be.add_argument(
+        "--engine",
+        choices=("transformers", "llamacpp"),
+        default="transformers",
+        help="latency: transformers (default) or llama.cpp on GGUF exports (make engines)",
+    )
+    be.add_argument(
+        "--quant-types", nargs="*", default=["f32", "q8_0"], help="latency, llamacpp: GGUF types (f32, q8_0)"
+    )
+    be.add_argument("--threads", type=int, help="latency, llamacpp: CPU threads (default: every core)")
+    be.add_argument(
+        "--global-method",
+        default="magnitude",
+        help="latency, llamacpp: method of the global plans timed per-layer (deci) and padded (stock); none: skip",
+    )
     be.add_argument(
         "--compile",
         choices=("none", "all"),
@@ -831,21 +893,37 @@ def _add_export(sub) -> None:
     )
     ex.add_argument("directory", type=Path, help="a directory written by prune or recover (left untouched)")
     ex.add_argument(
-        "--format", choices=("hf",), default="hf", help="hf: config.json + safetensors for from_pretrained (default)"
+        "--format",
+        choices=("hf", "gguf"),
+        default="hf",
+        help="hf: a directory of config.json + safetensors for from_pretrained (default); gguf: one .gguf file for "
+        "llama.cpp (LLaMA family; per-layer widths as llama.cpp's deci architecture)",
     )
-    ex.add_argument("--out", type=Path, required=True)
+    ex.add_argument("--out", type=Path, required=True, help="hf: a directory; gguf: a file named *.gguf")
     ex.add_argument(
         "--pad-to",
         type=int,
-        default=1,
-        help="round the MLP width up to a multiple of this (e.g. 64 or 256 for kernels and GGUF k-quants; never "
-        "beyond the original width); default 1: the widest layer's width",
+        default=None,
+        help="round MLP widths up to a multiple of this. hf: the common width of all layers (e.g. 64 or 256 for "
+        "kernels; never beyond the original width), default 1; gguf: each layer's width, default 32 (Q8_0 needs "
+        "rows of 32 values, the k-quants 256)",
     )
-    ex.add_argument("--no-verify", action="store_true", help="skip the logit comparison with the pruned model")
+    ex.add_argument(
+        "--float-type", choices=("f32", "f16", "bf16"), default=None, help="gguf: tensor type (default: the model's)"
+    )
+    ex.add_argument(
+        "--tokenizer-pre",
+        default=None,
+        help="gguf: llama.cpp's pre-tokenizer name (e.g. llama-bpe), needed when the tokenizer's own does not say",
+    )
+    ex.add_argument(
+        "--no-verify", action="store_true", help="hf: skip the logit comparison with the pruned model"
+    )
     ex.add_argument(
         "--overwrite",
         action="store_true",
-        help="write into --out even when it is a non-empty directory not written by minillm (other files stay)",
+        help="hf: write into --out even when it is a non-empty directory not written by minillm (other files stay); "
+        "gguf: replace an existing file",
     )
     ex.set_defaults(func=cmd_export)
 
