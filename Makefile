@@ -63,7 +63,7 @@ figures: $(SETUP)
 	PROFILE=$$profile PYTHON=$(PYTHON) MINILLM_NO_COMPUTE=1 bash scripts/run_notebooks.sh $(NOTEBOOKS)
 
 # optional, not part of setup: llama.cpp through llama-cpp-python, compiled from its source distribution for this CPU
-# (about 25 minutes on 2 cores); the GGUF tests that run llama.cpp and `minillm bench latency --engine llamacpp` need
+# (about 12 minutes on 2 cores); the GGUF tests that run llama.cpp and `minillm bench latency --engine llamacpp` need
 # it, and skip or stop with this command named when it is missing
 LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36 diskcache==5.6.3
 engines: $(SETUP)

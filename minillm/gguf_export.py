@@ -27,7 +27,7 @@ What the writer does to the weights (all exact except the chosen float type):
 The tokenizer is written as llama.cpp's byte-level BPE (`tokenizer.ggml.model = gpt2`): every token in id order,
 the merges, control/user-defined types of added tokens, BOS/EOS/UNK/PAD ids, whether BOS is prepended, the chat
 template. llama.cpp splits text before BPE with a regex named by `tokenizer.ggml.pre`; it is derived from the
-tokenizer's own pre-tokenizer where that is unambiguous (plain ByteLevel: `gpt2`; individual digits then ByteLevel:
+tokenizer's own pre-tokenizer where that is unambiguous (plain ByteLevel: `gpt-2`; individual digits then ByteLevel:
 `smollm`) and must be given (`tokenizer_pre`) otherwise. SentencePiece tokenizers (LLaMA 1/2) are not written.
 
 Other families are refused: Gemma 3 and BLOOM have no per-layer-width architecture in llama.cpp and OPT none at all;
@@ -236,7 +236,7 @@ def _pre_name(spec: dict) -> str | None:
         return p.get("type") == "ByteLevel" and p.get("use_regex", True) and not p.get("add_prefix_space", False)
 
     if byte_level(pre):
-        return "gpt2"
+        return "gpt-2"
     parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
     if (
         len(parts) == 2

@@ -246,3 +246,49 @@ def test_cli_export_writes_the_stock_directory_and_refuses_its_input(tmp_path, c
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     with pytest.raises(OutputDirError, match="not written by minillm"):
         minillm.export_pretrained(tmp_path / "p", tmp_path / "foreign")
+
+
+LM_EVAL_HF = r"""
+import importlib.util, json, sys
+sys.path += sys.argv[1].split("\n")
+assert importlib.util.find_spec("minillm") is None, "minillm is importable in the stock interpreter"
+import lm_eval
+from lm_eval.tasks import TaskManager
+directory, folder, tasks, limit = sys.argv[2], sys.argv[3], sys.argv[4].split(","), int(sys.argv[5])
+res = lm_eval.simple_evaluate(
+    model="hf", model_args=f"pretrained={directory},device=cpu,dtype=float32,batch_size=4", tasks=tasks,
+    task_manager=TaskManager(include_path=folder, include_defaults=False), limit=limit, num_fewshot=0,
+    bootstrap_iters=0, log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+    fewshot_random_seed=0,
+)
+print(json.dumps({t: res["results"][t] for t in tasks}))
+"""
+
+
+def test_lm_eval_hf_model_on_the_export_reproduces_minillm_zero_shot(tmp_path, tiny_text_model_dir):
+    """lm-eval's own `hf` model, given only the export's path in a Python that cannot import minillm, scores the
+    bundled tasks as minillm.zeroshot scores the pruned model (same accuracies on the same examples)."""
+    from minillm.evaluate import load_task_specs, write_task_dir, zeroshot
+
+    model, tok = minillm.load_model(tiny_text_model_dir)
+    calib = torch.randint(0, len(tok), (8, 16), generator=torch.Generator().manual_seed(0))
+    plan = minillm.prune(model, "wanda_sp", 0.4, calib, allocation="global", progress=False)
+    minillm.save_pruned(model, plan, tmp_path / "pruned", tokenizer=tok)
+    minillm.export_pretrained(tmp_path / "pruned", tmp_path / "hf")
+    tasks, limit = ["bb_cloze_strategyqa", "bb_cloze_wikihow_goal"], 8
+    specs = {s["task"]: s for s in load_task_specs()}
+    folder = write_task_dir(tmp_path / "tasks", [specs[t] for t in tasks])
+    pruned, ptok = minillm.load_pruned(tmp_path / "pruned")
+    ours = zeroshot(pruned, ptok, tasks=tasks, limit=limit, batch_size=4, scorer="hflm")
+    paths = sysconfig.get_paths()
+    site = "\n".join(dict.fromkeys([paths["purelib"], paths["platlib"]]))
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "PATH": "", "HOME": str(tmp_path)}
+    cmd = [sys.executable, "-I", "-S", "-c", LM_EVAL_HF, site, str(tmp_path / "hf"), str(folder), ",".join(tasks)]
+    run = subprocess.run([*cmd, str(limit)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    stock = json.loads(run.stdout.strip().splitlines()[-1])
+    for t in tasks:
+        metric = specs[t]["metric"]
+        assert stock[t][f"{metric},none"] == pytest.approx(ours[t]["value"], abs=1e-9), t
+        assert ours[t]["n"] == limit

@@ -149,7 +149,7 @@ def test_emptied_blocks_use_zero_heads_or_zero_placeholders(tmp_path, tok):
 
 def test_tokenizer_fields_follow_the_tokenizer(tok):
     meta = tokenizer_metadata(tok, 400)
-    assert meta["model"] == "gpt2" and meta["pre"] == "gpt2"
+    assert meta["model"] == "gpt2" and meta["pre"] == "gpt-2"
     assert meta["tokens"][:3] == [tok.convert_ids_to_tokens(i) for i in range(3)]
     assert meta["tokens"][390] == "[PAD390]" and meta["types"][390] == 5  # unused embedding rows
     special = tok.convert_tokens_to_ids("<|endoftext|>")
@@ -242,9 +242,13 @@ def _llama_cpp():
 
 
 def llama_cpp_logits(path, tokens: list[int]) -> np.ndarray:
-    """Logits of every position from llama.cpp (CPU, one thread, F32 computation of the stored types)."""
+    """Logits of every position from llama.cpp (CPU, one thread, an F32 KV cache: its default F16 cache alone moves
+    SmolLM2's log-probs by up to 4e-3)."""
     llama_cpp = _llama_cpp()
-    llm = llama_cpp.Llama(str(path), n_ctx=max(64, len(tokens)), logits_all=True, n_threads=1, verbose=False)
+    llm = llama_cpp.Llama(
+        str(path), n_ctx=max(64, len(tokens)), logits_all=True, n_threads=1, verbose=False,
+        type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+    )
     try:
         llm.eval(tokens)
         return np.array(llm.scores[: len(tokens)], dtype=np.float64)
@@ -294,7 +298,7 @@ def test_llama_cpp_runs_emptied_blocks_and_refit_biases(tmp_path, tok):
 @pytest.mark.slow
 def test_llama_cpp_next_token_log_probs_of_smollm2_dense_and_pruned(tmp_path, smollm2):
     """SmolLM2-135M dense and pruned (FLAP 30% + refit, global widths: deci) in llama.cpp: next-token log-probs on
-    three windows of a bundled novel agree with minillm's."""
+    three windows of a bundled novel agree with minillm's (F32 weights and KV cache)."""
     _llama_cpp()
     from minillm.data import calibration_windows
 
@@ -315,4 +319,4 @@ def test_llama_cpp_next_token_log_probs_of_smollm2_dense_and_pruned(tmp_path, sm
             got = got - np.log(np.exp(got - got.max(-1, keepdims=True)).sum(-1, keepdims=True)) - got.max(-1, keepdims=True)
             target = np.array(tokens[1:])
             picked = np.take_along_axis(got[:-1], target[:, None], 1) - np.take_along_axis(expect[:-1], target[:, None], 1)
-            assert np.abs(picked).max() <= 2e-3, name
+            assert np.abs(picked).max() <= 2e-4, name  # measured: at most 5e-5
