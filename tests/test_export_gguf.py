@@ -320,3 +320,38 @@ def test_llama_cpp_next_token_log_probs_of_smollm2_dense_and_pruned(tmp_path, sm
             target = np.array(tokens[1:])
             picked = np.take_along_axis(got[:-1], target[:, None], 1) - np.take_along_axis(expect[:-1], target[:, None], 1)
             assert np.abs(picked).max() <= 2e-4, name  # measured: at most 5e-5
+
+
+def test_llama_cpp_latency_bench_rows_speedups_and_ceilings(tiny_text_model_dir):
+    _llama_cpp()
+    from minillm.bench.llamacpp import bench_latency_llamacpp
+
+    r = bench_latency_llamacpp(
+        tiny_text_model_dir, [0.5], [(1, 16)], prompt=8, new_tokens=4, repeats=2, bench_repeats=1, warmup=1,
+        threads=1,
+    )
+    assert set(r["types"]) == {"f32", "q8_0"}
+    for kind, rows in r["types"].items():
+        assert [x["variant"] for x in rows] == ["dense", "structured", "deci", "padded"]
+        assert [x["architecture"] for x in rows[:2]] == ["llama", "llama"] and rows[3]["architecture"] == "llama"
+        assert rows[3]["padding_overhead"] >= 0 and rows[2]["padding_overhead"] >= 0
+        for x in rows[1:]:
+            assert x["decode_ceiling"][0] > 1 and x["prefill_speedup"][0] > 0 and len(x["decode_speedup_ci95"][0]) == 2
+        assert rows[0]["bytes"] > rows[1]["bytes"]
+    assert r["types"]["q8_0"][0]["bytes"] < r["types"]["f32"][0]["bytes"] / 2  # quantised by llama.cpp
+    with pytest.raises(ValueError, match="batch 1"):
+        bench_latency_llamacpp(tiny_text_model_dir, [0.5], [(2, 16)], prompt=8, new_tokens=4)
+
+
+def test_committed_llama_cpp_tables_match_their_record(tmp_path):
+    """figures/engines is rendered from results/engines by scripts/render_engines.py; a stale table fails here."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("render_engines", root / "scripts" / "render_engines.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    render.render(render.RECORD, tmp_path / "t", figure=False)
+    assert (tmp_path / "t.md").read_text() == render.OUT.with_suffix(".md").read_text()
+    assert (tmp_path / "t.csv").read_text() == render.OUT.with_suffix(".csv").read_text()

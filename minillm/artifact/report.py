@@ -733,6 +733,23 @@ def latency_frame(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows).astype({"speedup_ci95_lo": float, "speedup_ci95_hi": float, "ceiling": float})
 
 
+def engine_latency_frame(record: dict) -> pd.DataFrame:
+    """The llama.cpp bench record (`minillm.bench.llamacpp`) as `latency_frame` rows, one group per GGUF type (in
+    the `dtype` column, e.g. "llama.cpp q8_0"), plus each row's architecture, padding overhead and the fraction of
+    its FLOP ceiling reached (`of_ceiling`)."""
+    frames = []
+    for kind, rows in record["types"].items():
+        metrics = {"model": record["model"], "dtype": f"llama.cpp {kind}", "device": "cpu", "rows": rows}
+        df = latency_frame([{"metrics": metrics, "provenance": record["provenance"]}])
+        per_row = [r for r in rows for _ in range(len(r["prefill"]) + len(r["decode"]))]
+        df["architecture"] = [r["architecture"] for r in per_row]
+        df["padding_overhead"] = [r.get("padding_overhead") for r in per_row]
+        frames.append(df)
+    out = pd.concat(frames, ignore_index=True).astype({"padding_overhead": float})
+    out["of_ceiling"] = out["speedup"] / out["ceiling"]
+    return out
+
+
 def _latency_variant(row: dict, device: str) -> str:
     """The row's variant; a 2:4 model whose weights stayed dense (no semi-structured kernels, e.g. on CPU) says so,
     since its timing is a dense model's."""
@@ -750,7 +767,9 @@ def _latency_style(variant: str, index: int) -> dict:
     from minillm.artifact.styles import method_style
 
     family = "dense" if variant == "dense" else "magnitude_24" if variant.startswith("2:4") else "random"
-    return {"color": method_style(family)["color"], "hatch": ("", "//", "..", "xx")[index % 4], "edgecolor": "w"}
+    # the llama.cpp bench's global plans (magnitude): per-layer widths (deci) and their padded stock export
+    color = {"deci": "tab:blue", "padded": "tab:orange"}.get(variant, method_style(family)["color"])
+    return {"color": color, "hatch": ("", "//", "..", "xx")[index % 4], "edgecolor": "w"}
 
 
 def plot_latency(df: pd.DataFrame, title: str = ""):
