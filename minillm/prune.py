@@ -88,14 +88,19 @@ def check_calibration(
 def check_finite_weights(model: nn.Module) -> None:
     """Refuse a model with NaN or Inf parameters (a corrupt checkpoint, an fp16 overflow): every method would score
     and save it without a word. One pass over the parameters; offloaded (meta) tensors and the fake tensors of the
-    memory simulator (minillm.bench.simulate) hold no values to check."""
+    memory simulator (minillm.bench.simulate) hold no values to check.
+
+    A parameter's sum is finite when every value is (a NaN or an infinity anywhere makes it NaN or infinite), so the
+    sum, a reduction without a temporary, clears almost every parameter (SmolLM2-135M: 0.05 s instead of 0.8 s for
+    an element-wise isfinite on one thread); only a non-finite sum, which finite values can also give by overflow,
+    is checked element by element."""
     from torch._subclasses.fake_tensor import is_fake
 
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.device.type == "meta" or is_fake(p) or not p.numel():
                 continue
-            if not bool(torch.isfinite(p).all()):
+            if not bool(torch.isfinite(p.sum())) and not bool(torch.isfinite(p).all()):
                 raise ValueError(
                     f"parameter {name} has non-finite values (NaN or Inf): the model's weights are corrupt or "
                     f"overflowed in {p.dtype}; prune a model whose weights are finite"

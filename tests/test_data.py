@@ -83,3 +83,27 @@ def test_task_specs_and_yaml():
         assert 0 <= first["label"] < len(first["choices"]) and "canary" in first
     y = task_yaml(specs[0], data.DATA_DIR / "bigbench" / specs[0]["file"])
     assert "doc_to_choice: choices" in y and str(data.DATA_DIR) in y
+
+
+def test_novel_tokens_are_cached_on_disk_per_tokenizer_and_text(tmp_path, monkeypatch):
+    """The disk cache returns exactly what the tokenizer returns; another tokenizer or text gets its own entry; a
+    damaged entry is tokenized again and replaced."""
+    from conftest import tiny_tokenizer
+
+    from minillm import data
+
+    monkeypatch.setenv("MINILLM_CACHE", str(tmp_path))
+    a, b = tiny_tokenizer(300), tiny_tokenizer(384)
+    text = data.read_novel("persuasion")[:20_000]
+    fresh = a(text, add_special_tokens=False)["input_ids"]
+    first = data._disk_cached_ids(a, text)
+    files = list((tmp_path / "tokens").glob("*.npy"))
+    assert first.tolist() == fresh and first.dtype == torch.long and len(files) == 1
+    assert data._disk_cached_ids(a, text).tolist() == fresh  # read back
+    assert data._disk_cached_ids(b, text).tolist() == b(text, add_special_tokens=False)["input_ids"] != fresh
+    shorter = text[:-100]
+    assert data._disk_cached_ids(a, shorter).tolist() == a(shorter, add_special_tokens=False)["input_ids"]
+    assert len(list((tmp_path / "tokens").glob("*.npy"))) == 3
+    files[0].write_bytes(b"not an array")
+    assert data._disk_cached_ids(a, text).tolist() == fresh
+    assert data._disk_cached_ids(a, text).tolist() == fresh

@@ -92,6 +92,14 @@ def test_non_finite_weights_are_refused_before_scoring(tiny):
     from minillm.prune import check_finite_weights
 
     check_finite_weights(torch.nn.Linear(2, 2, device="meta"))  # offloaded weights: skipped
+    big = torch.nn.Linear(4, 4).half()
+    with torch.no_grad():
+        big.weight.fill_(60000.0)  # finite, but their fp16 sum overflows: still accepted
+        assert not torch.isfinite(big.weight.sum())
+        check_finite_weights(big)
+        big.weight[1, 2] = float("-inf")
+    with pytest.raises(ValueError, match="weight has non-finite"):
+        check_finite_weights(big)
 
 
 # --- 3. calibration ---------------------------------------------------------------------------------------------------
