@@ -61,6 +61,7 @@ figures: $(SETUP)
 	@profile=$$($(PYTHON) scripts/detect_profile.py "$(PROFILE)") || exit 1; set -ex; \
 	$(PYTHON) -c "from minillm.artifact.experiments import check_records; check_records('$$profile')"; \
 	PROFILE=$$profile PYTHON=$(PYTHON) MINILLM_NO_COMPUTE=1 bash scripts/run_notebooks.sh $(NOTEBOOKS)
+	$(PYTHON) scripts/render_engines.py
 
 # optional, not part of setup: llama.cpp through llama-cpp-python, compiled from its source distribution for this CPU
 # (about 12 minutes on 2 cores); the GGUF tests that run llama.cpp and `minillm bench latency --engine llamacpp` need
