@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from minillm.artifact.records import REPO_ROOT
 
@@ -370,6 +369,8 @@ def kendall_tau_b(x, y) -> float:
         raise ValueError(f"kendall_tau_b needs two equally long vectors, got shapes {x.shape} and {y.shape}")
     if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return math.nan
+    from scipy import stats  # here, not at import: 1.6 s that only the cross-model statistics need
+
     return float(stats.kendalltau(x, y, variant="b").statistic)
 
 
@@ -392,6 +393,8 @@ def permutation_p_values(x, y, max_exact: int = 10, draws: int = 100_000, seed: 
     n = len(x)
     exact = math.factorial(n) <= math.factorial(max_exact)
     # one sample with "pairings": y's order is permuted against the fixed x (n! assignments, not (n!)^2)
+    from scipy import stats
+
     result = stats.permutation_test(
         (y,), lambda y_, axis=-1: _concordance(np.broadcast_to(x, y_.shape), y_, axis), permutation_type="pairings",
         vectorized=True, alternative="greater", n_resamples=math.factorial(n) if exact else draws, batch=50_000,
