@@ -344,23 +344,28 @@ def _notes(family: str, form: StockForm, stored: int, original: int | None) -> l
     return notes
 
 
+def source_record(state, directory: Path | None) -> dict:
+    """Where an export came from: the pruned directory, the base model, method, sparsity and weights checksum."""
+    plan = state.plan
+    return {
+        "directory": str(directory) if directory else None,
+        "base_model": plan.base_model if plan else state.source,
+        "method": plan.method if plan else None,
+        "sparsity": plan.sparsity if plan else None,
+        "weights_sha256": plan.weights_sha256 if plan else None,
+    }
+
+
 def _record(src, dst, form, layout, widths, original, diff, pad_to, directory) -> dict:
     src_adapter, dst_adapter = get_adapter(src), get_adapter(dst)
     pruned, stored = prunable_params(src_adapter), prunable_params(dst_adapter)
     state = pruning_state(src)
-    plan = state.plan
     flags = {f: getattr(dst.config, f) for f in sorted({f for f in form.bias_flags.values() if f})}
     return {
         "format": "hf",
         "written_by": "minillm.export_pretrained",
         "load_with": "transformers.AutoModelForCausalLM.from_pretrained(DIR)",
-        "source": {
-            "directory": str(directory) if directory else None,
-            "base_model": plan.base_model if plan else state.source,
-            "method": plan.method if plan else None,
-            "sparsity": plan.sparsity if plan else None,
-            "weights_sha256": plan.weights_sha256 if plan else None,
-        },
+        "source": source_record(state, directory),
         "family": src_adapter.family,
         "architecture": type(dst).__name__,
         "dtype": str(dst.dtype).removeprefix("torch."),

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
-from .export import ExportError, _params, _source
+from .export import ExportError, _params, _source, source_record
 from .state import pruning_state
 from .surgery import prunable_params
 
@@ -354,7 +354,6 @@ def check_output_file(out: Path, overwrite: bool) -> None:
 def _record(src, widths, arch, float_type, pad_to, directory, tokens_meta, original) -> dict:
     adapter = get_adapter(src)
     state = pruning_state(src)
-    plan = state.plan
     head_dim, hidden = adapter.original_attention.head_dim, adapter.hidden_size
     stored = sum(
         w.heads * head_dim * hidden * 2 + w.kv_heads * head_dim * hidden * 2 + w.channels * hidden * 3 for w in widths
@@ -366,13 +365,7 @@ def _record(src, widths, arch, float_type, pad_to, directory, tokens_meta, origi
         "architecture": arch,
         "float_type": float_type,
         "pad_to": pad_to,
-        "source": {
-            "directory": str(directory) if directory else None,
-            "base_model": plan.base_model if plan else state.source,
-            "method": plan.method if plan else None,
-            "sparsity": plan.sparsity if plan else None,
-            "weights_sha256": plan.weights_sha256 if plan else None,
-        },
+        "source": source_record(state, directory),
         "layers": [asdict(w) for w in widths],
         "tokenizer_pre": tokens_meta["pre"],
         "params": {
