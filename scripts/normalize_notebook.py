@@ -1,5 +1,6 @@
 """Remove what changes from one execution of a notebook to the next although nothing it shows changed: papermill's
-start and end times and durations (notebook and cells) and Jupyter's per-cell execution timestamps. An executed
+start and end times and durations (notebook and cells), Jupyter's per-cell execution timestamps, and the random id
+papermill gives the cell it injects with the parameters (named "injected-parameters" here, after its tag). An executed
 notebook rendered again from the same records is then byte-identical, so `git status` shows only real changes.
 
 Usage: python scripts/normalize_notebook.py NOTEBOOK.ipynb [...]  (rewritten in place)
@@ -20,6 +21,8 @@ def normalize(path: Path) -> None:
     for key in TIMES:
         notebook.metadata.get("papermill", {}).pop(key, None)
     for cell in notebook.cells:
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            cell.id = "injected-parameters"
         cell.metadata.pop("execution", None)
         for key in TIMES:
             cell.metadata.get("papermill", {}).pop(key, None)
