@@ -48,6 +48,7 @@ from torch import nn
 
 from .adapters import get_adapter
 from .export import ExportError, _params, _source, source_record
+from .files import _umask
 from .state import pruning_state
 from .surgery import prunable_params
 
@@ -467,12 +468,6 @@ def export_gguf(
         tmp.unlink(missing_ok=True)
     check_gguf(out, record)
     return record
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def read_gguf(path: str | Path) -> dict:

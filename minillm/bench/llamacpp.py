@@ -19,6 +19,7 @@ exactly as much faster as it does fewer multiply-adds.
 from __future__ import annotations
 
 import ctypes
+import os
 import tempfile
 from pathlib import Path
 
@@ -175,7 +176,7 @@ def bench_latency_llamacpp(
     bad = [q for q in quant_types if q not in QUANT_TYPES]
     if bad:
         raise ValueError(f"quantisation types must be among {QUANT_TYPES}, got {bad}")
-    threads = threads or max(1, len(__import__("os").sched_getaffinity(0)))
+    threads = threads or max(1, len(os.sched_getaffinity(0)))
     work = (prefill, [1], prompt, new_tokens)
     result = {
         "engine": "llama.cpp",
