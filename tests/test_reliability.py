@@ -738,7 +738,9 @@ def test_executed_notebooks_are_normalized_so_a_second_render_is_byte_identical(
     spec = importlib.util.spec_from_file_location("normalize_notebook", root / "scripts" / "normalize_notebook.py")
     norm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(norm)
-    committed = sorted((root / "notebooks" / "executed").glob("*/*.ipynb"))
+    # the smoke profile's executed notebooks are not kept (.gitignore) and `make test` rewrites them beside pytest,
+    # so a read here could catch papermill's output before normalize_notebook.py has run on it
+    committed = sorted(p for p in (root / "notebooks" / "executed").glob("*/*.ipynb") if p.parent.name != "smoke")
     assert committed
     for path in committed:
         before = path.read_bytes()
