@@ -11,7 +11,7 @@ OMP_NUM_THREADS=1 "$MAKE" --no-print-directory notebooks-smoke PYTHON="$PYTHON" 
 notebooks=$!
 # a Ctrl-C or kill of `make test` stops the notebook run too (run_notebooks.sh stops its kernel on TERM)
 trap 'kill -TERM "$notebooks" 2>/dev/null; wait "$notebooks" 2>/dev/null; rm -f "$log"; exit 130' INT TERM HUP
-"$PYTHON" -m pytest -q -ra -n 2 --durations=15 tests
+"$PYTHON" -m pytest -q -ra -n 2 --durations=${DURATIONS:-15} tests
 tests_status=$?
 echo "== pytest done in $(( $(date +%s) - start )) s (status $tests_status); waiting for the smoke notebooks"
 wait "$notebooks"

@@ -63,7 +63,7 @@ def test_estimate_of_a_small_profile_has_every_section():
             "calibration": {"n_samples": 2, "seqlen": 8},
             "perplexity": {"seqlen": 16, "windows": 2, "batch_size": 2},
             "zeroshot": {"limit": 2, "batch_size": 2, "tasks": ["bb_cloze_hyperbaton"], "sparsities": [0.0]},
-            "sparsities": [0.2, 0.5],
+            "sparsities": [0.2],
             "methods": [
                 {"label": "taylor", "method": "taylor"},
                 {"label": "bonsai", "method": "bonsai", "prune_options": {"allocation": "global"},
@@ -71,7 +71,7 @@ def test_estimate_of_a_small_profile_has_every_section():
             ],
         },
         "recovery": {
-            "methods": ["taylor"], "sparsities": [0.2], "kl_weights": [0.0, 1.0],
+            "methods": ["taylor"], "sparsities": [0.2], "kl_weights": [1.0],
             "train": {"windows": 4, "seqlen": 8, "steps": 10, "batch_size": 2, "rank": 2, "alpha": 4, "lr": 1e-4},
             "perplexity": {"seqlen": 16, "windows": 2, "batch_size": 2},
         },
