@@ -420,6 +420,13 @@ def _print_speedups(result: dict) -> None:
                 print(f"{name} {kind} {shape}: speed-up {x:.2f}x (95% CI {lo:.2f}-{hi:.2f}), FLOP ceiling {bound}")
 
 
+def _on_request(wanted: set) -> list[dict]:
+    """The simulator's steps outside its default table that --methods names by label (obs, flap-reconstruct)."""
+    from minillm.bench import simulate
+
+    return [s for s in simulate.ON_REQUEST_STEPS if s["label"] in wanted]
+
+
 def _bench_simulate(args) -> int:
     """`bench memory --simulate`: simulated peak memory (no GPU), or the validation tables with --validate."""
     from minillm.bench import simulate
@@ -442,10 +449,10 @@ def _bench_simulate(args) -> int:
     if args.model:  # one model: the in-memory steps, or the streamed ones for the 70B shape (unless --methods says)
         default = simulate.STREAMED_STEPS if args.model == simulate.STREAMED_MODEL else simulate.STEPS
         pool = simulate.STEPS + simulate.STREAMED_STEPS if wanted else default
-        steps = [s for s in pool if not wanted or {s["label"], s["method"]} & wanted]
+        steps = [s for s in pool if not wanted or {s["label"], s["method"]} & wanted] + _on_request(wanted)
         rows = simulate.simulate_table([args.model], shapes, steps, dtype, streamed=False)
     else:
-        steps = [s for s in simulate.STEPS if not wanted or {s["label"], s["method"]} & wanted]
+        steps = [s for s in simulate.STEPS if not wanted or {s["label"], s["method"]} & wanted] + _on_request(wanted)
         rows = simulate.simulate_table(simulate.MODELS, shapes, steps, dtype, streamed=not wanted)
     if args.json == "-":
         print(json.dumps(rows))

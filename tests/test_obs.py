@@ -133,3 +133,30 @@ def test_cli_gives_obs_its_default_calibration_within_the_models_positions(tmp_p
     rc = main(["prune", "--model", "tiny-llama-gqa", "--method", "obs", "--sparsity", "0.3", "--calib-seqlen", "512",
                "--out", str(tmp_path / "x")])
     assert rc == 2 and "--calib-seqlen 512 must be between 2" in capsys.readouterr().err
+
+
+def test_depth_schedule_is_slimgpts_log_increasing_ratio():
+    """SlimGPT's README prunes 20% overall with a log-increasing ratio from 0.0625 (first layer) to 0.25 (last): on
+    LLaMA-7B's 32 layers that schedule averages 20%."""
+    from minillm.scores.obs import depth_schedule
+
+    ratios = [0.25 * r for r in depth_schedule(32)]
+    assert ratios[0] == pytest.approx(0.0625) and ratios[-1] == pytest.approx(0.25)
+    assert all(a < b for a, b in itertools.pairwise(ratios))
+    assert sum(ratios) / 32 == pytest.approx(0.20, abs=0.002)
+
+
+def test_depth_budget_removes_more_of_the_deeper_layers(tiny):
+    """budget='depth': each layer loses a fraction of its MLP channels proportional to the schedule (3 layers: 0.25,
+    0.72, 1 relative), scaled by one threshold to the sparsity asked for."""
+    from minillm.scores.obs import depth_schedule
+
+    model = tiny("tiny-llama-gqa")
+    calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    plan = minillm.prune(model, "obs", 0.3, calib, progress=False, budget="depth")
+    assert abs(plan.achieved_sparsity - 0.3) < 0.05
+    n = model.config.intermediate_size
+    removed = [1 - len(k.kept_channels) / n for k in plan.layers]
+    assert all(a < b for a, b in itertools.pairwise(removed)), removed
+    for got, rel in zip(removed, depth_schedule(len(removed))):
+        assert got == pytest.approx(removed[-1] * rel, abs=1.5 / n + 0.02), (removed, rel)

@@ -47,6 +47,35 @@ def test_every_step_simulates_on_a_tiny_gqa_model():
     assert rows["taylor"]["peak_gib"] > rows["wanda_sp"]["peak_gib"]
 
 
+def test_float64_matrices_stay_counted_and_score_vectors_turn_real():
+    """A vector cast to float64 (pooled unit scores) becomes a real tensor with stand-in values; a matrix cast to
+    float64 (a Gram of the least-squares refit or of obs) stays a fake tensor on the simulated device and counted."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(256, 128, device=simulate.SIM_DEVICE)
+        standins, tracker = simulate.StandIns(), simulate.StorageTracker()
+        with standins, tracker:
+            gram = (x.T @ x).to(torch.float64)
+            scores = x[0].to(torch.float64)
+        assert gram.device.type == simulate.SIM_DEVICE and scores.device.type == "cpu"
+    assert tracker.peak_bytes >= 128 * 128 * (4 + 8)  # the float32 product and its float64 copy
+    assert standins.count >= 128
+
+
+def test_obs_and_the_refit_simulate_with_their_moments():
+    """obs (structured OBS scores, then the refit) runs under fake tensors to the end, and its peak holds at least
+    the weights, one float64 Gram of the MLP input and its float64 copy of W."""
+    steps = [{"label": "dense", "method": "dense"}, *simulate.ON_REQUEST_STEPS]
+    steps[1] = dict(steps[1], options={"batches": 4})  # 4 greedy batches, not 64: the same allocations, fewer steps
+    rows = {r["label"]: r for r in simulate.simulate_table(["tiny-llama-gqa"], [(4, 16)], steps, "float32",
+                                                           streamed=False)}
+    for label in ("obs", "flap-reconstruct"):
+        assert "error" not in rows[label], rows[label].get("error")
+    d_ff, d = 64, 48  # tiny-llama-gqa
+    moments = 8 * (d_ff * d_ff + d * d_ff)
+    assert rows["obs"]["peak_bytes"] >= rows["obs"]["weights_bytes"] + moments
+    assert rows["obs"]["peak_bytes"] > rows["dense"]["peak_bytes"]
+
+
 def test_streamed_scoring_holds_less_than_the_whole_model():
     step = {"label": "fms-gates", "method": "fms", "options": {"queries": 1, "space": "gates"}}
     whole = simulate.simulate_step("tiny-llama-gqa", step, 1, 8, "float32")

@@ -28,6 +28,11 @@ by a ranking of all layers' units together (`allocation='global'`, the default),
   from the same moments), whose sorted values are laid along the greedy order (rank-matched): every layer keeps the
   widths that FLAP's adaptive structure gives it, and within the layer the OBS order picks the units;
 * ``cost``: the same with the one-shot OBS costs, standardised per projection, in place of FLAP's metric;
+* ``depth``: SlimGPT's "incremental pruning ratio": layer i of L loses a fraction proportional to
+  a + (1 - a) ln(1 + i) / ln(L) of its units (a = 0.25; SlimGPT's README uses 0.0625 at the first layer and 0.25 at
+  the last for 20% overall), attention and MLP alike; one global threshold scales the schedule to the sparsity (each
+  unit's signal is ln((p + 1/2) / U) - ln(r_i) for its position p of U in the greedy order), so the schedule's shape,
+  not its level, is fixed;
 * ``cumulative``: the cumulative refit error itself, divided by the projection's output energy tr(W Sigma W^T)
   (`normalize='output'`), by the mean squared norm of the residual stream entering the layer ('stream'), or not at
   all ('none'); one threshold then equalises that relative error over all projections.
@@ -80,7 +85,10 @@ SPEC = MethodSpec(
     default_calibration=(32, 512),  # 16k tokens: ten times the 1536-wide MLP input of SmolLM2 (see the docstring)
 )
 NORMALIZE = ("output", "stream", "none")
-BUDGETS = ("cumulative", "flap", "cost")
+BUDGETS = ("cumulative", "flap", "cost", "depth")
+#: SlimGPT's log-increasing depth schedule, relative: the first layer loses a quarter of the last layer's fraction
+#: (its README's 0.0625 -> 0.25 for 20% overall)
+DEPTH_MIN_RATIO = 0.25
 FORMS = ("centered", "uncentered")
 #: relative ridge of the OBS inverse (the refit's default, minillm.reconstruct.DEFAULT_RIDGE)
 RIDGE = 1e-2
@@ -124,18 +132,23 @@ def greedy_removal(
     n_units, width = blocks.shape
     # columns reordered so that unit p's columns are p*width ... (p+1)*width - 1, the columns of no unit last; after
     # every batch the removed units' rows and columns are dropped, so the updates shrink with the active set
+    # The bookkeeping of which units are left is host-side (Python lists, index tensors of known length, no boolean
+    # masks), so that the loop's shapes never depend on tensor values and it also runs under the memory simulator's
+    # fake tensors (minillm.bench.simulate), whose stand-in values could not end it.
     covered = blocks.reshape(-1).to(w.device)
-    rest = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
-    rest[covered] = False
-    perm = torch.cat([covered, rest.nonzero().flatten()])
+    perm = covered
+    if covered.numel() < w.shape[1]:  # columns of no unit (none for the output projections of the stock families)
+        rest = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
+        rest[covered] = False
+        perm = torch.cat([covered, rest.nonzero().flatten()])
     w, hinv = w[:, perm], hinv[perm][:, perm]
     per_batch = max(1, math.ceil(n_units / max(int(batches), 1)))
-    alive = torch.arange(n_units)  # unit ids by position
+    alive = list(range(n_units))  # unit ids by position
     order: list[int] = []
     cumulative = torch.zeros(n_units, dtype=torch.float64)
     total = 0.0
-    while alive.numel():
-        n_alive = alive.numel()
+    while alive:
+        n_alive = len(alive)
         idx = torch.arange(n_alive * width, device=w.device).reshape(n_alive, width)
         costs = _block_costs(w, hinv, idx).cpu()
         ranked = torch.argsort(costs, stable=True)[:per_batch]
@@ -148,15 +161,16 @@ def greedy_removal(
         # the batch's units get increasing scores between the error before and after it, in their own cost order
         steps = costs[ranked].cumsum(0)
         span = float(steps[-1]) if float(steps[-1]) > 0 else 1.0
-        chosen = alive[ranked]
-        for j, u in enumerate(chosen.tolist()):
-            cumulative[u] = total + increment * float(steps[j]) / span
+        gone = ranked.tolist()
+        chosen = [alive[p] for p in gone]
+        cumulative[torch.tensor(chosen, dtype=torch.long)] = total + increment * steps / span
         total += increment
-        order += chosen.tolist()
-        survivors = torch.ones(n_alive, dtype=torch.bool)
-        survivors[ranked] = False
-        keep = torch.cat([idx[survivors.to(w.device)].reshape(-1), torch.arange(n_alive * width, w.shape[1])])
-        w, hinv, alive = w[:, keep], hinv[keep][:, keep], alive[survivors]
+        order += chosen
+        gone_set = set(gone)
+        stay = [p for p in range(n_alive) if p not in gone_set]
+        stay_idx = torch.tensor(stay, dtype=torch.long, device=w.device)
+        keep = torch.cat([idx[stay_idx].reshape(-1), torch.arange(n_alive * width, w.shape[1], device=w.device)])
+        w, hinv, alive = w[:, keep], hinv[keep][:, keep], [alive[p] for p in stay]
     return order, cumulative
 
 
@@ -190,13 +204,33 @@ def _budget_signal(kind: str, weight, moments: Moments, blocks: torch.Tensor, bu
     return zscore(metric)
 
 
-def _scores(linear, moments: Moments, blocks, kind: str, centered: bool, scale, ridge, batches, budget: str):
-    """One projection's unit scores: the cumulative errors divided by `scale` (None: by its own output energy), or
-    with budget 'flap' / 'cost' that signal's sorted values laid along the greedy order (rank-matched)."""
+def depth_schedule(n_layers: int, first: float = DEPTH_MIN_RATIO) -> list[float]:
+    """SlimGPT's log-increasing per-layer pruning fractions, relative to the last layer's (1.0)."""
+    if n_layers < 2:
+        return [1.0] * n_layers
+    return [first + (1 - first) * math.log(1 + i) / math.log(n_layers) for i in range(n_layers)]
+
+
+def _depth_signal(order: list[int], ratio: float) -> torch.Tensor:
+    """Budget 'depth': ln((p + 1/2) / U) - ln(ratio) for the unit at position p of the greedy order; a global
+    threshold t removes the units with (p + 1/2) / U < ratio * e^t, a fraction of the layer proportional to `ratio`."""
+    n = len(order)
+    signal = torch.empty(n, dtype=torch.float64)
+    signal[torch.tensor(order, dtype=torch.long)] = torch.log((torch.arange(n, dtype=torch.float64) + 0.5) / n)
+    return signal - math.log(ratio)
+
+
+def _scores(linear, moments: Moments, blocks, kind: str, centered: bool, scale, ridge, batches, budget: str,
+            depth_ratio: float = 1.0):
+    """One projection's unit scores: the cumulative errors divided by `scale` (None: by its own output energy), with
+    budget 'flap' / 'cost' that signal's sorted values laid along the greedy order (rank-matched), with 'depth' the
+    layer's schedule (`depth_ratio`) laid along it."""
     with loaded(linear):
         weight = linear.weight.detach().to(moments.xx.device, torch.float64)
     h, _, _, _ = moments.second_moments(centered)
     order, cumulative = greedy_removal(weight, h, blocks, ridge, batches)
+    if budget == "depth":
+        return _depth_signal(order, depth_ratio)
     if budget != "cumulative":
         signal = _budget_signal(kind, weight, moments, blocks, budget, ridge).cpu()
         ranked = torch.empty_like(signal)
@@ -230,6 +264,7 @@ def score(
     adapter = ctx.adapter
     layers = adapter.layers()
     hidden, calls = capture_layer_calls(ctx.model, layers, ctx.batches())
+    ratios = depth_schedule(len(layers))
     out = []
     for i in tqdm(range(len(layers)), desc="OBS scores", disable=not ctx.progress, leave=False):
         layer = layers[i]
@@ -251,7 +286,7 @@ def score(
         calls[i].clear()
         scale = {"output": None, "stream": stream / max(tokens, 1), "none": 1.0}[normalize]
         found = {
-            kind: _scores(lin, m, blk, kind, form == "centered", scale, ridge, batches, budget).float()
+            kind: _scores(lin, m, blk, kind, form == "centered", scale, ridge, batches, budget, ratios[i]).float()
             for (kind, lin, blk), m in zip(projs, moments)
         }
         out.append(LayerScores(found.get("attention"), found.get("channels")))
