@@ -161,9 +161,11 @@ def _ridge_solve(a: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor
     back to the pseudo-inverse: a minimum-norm least-squares solution."""
     if a.shape[0] == 0:
         return rhs
-    a = a + lam * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    a = a.clone()  # a + lam I without a k x k identity beside it (k can be d_ff: 1.6 GiB in float64 at 8B)
+    a.diagonal().add_(lam)
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
+        del a
         return torch.cholesky_solve(rhs.T, chol).T
     return rhs @ torch.linalg.pinv(a, hermitian=True)
 
@@ -179,7 +181,7 @@ def refit_columns(
     keep = keep.to(sxx.device)
     w = weight.detach().to(sxx.device, torch.float64)
     lam = ridge * float(sxx.diagonal().mean()) if sxx.shape[0] else 0.0
-    w_s = _ridge_solve(sxx[keep][:, keep], w @ stx[:, keep] + lam * w[:, keep], lam)
+    w_s = _ridge_solve(sxx[keep[:, None], keep], w @ stx[:, keep] + lam * w[:, keep], lam)  # one k x k gather
     delta = w @ mu_t - w_s @ mu_x[keep] if centered else None
     return w_s, delta
 

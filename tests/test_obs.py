@@ -160,3 +160,15 @@ def test_depth_budget_removes_more_of_the_deeper_layers(tiny):
     assert all(a < b for a, b in itertools.pairwise(removed)), removed
     for got, rel in zip(removed, depth_schedule(len(removed))):
         assert got == pytest.approx(removed[-1] * rel, abs=1.5 / n + 0.02), (removed, rel)
+
+
+def test_ordered_blocks_skip_the_reordering_and_give_the_same_greedy():
+    """ordered=True (the stock projections' blocks, 0 ... d-1 in order) only drops the reordered copy of the inverse;
+    blocks that do not cover every column are refused in that mode."""
+    w, h = _problem(m=4, d=12, seed=2)
+    blocks = torch.arange(12).reshape(4, 3)
+    a = greedy_removal(w, h, blocks, batches=2)
+    b = greedy_removal(w, h, blocks, batches=2, ordered=True)
+    assert a[0] == b[0] and torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match="cover all 12 columns"):
+        greedy_removal(w, h, torch.arange(9).reshape(3, 3), ordered=True)

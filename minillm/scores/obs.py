@@ -100,10 +100,12 @@ def _inverse(h: torch.Tensor, ridge: float) -> torch.Tensor:
     d = h.shape[0]
     lam = ridge * float(h.diagonal().mean()) if d else 0.0
     lam = max(lam, 1e-12 * max(float(h.diagonal().max()) if d else 0.0, 1e-30))
-    a = h + lam * torch.eye(d, dtype=h.dtype, device=h.device)
+    a = h.clone()  # h + lam I without a d x d identity beside it
+    a.diagonal().add_(lam)
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) != 0:
         return torch.linalg.pinv(a, hermitian=True)
+    del a
     return torch.cholesky_inverse(chol)
 
 
@@ -118,7 +120,8 @@ def _block_costs(w: torch.Tensor, hinv: torch.Tensor, idx: torch.Tensor) -> torc
 
 
 def greedy_removal(
-    weight: torch.Tensor, h: torch.Tensor, blocks: torch.Tensor, ridge: float = RIDGE, batches: int = 64
+    weight: torch.Tensor, h: torch.Tensor, blocks: torch.Tensor, ridge: float = RIDGE, batches: int = 64,
+    ordered: bool = False,
 ) -> tuple[list[int], torch.Tensor]:
     """Greedy structured OBS removal of every unit of one projection.
 
@@ -126,7 +129,9 @@ def greedy_removal(
     columns of each unit (equal widths). Units go in at most `batches` batches, the cheapest first, the costs
     recomputed after each batch. Returns (the units in removal order, the cumulative error [U] once each is gone,
     per token and in the units of ||W x||^2). The cumulative error is exact for the quadratic objective with the
-    ridge: after removing a set, it equals tr((W - W') H (W - W')^T) for the refit W' of the kept columns."""
+    ridge: after removing a set, it equals tr((W - W') H (W - W')^T) for the refit W' of the kept columns.
+    ordered: the caller guarantees that blocks.reshape(-1) is 0 ... d-1 (each unit's columns contiguous, in unit
+    order: every stock output projection), so the inverse needs no reordered d x d copy."""
     w = weight.detach().to(torch.float64)
     hinv = _inverse(h.to(w.device, torch.float64), ridge)
     n_units, width = blocks.shape
@@ -136,12 +141,16 @@ def greedy_removal(
     # masks), so that the loop's shapes never depend on tensor values and it also runs under the memory simulator's
     # fake tensors (minillm.bench.simulate), whose stand-in values could not end it.
     covered = blocks.reshape(-1).to(w.device)
-    perm = covered
-    if covered.numel() < w.shape[1]:  # columns of no unit (none for the output projections of the stock families)
-        rest = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
-        rest[covered] = False
-        perm = torch.cat([covered, rest.nonzero().flatten()])
-    w, hinv = w[:, perm], hinv[perm][:, perm]
+    if ordered:
+        if covered.numel() != w.shape[1]:
+            raise ValueError(f"ordered blocks must cover all {w.shape[1]} columns, got {covered.numel()}")
+        w = w.clone()  # already in unit order: no d x d copy of the inverse (this function updates w in place)
+    else:
+        if covered.numel() < w.shape[1]:  # columns of no unit go last
+            rest = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
+            rest[covered] = False
+            covered = torch.cat([covered, rest.nonzero().flatten()])
+        w, hinv = w[:, covered], hinv[covered[:, None], covered]
     per_batch = max(1, math.ceil(n_units / max(int(batches), 1)))
     alive = list(range(n_units))  # unit ids by position
     order: list[int] = []
@@ -170,12 +179,13 @@ def greedy_removal(
         stay = [p for p in range(n_alive) if p not in gone_set]
         stay_idx = torch.tensor(stay, dtype=torch.long, device=w.device)
         keep = torch.cat([idx[stay_idx].reshape(-1), torch.arange(n_alive * width, w.shape[1], device=w.device)])
-        w, hinv, alive = w[:, keep], hinv[keep][:, keep], [alive[p] for p in stay]
+        w, hinv, alive = w[:, keep], hinv[keep[:, None], keep], [alive[p] for p in stay]
     return order, cumulative
 
 
 def _unit_blocks(ctx: ScoringContext, layer) -> torch.Tensor | None:
-    """[U, b] input columns of o_proj per attention unit (KV group: all its query heads' columns)."""
+    """[U, b] input columns of o_proj per attention unit (KV group: all its query heads' columns); flattened they are
+    0 ... n_heads * head_dim - 1 in order (`greedy_removal`'s `ordered`)."""
     shape = ctx.adapter.attention_shape(layer)
     if not shape.n_query_heads:
         return None
@@ -228,7 +238,7 @@ def _scores(linear, moments: Moments, blocks, kind: str, centered: bool, scale, 
     with loaded(linear):
         weight = linear.weight.detach().to(moments.xx.device, torch.float64)
     h, _, _, _ = moments.second_moments(centered)
-    order, cumulative = greedy_removal(weight, h, blocks, ridge, batches)
+    order, cumulative = greedy_removal(weight, h, blocks, ridge, batches, ordered=True)  # see _unit_blocks
     if budget == "depth":
         return _depth_signal(order, depth_ratio)
     if budget != "cumulative":
