@@ -50,14 +50,15 @@ H and at most `batches` rank-|B| updates, O(d^3). The refit that follows is a se
 (`minillm.reconstruct`). Measured on SmolLM2-135M with 16 x 512 calibration tokens (fp32, 2 CPU cores shared with
 other jobs): 120 s of scoring (about half of it the greedy of 60 projections) and 73 s of refit.
 
-**Memory** beside the weights and the layer forward, counted by hand (not measured: the memory simulator,
-`minillm.bench.simulate`, turns float64 casts into real tensors and cannot run this step at 7B shapes): the
-calibration hidden states entering the current layer (N tokens x hidden, model dtype), the layer's moments
-(d_ff^2 + d^2 float64) and, during the greedy of the MLP projection, the covariance, its inverse and one update
-product (3 d_ff^2 float64) plus W in float64. For Llama-3-8B (d 4096, d_ff 14336, bf16 weights 14.96 GiB) with
-64 x 512 = 32k tokens: 0.25 GiB of hidden states, 1.65 GiB of moments, about 4.6 GiB of greedy working set and
-0.5 GiB of W: about 7 GiB, so a peak near 22 GiB before the layer forward's activations of one batch (16 x 512
-tokens: about 1 GiB); the 24 GiB goal is plausible but not shown.
+**Memory** beside the weights and the layer forward: the calibration hidden states entering the current layer
+(N tokens x hidden, model dtype), the layer's moments (d_ff^2 + d^2 float64) and, during the greedy of the MLP
+projection, its covariance, inverse and one update product (d_ff^2 float64 each) plus W in float64. Simulated
+(`python -m minillm bench memory --simulate --model llama3-8b-shape --methods dense obs flap-reconstruct --batch 64
+--seqlen 512 --dtype bfloat16`, fake tensors, no GPU; figures/simulated/llama3-8b_64x512_bf16_refit.json): for
+Llama-3-8B in bf16 with 64 x 512 = 32k calibration tokens the whole step (scores, refit, surgery) peaks at 23.0 GiB
+beside 14.96 GiB of weights (FLAP's selection with the same refit: 21.6 GiB); the dense forward with labels on
+the same 32k tokens peaks at 58.4 GiB (its logits). Measured on CPU (SmolLM2-135M, fp32, 16 x 512 tokens, fresh
+process, results/refit-memory/): obs peaks at 1.31 GiB, 0.46x the dense forward's 2.86 GiB.
 
 References: Hassibi & Stork (NeurIPS 1992, Optimal Brain Surgeon); Frantar & Alistarh (OBC, NeurIPS 2022; SparseGPT,
 ICML 2023: the inverse update); SlimGPT (Ling et al., NeurIPS 2024: structured OBS for heads and FFN columns with
