@@ -15,6 +15,15 @@ import torch
 from torch import nn
 
 
+def as_float64(t: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """A float64 copy of `t` on `device` (default: its own), allocated and then filled: the memory simulator
+    (minillm.bench.simulate) takes a cast to float64 for the pooling of unit scores and makes it real, whereas this
+    buffer is device memory that it must count."""
+    out = torch.empty(t.shape, dtype=torch.float64, device=t.device if device is None else device)
+    out.copy_(t.detach())
+    return out
+
+
 def _gram(rows: int, cols: int, device: torch.device) -> torch.Tensor:
     """A zero float64 moment matrix [rows, cols] (one place that allocates them, so tests can count the live ones)."""
     return torch.zeros(rows, cols, dtype=torch.float64, device=device)
@@ -44,11 +53,12 @@ class Moments:
         """Add the tokens of one batch: x (and t, same shape, in cross mode) [..., d], any float dtype."""
         x = x.detach().reshape(-1, x.shape[-1]).float()
         dev = self.xx.device
-        self.xx += (x.T @ x).to(dev, torch.float64)
+        # add_ promotes the float32 product into the float64 sum element by element: no float64 copy of it exists
+        self.xx.add_((x.T @ x).to(dev))
         self.sum_x += x.sum(0).to(dev, torch.float64)
         if self.tx is not None:
             t = t.detach().reshape(-1, t.shape[-1]).float()
-            self.tx += (t.T @ x).to(dev, torch.float64)
+            self.tx.add_((t.T @ x).to(dev))
             self.sum_t += t.sum(0).to(dev, torch.float64)
         self.n += x.shape[0]
 

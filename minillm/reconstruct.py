@@ -100,7 +100,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import Adapter
-from .layerwise import Call, Moments, capture_layer_calls, run_layer
+from .layerwise import Call, Moments, as_float64, capture_layer_calls, run_layer
 from .offload import materialize
 from .scores.common import ScoringContext
 from .surgery import CurrentKeep
@@ -179,7 +179,7 @@ def refit_columns(
     b' - b [m] (None for the uncentred form), float64 on the moments' device."""
     sxx, stx, mu_x, mu_t = moments.second_moments(centered)
     keep = keep.to(sxx.device)
-    w = weight.detach().to(sxx.device, torch.float64)
+    w = as_float64(weight, sxx.device)
     lam = ridge * float(sxx.diagonal().mean()) if sxx.shape[0] else 0.0
     w_s = _ridge_solve(sxx[keep[:, None], keep], w @ stx[:, keep] + lam * w[:, keep], lam)  # one k x k gather
     delta = w @ mu_t - w_s @ mu_x[keep] if centered else None

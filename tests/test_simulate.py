@@ -47,17 +47,23 @@ def test_every_step_simulates_on_a_tiny_gqa_model():
     assert rows["taylor"]["peak_gib"] > rows["wanda_sp"]["peak_gib"]
 
 
-def test_float64_matrices_stay_counted_and_score_vectors_turn_real():
-    """A vector cast to float64 (pooled unit scores) becomes a real tensor with stand-in values; a matrix cast to
-    float64 (a Gram of the least-squares refit or of obs) stays a fake tensor on the simulated device and counted."""
+def test_float64_casts_turn_real_and_the_refits_float64_buffers_stay_counted():
+    """A cast to float64 (pooled unit scores, Bonsai's regression) becomes a real tensor with stand-in values; the
+    refit's float64 buffers (minillm.layerwise: a Gram summed with add_, a weight copied by as_float64) stay fake
+    tensors on the simulated device and are counted."""
+    from minillm.layerwise import Moments, as_float64
+
     with FakeTensorMode(allow_non_fake_inputs=True):
         x = torch.empty(256, 128, device=simulate.SIM_DEVICE)
         standins, tracker = simulate.StandIns(), simulate.StorageTracker()
         with standins, tracker:
-            gram = (x.T @ x).to(torch.float64)
             scores = x[0].to(torch.float64)
-        assert gram.device.type == simulate.SIM_DEVICE and scores.device.type == "cpu"
-    assert tracker.peak_bytes >= 128 * 128 * (4 + 8)  # the float32 product and its float64 copy
+            moments = Moments.zeros(128, x.device)
+            moments.add(x)
+            w = as_float64(x)
+        assert type(scores) is torch.Tensor  # real
+        assert type(moments.xx) is not torch.Tensor and type(w) is not torch.Tensor  # fake
+    assert tracker.peak_bytes >= 128 * 128 * 8 + 256 * 128 * 8  # the Gram and the copy
     assert standins.count >= 128
 
 

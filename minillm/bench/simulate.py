@@ -20,7 +20,8 @@ Choices and their limits:
 * Values: fake tensors have none, so data-dependent steps get stand-ins (`StandIns`): a Python scalar read from a
   tensor (`float(loss)`, `.tolist()`) is a seeded random number, and operators whose output shape depends on values
   (`nonzero`) run on real stand-in inputs; sorting, sampling (multinomial, randperm: Bonsai's masks and windows)
-  and casting a vector to float64 (where per-unit scores are pooled; a float64 matrix, a Gram, stays fake) turn
+  and casting to float64 (where per-unit scores are pooled; the refit's float64 buffers are filled by copy, not
+  cast, and stay counted) turn
   a fake tensor into a real one with stand-in random values, so the allocation runs on real numbers; an operator
   whose tensor inputs are all real runs for real (host-side bookkeeping such as Bonsai's regression). Memory of the
   scoring does not depend on them; which units a method removes does, so the surgery removes stand-in units (the
@@ -192,10 +193,10 @@ class StandIns(TorchDispatchMode):
                 return func(*args, **kwargs)
         if func.overloadpacket in (torch.ops.aten.sort, torch.ops.aten.multinomial, torch.ops.aten.randperm):
             return self._run_real(func, args, kwargs)
-        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.float64 and args[0].dim() <= 1:
-            # unit scores are pooled in float64 (minillm.scores.common.pool_layer): from here on they are real. A
-            # matrix cast to float64 stays fake and counted: the Gram matrices of the least-squares refit and of
-            # obs's scores (minillm.layerwise) are accumulated that way
+        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.float64:
+            # unit scores are pooled in float64 (minillm.scores.common.pool_layer), Bonsai regresses in float64 on
+            # the host: from here on they are real. The float64 buffers of the least-squares refit and of obs
+            # (minillm.layerwise) are allocated and filled by copy_ / add_, not cast, so they stay fake and counted
             return self._run_real(func, args, kwargs)
         try:
             return func(*args, **kwargs)

@@ -75,7 +75,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..allocate import LayerScores
-from ..layerwise import Moments, capture_layer_calls, run_layer
+from ..layerwise import Moments, as_float64, capture_layer_calls, run_layer
 from ..offload import loaded
 from . import MethodSpec
 from .common import ScoringContext
@@ -239,7 +239,7 @@ def _scores(linear, moments: Moments, blocks, kind: str, centered: bool, scale, 
     budget 'flap' / 'cost' that signal's sorted values laid along the greedy order (rank-matched), with 'depth' the
     layer's schedule (`depth_ratio`) laid along it."""
     with loaded(linear):
-        weight = linear.weight.detach().to(moments.xx.device, torch.float64)
+        weight = as_float64(linear.weight, moments.xx.device)
     h, _, _, _ = moments.second_moments(centered)
     order, cumulative = greedy_removal(weight, h, blocks, ridge, batches, ordered=True)  # see _unit_blocks
     if budget == "depth":
