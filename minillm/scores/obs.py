@@ -58,9 +58,10 @@ projection, its covariance, inverse and one update product (d_ff^2 float64 each)
 Llama-3-8B in bf16 with 64 x 512 = 32k calibration tokens the whole step (scores, refit, surgery) peaks at 23.0 GiB
 beside 14.96 GiB of weights (FLAP's selection with the same refit: 21.6 GiB); the dense forward with labels on
 the same 32k tokens peaks at 58.4 GiB (its logits). Measured on CPU (SmolLM2-135M, fp32, 16 x 512 tokens, fresh
-process, results/refit-memory/): obs peaks at 1.31 GiB, 0.46x the dense forward's 2.86 GiB; its increase over the
-loaded model, 0.324 GiB, is simulated as 0.317 GiB (-2%; figures/simulated/smollm2-135m_16x512_float32_obs_vs_cpu.json,
-the CPU protocol of `simulate.validate_cpu`), so the simulator's obs step is checked against a measurement.
+process, results/refit-memory/): obs peaks at 1.30 GiB, 0.46x the dense forward's 2.85 GiB; its increase over the
+loaded model, 0.322 GiB, is simulated as 0.317 GiB (-1.4%;
+figures/simulated/smollm2-135m_16x512_float32_obs_vs_cpu.json, the CPU protocol of `simulate.validate_cpu`), so the
+simulator's obs step is checked against a measurement.
 
 References: Hassibi & Stork (NeurIPS 1992, Optimal Brain Surgeon); Frantar & Alistarh (OBC, NeurIPS 2022; SparseGPT,
 ICML 2023: the inverse update); SlimGPT (Ling et al., NeurIPS 2024: structured OBS for heads and FFN columns with
