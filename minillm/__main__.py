@@ -497,15 +497,17 @@ def cmd_experiment(args) -> int:
 
     cfg = experiments.load_profile(args.profile)
     runners = {
-        "accuracy": lambda: experiments.run_accuracy(cfg, args.force, "accuracy", not args.quiet, args.labels),
-        "ablations": lambda: experiments.run_accuracy(cfg, args.force, "ablations", not args.quiet, args.labels),
+        **{
+            name: functools.partial(experiments.run_accuracy, cfg, args.force, name, not args.quiet, args.labels)
+            for name in experiments.GRID_SECTIONS
+        },
         "memory": lambda: experiments.run_memory(cfg, args.force),
         "latency": lambda: experiments.run_latency(cfg, args.force),
         "recovery": lambda: experiments.run_recovery(cfg, args.force, not args.quiet),
         "fms_diagnostics": lambda: experiments.run_fms_diagnostics(cfg, args.force, not args.quiet),
     }
-    if args.labels is not None and args.name not in ("accuracy", "ablations"):
-        raise SystemExit(f"--labels selects method entries of accuracy or ablations, not of {args.name}")
+    if args.labels is not None and args.name not in experiments.GRID_SECTIONS:
+        raise SystemExit(f"--labels selects method entries of {', '.join(experiments.GRID_SECTIONS)}, not of {args.name}")
     records = runners[args.name]()
     print(f"{len(records)} records in {experiments.results_dir(args.profile, args.name)}")
     return 0
@@ -842,7 +844,10 @@ def _add_bench(sub) -> None:
 def _add_experiment(sub) -> None:
     """`experiment`: compute the missing records of one experiment of a profile."""
     ex = sub.add_parser("experiment", help="compute the missing records of one experiment of a profile")
-    ex.add_argument("name", choices=("accuracy", "ablations", "memory", "latency", "recovery", "fms_diagnostics"))
+    ex.add_argument(
+        "name",
+        choices=("accuracy", "ablations", "calibration_budget", "memory", "latency", "recovery", "fms_diagnostics"),
+    )
     ex.add_argument("--profile", default="cpu")
     ex.add_argument("--force", action="store_true", help="recompute records that exist")
     ex.add_argument("--quiet", action="store_true")
@@ -850,7 +855,7 @@ def _add_experiment(sub) -> None:
         "--labels",
         nargs="+",
         metavar="LABEL",
-        help="accuracy/ablations: only these method entries (and the dense record if 'dense' is listed), e.g. to "
+        help="accuracy, ablations, calibration_budget: only these method entries (and the dense record if 'dense' is listed), e.g. to "
         "share a long grid between processes",
     )
     ex.set_defaults(func=cmd_experiment)

@@ -295,6 +295,29 @@ if not fms.empty:
     ax.set_xlabel("SPSA queries n"); ax.set_ylabel("perplexity (log)")
     ax.legend(); ax.set_title("FMS: perplexity vs number of forward-only queries")
     report.save_figure(fig, out / "ablation_fms_queries")"""),
+        md("""## The calibration budget
+
+The accuracy grid calibrates every method on LLM-Pruner's 640 tokens (10 x 64); the papers used from 640 (LLM-Pruner)
+to 131k (FLAP's scripts: 1,024 x 128), and a least-squares refit needs more tokens than its layer has input columns
+(SmolLM2's MLP: 1,536). The `calibration_budget` section runs the accuracy grid's methods, each with its accuracy
+settings, at several calibration sizes (perplexity only, one seed): whether the order of the methods changes when
+each gets the budget its paper used, and what the extra tokens cost in time and memory. A profile without the
+section skips this part."""),
+        code("""if not no_compute and "calibration_budget" in cfg:
+    experiments.run_accuracy(cfg, force=bool(force), experiment="calibration_budget")
+budget = report.calibration_budget_frame(experiments.collect(profile, "calibration_budget"))
+if budget.empty:
+    print(f"profile {profile!r} has no calibration_budget records")
+else:
+    report.save_table(budget, out / "calibration_budget")
+    shown = ["method", "sparsity", "windows", "seqlen", "tokens", "ppl", "ppl_ci95_lo", "ppl_ci95_hi", "total_s",
+             "peak_increase_gib"]
+    display(Markdown(budget[budget.columns.intersection(shown)].to_markdown(index=False, floatfmt=".3f")))
+    fig = report.plot_calibration_budget(budget, f"perplexity vs calibration tokens ({profile} profile)")
+    report.save_figure(fig, out / "calibration_budget")
+    for (windows, seqlen), at in budget.groupby(["windows", "seqlen"]):  # the order of the methods at each budget
+        if at.method.nunique() > 1:
+            display(Markdown(f"**{windows} x {seqlen} = {windows * seqlen:,} tokens**\\n\\n" + report.ranking_markdown(at)))"""),
     ],
     "05_pruned_architecture.ipynb": [
         md("""# 05 What each method keeps

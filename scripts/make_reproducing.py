@@ -349,6 +349,7 @@ def profile_page(profile: str) -> list[str]:
            ""]
     out += pending_lines(profile) + run_time_line(profile)
     out += accuracy_section(profile, "accuracy") + accuracy_section(profile, "ablations")
+    out += accuracy_section(profile, "calibration_budget")
     out += memory_section(profile) + latency_section(profile) + recovery_section(profile)
     out += claims_section(profile)
     if profile == "cpu-full-gemma3":

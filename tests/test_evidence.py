@@ -275,10 +275,10 @@ def test_interval_fields_are_validated():
 
 @pytest.mark.parametrize("profile", ["cpu", "cpu-full"])
 def test_committed_records_stay_named_and_current(profile):
-    """Every committed accuracy and ablation record, seed replicates included, is expected by its profile under its
+    """Every committed accuracy, ablation and calibration-budget record, seed replicates included, is expected by its profile under its
     name and still current (nothing to recompute)."""
     cfg = experiments.load_profile(profile)
-    for exp in ("accuracy", "ablations"):
+    for exp in experiments.GRID_SECTIONS:
         wanted = experiments.expected_records(cfg, exp)
         for path in sorted((REPO_ROOT / "results" / profile / exp).glob("*.json")):
             assert path in wanted, path
@@ -321,6 +321,33 @@ def test_accuracy_frame_carries_intervals_and_seeds_only_when_present():
     assert list(df.seed) == [0, 1] and list(df.ppl_ci95_hi) == [11, 13]
     summary = report.seed_summary(df)
     assert (summary.ppl_ci95_lo[0], summary.ppl_ci95_hi[0], summary.n_seeds[0]) == (9, 13, 2)
+
+
+def test_calibration_budget_frame_counts_tokens_and_the_time_of_shared_scores():
+    """The series is the label without its -c<n>x<seqlen> suffix, tokens are windows x window length, and the
+    time of a point adds the shared scoring to the pruning only where scores were shared across sparsities."""
+
+    def rec(label, method, n, seqlen, ppl, timing):
+        r = _acc_record(label, method, 0.5, ppl, (ppl - 1, ppl + 1))
+        r["config"]["calibration"] = {"n_samples": n, "seqlen": seqlen, "seed": 0}
+        r["timing"] = timing
+        return r
+
+    shared = {"scoring_time_s": 10.0, "prune_time_s": 1.0, "scoring_peak_memory_in_process": {"increase_gib": 0.4},
+              "prune_peak_memory_in_process": {"increase_gib": 0.3}}
+    alone = {"scoring_time_s": 4.0, "prune_time_s": 6.0, "prune_peak_memory_in_process": {"increase_gib": 0.9}}
+    df = report.calibration_budget_frame([
+        rec("flap-reconstruct-c256x512", "flap", 256, 512, 20.0, shared),
+        rec("flap-reconstruct-c1024x128", "flap", 1024, 128, 21.0, shared),
+        rec("obs-c10x64", "obs", 10, 64, 90.0, alone),
+        {"config": {"label": "dense", "method": "dense", "sparsity": 0.0}, "metrics": {}},
+    ])
+    assert list(df.method) == ["flap-reconstruct", "flap-reconstruct", "obs"]
+    assert list(df.tokens) == [131072, 131072, 640] and list(df.seqlen) == [128, 512, 64]
+    assert list(df.total_s) == [11.0, 11.0, 6.0] and list(df.peak_increase_gib) == [0.4, 0.4, 0.9]
+    fig = report.plot_calibration_budget(df, "t")  # the 128-token point is drawn apart from the line
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert labels == ["flap-reconstruct", "flap-reconstruct (128-token windows)", "obs"]
 
 
 def test_conclusions_frame_checks_old_orders_against_new_intervals():

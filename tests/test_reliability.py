@@ -244,7 +244,7 @@ def test_every_committed_record_is_current_under_its_unchanged_profile(profile):
             pending |= {experiments.RESULTS_DIR / profile / r for r in entry["records"]}
     for exp in experiments.EXPERIMENTS:
         wanted = experiments.expected_records(cfg, exp)
-        assert wanted, (profile, exp)
+        assert wanted or (exp not in cfg and exp == "calibration_budget"), (profile, exp)  # the one optional section
         for path, config in wanted.items():
             if path in pending:
                 assert not path.exists(), f"{path} is listed as pending but exists: recomputed? remove it from the list"

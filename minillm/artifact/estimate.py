@@ -244,14 +244,16 @@ def estimate_profile(cfg: dict, hw: dict = H100, sections: list[str] | None = No
     counter = Counter(model, dtype, hw)
     load_s = counter.weights_bytes() / LOAD_BYTES_PER_S
     tok, zs_cache = None, {}
-    wanted = sections or [s for s in ("accuracy", "ablations", "recovery", "memory", "latency") if s in cfg]
-    if any(s in cfg for s in ("accuracy", "ablations", "recovery")):
+    from minillm.artifact.experiments import GRID_SECTIONS
+
+    wanted = sections or [s for s in (*GRID_SECTIONS, "recovery", "memory", "latency") if s in cfg]
+    if any(s in cfg for s in (*GRID_SECTIONS, "recovery")):
         tok = _tokenizer(model)
     from minillm.artifact.experiments import seed_replicates
     from minillm.prune import changes_weights
     from minillm.scores import get_method
 
-    for section in ("accuracy", "ablations"):
+    for section in GRID_SECTIONS:
         if section not in wanted or section not in cfg:
             continue
         exp = cfg[section]

@@ -96,6 +96,11 @@ def check_profile(name: str) -> dict:
     return cfg
 
 
+# the sections that are grids of method entries x sparsities x seeds, run by `run_accuracy`: the accuracy grid, the
+# ablations, and the calibration budget (the same methods calibrated on more tokens; perplexity only)
+GRID_SECTIONS = ("accuracy", "ablations", "calibration_budget")
+
+
 def results_dir(profile: str, experiment: str) -> Path:
     return RESULTS_DIR / profile / experiment
 
@@ -360,7 +365,7 @@ def expected_records(cfg: dict, experiment: str) -> dict[Path, dict]:
         return {}
     exp = cfg[experiment]
     out: dict[Path, dict] = {}
-    if experiment in ("accuracy", "ablations"):
+    if experiment in GRID_SECTIONS:
         out[_record_file(profile, experiment, "dense", 0.0)] = _dense_config(cfg, exp)
         for entry in exp["methods"]:
             for k, replicate_entry, sparsities in seed_replicates(exp, entry):
@@ -386,7 +391,7 @@ def expected_records(cfg: dict, experiment: str) -> dict[Path, dict]:
     return out
 
 
-EXPERIMENTS = ("accuracy", "ablations", "recovery", "memory", "latency", "fms_diagnostics")  # a profile's record sets
+EXPERIMENTS = (*GRID_SECTIONS, "recovery", "memory", "latency", "fms_diagnostics")  # a profile's record sets
 
 
 def _pending_entries(profile: str) -> list[dict]:

@@ -169,7 +169,7 @@ class AccuracyEntry(MethodEntry):
 
 
 class Accuracy(_Section):
-    """The `accuracy` and the `ablations` sections."""
+    """The `accuracy`, `ablations` and `calibration_budget` sections."""
 
     calibration: Calibration
     perplexity: EvalPerplexity
@@ -344,6 +344,7 @@ class Profile(_Section):
     profile: str = ABSENT  # set by load_profile: the file's name
     accuracy: Accuracy = ABSENT
     ablations: Accuracy = ABSENT
+    calibration_budget: Accuracy = ABSENT  # the accuracy methods at several calibration sizes (notebook 04)
     recovery: Recovery = ABSENT
     memory: Memory = ABSENT
     latency: Latency = ABSENT
@@ -566,7 +567,7 @@ def _across_sections(cfg: dict, mistyped: list[tuple]) -> list[tuple[tuple, str]
 def _seqlen_locations(cfg: dict) -> list[tuple]:
     """Where the text experiments of `cfg` may set a sequence length (sections' and method entries' settings)."""
     found = []
-    for exp in ("accuracy", "ablations", "recovery", "fms_diagnostics"):
+    for exp in ("accuracy", "ablations", "calibration_budget", "recovery", "fms_diagnostics"):
         sec = cfg.get(exp)
         if not isinstance(sec, dict):
             continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -588,6 +589,79 @@ def plot_cross_model(cross_df: pd.DataFrame, models, metric: str = "ppl", title:
 
 
 # --- memory -------------------------------------------------------------------------------------------------------
+
+
+BUDGET_SUFFIX = r"-c(\d+)x(\d+)$"  # a calibration_budget label: the accuracy label, then -c<windows>x<tokens a window>
+
+
+def calibration_budget_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per calibration_budget record: the method series (the label without its `-c<n>x<seqlen>` suffix),
+    sparsity, calibration windows, window length and tokens (their product, as sampled: what the method saw),
+    perplexity with its bootstrap interval, the time and the in-process peak-memory increase of scoring and
+    pruning (for methods whose scores are shared across sparsities, scoring is timed once and pruning after it)."""
+    rows = []
+    for r in records:
+        if r is None or r["config"]["method"] == "dense":
+            continue
+        cfg, m, timing = r["config"], r["metrics"], r.get("timing", {})
+        calib = cfg["calibration"]
+        row = {
+            "method": re.sub(BUDGET_SUFFIX, "", cfg["label"]),
+            "label": cfg["label"],
+            "sparsity": cfg["sparsity"],
+            "windows": calib["n_samples"],
+            "seqlen": calib["seqlen"],
+            "tokens": calib["n_samples"] * calib["seqlen"],
+            "ppl": m["perplexity"]["ppl"],
+        }
+        if "ppl_ci95" in m["perplexity"]:
+            row["ppl_ci95_lo"], row["ppl_ci95_hi"] = m["perplexity"]["ppl_ci95"]
+        shared = "scoring_peak_memory_in_process" in timing
+        row["scoring_s"] = timing.get("scoring_time_s")
+        row["prune_s"] = timing.get("prune_time_s")
+        row["total_s"] = (row["scoring_s"] or 0.0) * shared + (row["prune_s"] or 0.0)
+        peaks = [timing.get(k, {}).get("increase_gib") for k in ("scoring_peak_memory_in_process",
+                                                                  "prune_peak_memory_in_process")]
+        peaks = [p for p in peaks if p is not None]
+        row["peak_increase_gib"] = max(peaks) if peaks else None
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    return df.sort_values(["sparsity", "method", "tokens", "seqlen"]).reset_index(drop=True)
+
+
+def plot_calibration_budget(df: pd.DataFrame, title: str = ""):
+    """Perplexity against calibration tokens (both log scales), one panel per sparsity, one line per method through
+    its budgets (at a token count with two window lengths, the line takes the longer windows and the other is an
+    open marker), with the bootstrap intervals as error bars."""
+    import matplotlib.pyplot as plt
+
+    from minillm.artifact.styles import method_style
+
+    sparsities = sorted(df.sparsity.unique())
+    fig, axes = plt.subplots(1, len(sparsities), figsize=(5.5 * len(sparsities), 4.2), squeeze=False)
+    for ax, s in zip(axes[0], sparsities):
+        for method, g in df[df.sparsity == s].groupby("method"):
+            g = g.sort_values(["tokens", "seqlen"], ascending=[True, False])
+            line = g.drop_duplicates("tokens")
+            style = method_style(method)
+            ax.errorbar(line.tokens, line.ppl, yerr=_error_bars(line, "ppl"), capsize=3, ms=5, lw=1.2, label=method,
+                        **style)
+            for seqlen, other in g.drop(line.index).groupby("seqlen"):
+                ax.errorbar(other.tokens, other.ppl, yerr=_error_bars(other, "ppl"), capsize=3, ms=7, ls="none",
+                            mfc="none", label=f"{method} ({seqlen}-token windows)", **style)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("calibration tokens (log)")
+        ax.set_ylabel("perplexity (log)")
+        ax.set_title(f"{s:.0%} sparsity")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
 
 
 def memory_frame(records: list[dict]) -> pd.DataFrame:
