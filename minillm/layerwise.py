@@ -93,28 +93,47 @@ class Call:
 def capture_layer_calls(
     model: nn.Module, layers: nn.ModuleList, batches: Sequence[torch.Tensor]
 ) -> tuple[list[torch.Tensor], list[list[Call]]]:
-    """One forward of the model per batch. Returns the hidden states entering layer 0, one [B, T, hidden] per batch,
-    and per layer the arguments it was called with on each batch (references, not copies)."""
+    """One pass of the model per batch in which the decoder layers compute nothing: each layer's forward is replaced,
+    for the pass, by a stand-in that records the arguments it is called with and hands its input on unchanged (in
+    the structure the real layer returns, learnt from one real call of layer 0). The arguments a layer receives
+    besides the hidden states (position embeddings, attention masks: Gemma 3's differ between its sliding-window
+    and global layers) are computed before the layer loop and do not depend on the hidden states, so they are the
+    real ones; the hidden states entering later layers are computed by the replay (`run_layer`). This costs the
+    embedding and one layer, not a forward of the whole model.
+
+    Returns the hidden states entering layer 0, one [B, T, hidden] per batch, and per layer the arguments it was
+    called with on each batch (references, not copies)."""
     hidden: list[torch.Tensor] = []
     calls: list[list[Call]] = [[] for _ in layers]
+    shape: dict[str, int | None] = {}  # the real output's structure: tuple length, None for a tensor
 
-    def hook_for(i: int):
-        def hook(module, args, kwargs):
+    def stand_in_for(i: int, real):
+        def stand_in(*args, **kwargs):
             kwargs = dict(kwargs)
             h = args[0] if args else kwargs.pop("hidden_states")
             if i == 0:
                 hidden.append(h)
             calls[i].append(Call(tuple(args[1:]), kwargs))
+            if "length" not in shape:
+                out = real(h, *args[1:], **kwargs)
+                shape["length"] = len(out) if isinstance(out, tuple) else None
+                del out
+            return h if shape["length"] is None else (h,) + (None,) * (shape["length"] - 1)
 
-        return hook
+        return stand_in
 
-    handles = [layer.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    saved = [layer.__dict__.get("forward") for layer in layers]  # an instance forward (accelerate's hooks) or None
+    for i, layer in enumerate(layers):
+        layer.forward = stand_in_for(i, layer.forward)
     try:
         for batch in batches:
             model.base_model(input_ids=batch, use_cache=False)
     finally:
-        for h in handles:
-            h.remove()
+        for layer, forward in zip(layers, saved):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
     return hidden, calls
 
 
