@@ -67,7 +67,8 @@ is not; a warning says so and asks for more tokens.
 With the current form (towards the original weights): FLAP 50%, 16 x 512, ridge 1e-2: 69.6 (the same); 10 x 64:
 1,934 at 1e-2 and 176 at 1e-1 (compensation 236.8): with too few tokens only a large ridge helps, in either form.
 
-**Implementation and memory.** One capture pass runs the unpruned model on every calibration batch and records the
+**Implementation and memory.** One capture pass runs the model's embedding on every calibration batch, with the
+decoder layers replaced by stand-ins that compute nothing (`minillm.layerwise.capture_layer_calls`), and records the
 hidden states entering layer 0 [n_samples, seqlen, hidden] and the other arguments every decoder layer is called
 with (masks and rotary embeddings, per layer: Gemma 3's sliding and global layers receive different ones; the same
 tensors are shared by layers of one kind, so the references cost little). Then, one layer at a time, the layer runs

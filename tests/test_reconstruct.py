@@ -179,11 +179,25 @@ def test_refit_masked_equals_pruned_and_reloads_identically(tiny, tokens, tmp_pa
         assert torch.equal(reloaded(tokens).logits, pruned)
 
 
-def test_replayed_layer_calls_reproduce_the_model_forward(tiny):
-    """Gemma 3's sliding and global layers get different masks: each layer is replayed with its own arguments."""
-    model, calib = tiny("tiny-gemma3"), _calib(4, 16)  # window 4 < 16 tokens
-    layers = get_adapter(model).layers()
-    hidden, calls = layerwise.capture_layer_calls(model, layers, [calib])
+@pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-llama-gqa", "tiny-opt", "tiny-bloom"])
+def test_replayed_layer_calls_reproduce_the_model_forward(tiny, name):
+    """Gemma 3's sliding and global layers get different masks: each layer is replayed with its own arguments. The
+    capture pass itself computes only layer 0, once (to learn its output's structure): the other layers' linears
+    never run, and every layer has its own forward back afterwards."""
+    model, calib = tiny(name), _calib(4, 16)  # window 4 < 16 tokens
+    adapter = get_adapter(model)
+    layers = adapter.layers()
+    runs = [0] * len(layers)
+    handles = [
+        adapter.mlp_out_proj(layer).register_forward_pre_hook(lambda *_, i=i: runs.__setitem__(i, runs[i] + 1))
+        for i, layer in enumerate(layers)
+    ]
+    hidden, calls = layerwise.capture_layer_calls(model, layers, [calib, calib])
+    for h in handles:
+        h.remove()
+    assert runs == [1] + [0] * (len(layers) - 1)
+    assert all("forward" not in layer.__dict__ for layer in layers)
+    assert [len(c) for c in calls] == [2] * len(layers) and len(hidden) == 2
     with torch.no_grad():
         expected = model.base_model(input_ids=calib, output_hidden_states=True).hidden_states
         h = hidden[0]

@@ -44,7 +44,8 @@ The OBS order is worth little on its own (uniform widths: 91.3, Wanda-SP's selec
 error thresholds misjudge how much each layer can lose; FLAP's widths with the OBS order beat FLAP's own selection
 under the same refit (65.3 against 69.6, one seed). Hence the default.
 
-**Cost.** One capture forward of the calibration batches, then one replay of every decoder layer on them with the
+**Cost.** One capture pass of the calibration batches (the embedding and one layer: the other layers compute
+nothing, `minillm.layerwise.capture_layer_calls`), then one replay of every decoder layer on them with the
 output projections' inputs summed into float64 moments, one layer at a time; per projection one Cholesky inverse of
 H and at most `batches` rank-|B| updates, O(d^3). The refit that follows is a second such pass
 (`minillm.reconstruct`). Measured on SmolLM2-135M with 16 x 512 calibration tokens (fp32, 2 CPU cores shared with
