@@ -24,6 +24,15 @@ def as_float64(t: torch.Tensor, device: torch.device | None = None) -> torch.Ten
     return out
 
 
+def shifted_cholesky(a: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(a + lam I, its Cholesky factor, or None where it is not positive definite) for symmetric PSD a [k, k]. The
+    shift is added to `a`'s diagonal in place, with no k x k identity beside it (k can be d_ff: 1.6 GiB in float64
+    at 8B): pass a copy where the original is still needed, and drop the shifted matrix once the factor exists."""
+    a.diagonal().add_(lam)
+    chol, info = torch.linalg.cholesky_ex(a)
+    return a, (chol if int(info) == 0 else None)
+
+
 def _gram(rows: int, cols: int, device: torch.device) -> torch.Tensor:
     """A zero float64 moment matrix [rows, cols] (one place that allocates them, so tests can count the live ones)."""
     return torch.zeros(rows, cols, dtype=torch.float64, device=device)

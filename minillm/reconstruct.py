@@ -101,7 +101,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import Adapter
-from .layerwise import Call, Moments, as_float64, capture_layer_calls, run_layer
+from .layerwise import Call, Moments, as_float64, capture_layer_calls, run_layer, shifted_cholesky
 from .offload import materialize
 from .scores.common import ScoringContext
 from .surgery import CurrentKeep
@@ -158,14 +158,12 @@ class ReconstructConfig:
 
 
 def _ridge_solve(a: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:
-    """rhs (a + lam I)^-1 for symmetric PSD a [k, k], rhs [m, k]. A singular system (lam 0 and dead columns) falls
-    back to the pseudo-inverse: a minimum-norm least-squares solution."""
+    """rhs (a + lam I)^-1 for symmetric PSD a [k, k] (shifted in place: pass a copy), rhs [m, k]. A singular system
+    (lam 0 and dead columns) falls back to the pseudo-inverse: a minimum-norm least-squares solution."""
     if a.shape[0] == 0:
         return rhs
-    a = a.clone()  # a + lam I without a k x k identity beside it (k can be d_ff: 1.6 GiB in float64 at 8B)
-    a.diagonal().add_(lam)
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0:
+    a, chol = shifted_cholesky(a, lam)  # in place: `a` is the caller's gathered copy
+    if chol is not None:
         del a
         return torch.cholesky_solve(rhs.T, chol).T
     return rhs @ torch.linalg.pinv(a, hermitian=True)

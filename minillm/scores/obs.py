@@ -77,7 +77,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..allocate import LayerScores
-from ..layerwise import Moments, as_float64, capture_layer_calls, run_layer
+from ..layerwise import Moments, as_float64, capture_layer_calls, run_layer, shifted_cholesky
 from ..offload import loaded
 from . import MethodSpec
 from .common import ScoringContext
@@ -105,10 +105,8 @@ def _inverse(h: torch.Tensor, ridge: float) -> torch.Tensor:
     d = h.shape[0]
     lam = ridge * float(h.diagonal().mean()) if d else 0.0
     lam = max(lam, 1e-12 * max(float(h.diagonal().max()) if d else 0.0, 1e-30))
-    a = h.clone()  # h + lam I without a d x d identity beside it
-    a.diagonal().add_(lam)
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) != 0:
+    a, chol = shifted_cholesky(h.clone(), lam)  # h itself is still needed by the caller
+    if chol is None:
         return torch.linalg.pinv(a, hermitian=True)
     del a
     return torch.cholesky_inverse(chol)
