@@ -196,6 +196,41 @@ def test_run_accuracy_labels_select_entries_and_dense(tmp_path, monkeypatch):
     assert len(calls) == 3  # dense and rnd only
 
 
+def test_cli_runs_the_calibration_budget_section_into_its_own_records(tmp_path, monkeypatch, capsys):
+    """`minillm experiment calibration_budget --labels ...`: the section's entries, with their own calibration
+    sizes, written under results/<profile>/calibration_budget; --labels is refused for a section without entries."""
+    import minillm
+    from minillm.__main__ import main
+
+    monkeypatch.setattr(experiments, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(experiments, "_load", lambda cfg: (minillm.load_model("tiny-llama")[0], None))
+    seen = []
+
+    def calibration(tok, exp, entry):
+        n, seqlen, seed = experiments._calibration_settings(exp, entry)
+        seen.append((entry["label"], n, seqlen))
+        return torch.randint(0, 128, (n, seqlen)), {"n_samples": n, "seqlen": seqlen, "seed": seed}
+
+    monkeypatch.setattr(experiments, "_calibration", calibration)
+    monkeypatch.setattr(experiments, "_evaluate", lambda *a: {"perplexity": {"ppl": 1.0}})
+    cfg = _cfg({"sparsities": [0.2]})
+    section = dict(cfg["accuracy"])
+    section["methods"] = [
+        {"label": "rnd-c2x8", "method": "random", "calibration": {"n_samples": 2, "seqlen": 8, "seed": 0}},
+        {"label": "rnd-c4x16", "method": "random", "calibration": {"n_samples": 4, "seqlen": 16, "seed": 0}},
+    ]
+    cfg["calibration_budget"] = section
+    validate_profile(cfg)
+    monkeypatch.setattr(experiments, "load_profile", lambda name: cfg)
+    assert main(["experiment", "calibration_budget", "--profile", cfg["profile"], "--labels", "rnd-c4x16"]) == 0
+    assert seen == [("rnd-c4x16", 4, 16)]
+    folder = experiments.results_dir(cfg["profile"], "calibration_budget")
+    assert sorted(p.name for p in folder.glob("*.json")) == ["rnd-c4x16_s20.json"]
+    assert "1 records in" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--labels selects method entries of accuracy, ablations, calibration_budget"):
+        main(["experiment", "memory", "--profile", cfg["profile"], "--labels", "x"])
+
+
 def test_an_entry_can_skip_zero_shot_and_its_records_say_so(tmp_path, monkeypatch):
     """`zeroshot: false` on a method entry: its records are evaluated without zero-shot and their configuration says
     so (a record made with zero-shot is not reused for it); the other entries and the dense record keep theirs."""
