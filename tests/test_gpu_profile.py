@@ -31,6 +31,7 @@ from minillm.bench import measure
 SECTION_RUNNERS = {
     "accuracy": lambda cfg: experiments.run_accuracy(cfg, experiment="accuracy"),
     "ablations": lambda cfg: experiments.run_accuracy(cfg, experiment="ablations"),
+    "calibration_budget": lambda cfg: experiments.run_accuracy(cfg, experiment="calibration_budget"),
     "recovery": experiments.run_recovery,
     "memory": experiments.run_memory,
     "latency": experiments.run_latency,
@@ -118,7 +119,7 @@ def shrink_profile(cfg: dict, model_dir: str) -> dict:
         raise AssertionError(f"gpu profile sections without a CI runner: {sorted(unknown)}; add them to this test")
     out = copy.deepcopy(cfg)
     out.update(model=model_dir, device="cpu", profile=f"ci-{cfg['profile']}")
-    for name in ("accuracy", "ablations", "recovery", "fms_diagnostics"):
+    for name in ("accuracy", "ablations", "calibration_budget", "recovery", "fms_diagnostics"):
         if name in out:
             out[name] = _shrink_text_section(out[name])
     if "recovery" in out and "accuracy" in out:
