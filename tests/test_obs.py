@@ -172,3 +172,24 @@ def test_ordered_blocks_skip_the_reordering_and_give_the_same_greedy():
     assert a[0] == b[0] and torch.equal(a[1], b[1])
     with pytest.raises(ValueError, match="cover all 12 columns"):
         greedy_removal(w, h, torch.arange(9).reshape(3, 3), ordered=True)
+
+
+def test_block_costs_are_right_after_torch_set_num_threads_2():
+    """torch 2.13's batched LU on CPU fails or returns wrong values for 192-wide blocks once torch.set_num_threads(2)
+    has been called (Bonsai calls it); the block costs use a batched Cholesky solve and match one solve per block."""
+    from minillm.scores.obs import _block_costs
+
+    g = torch.Generator().manual_seed(0)
+    d, width = 3 * 192, 192
+    a = torch.randn(d, d, dtype=torch.float64, generator=g)
+    hinv = a @ a.T / d + torch.eye(d, dtype=torch.float64)
+    w = torch.randn(64, d, dtype=torch.float64, generator=g)
+    idx = torch.arange(d).reshape(3, width)
+    expected = torch.stack([(w[:, b] @ torch.linalg.inv(hinv[b][:, b]) * w[:, b]).sum() for b in idx])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = _block_costs(w, hinv, idx)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.allclose(got, expected, rtol=1e-10)

@@ -117,9 +117,16 @@ def _block_costs(w: torch.Tensor, hinv: torch.Tensor, idx: torch.Tensor) -> torc
     if idx.shape[1] == 1:  # single columns: ||W_:,j||^2 / [H^-1]_jj, without U one-by-one solves
         cols = idx[:, 0]
         return w[:, cols].pow(2).sum(0) / hinv.diagonal()[cols]
-    hb = hinv[idx[:, :, None], idx[:, None, :]]  # [U, b, b]
+    hb = hinv[idx[:, :, None], idx[:, None, :]]  # [U, b, b], principal blocks of a positive definite matrix
     wb = w[:, idx].permute(1, 2, 0)  # [U, b, m]
-    return (wb * torch.linalg.solve(hb, wb)).sum((1, 2))
+    # a batched Cholesky solve, not torch.linalg.solve: on CPU, torch 2.13's batched LU (MKL) raises "Pivots given to
+    # lu_solve must all be greater or equal to 1" or returns wrong values for 192-wide blocks (SmolLM2's KV groups)
+    # once torch.set_num_threads has been called with 2 threads (Bonsai's regression does so); the batched Cholesky
+    # and the unbatched LU are not affected (tests/test_obs.py)
+    chol, info = torch.linalg.cholesky_ex(hb)
+    if bool((info != 0).any()):  # a block that is not numerically positive definite: one LU solve per block
+        return torch.stack([(wb[u] * torch.linalg.solve(hb[u], wb[u])).sum() for u in range(hb.shape[0])])
+    return (wb * torch.cholesky_solve(wb, chol)).sum((1, 2))
 
 
 def greedy_removal(
