@@ -48,8 +48,10 @@ under the same refit (65.3 against 69.6, one seed). Hence the default.
 nothing, `minillm.layerwise.capture_layer_calls`), then one replay of every decoder layer on them with the
 output projections' inputs summed into float64 moments, one layer at a time; per projection one Cholesky inverse of
 H and at most `batches` rank-|B| updates, O(d^3). The refit that follows is a second such pass
-(`minillm.reconstruct`). Measured on SmolLM2-135M with 16 x 512 calibration tokens (fp32, 2 CPU cores shared with
-other jobs): 120 s of scoring (about half of it the greedy of 60 projections) and 73 s of refit.
+(`minillm.reconstruct`). Measured on SmolLM2-135M with 64 x 512 = 32k calibration tokens (fp32, 2 CPU cores, 2
+threads, the machine otherwise idle; results/refit-timing/): 362 s, 203 s of scoring and 159 s of refit. Counted, the
+two passes are about 26 TFLOP (per pass 7.5 for the layers' forward and 5.3 for the float32 Gram products), so at
+the 97 GFLOP/s that fp32 matmuls reach on those cores about 270 s is arithmetic.
 
 **Memory** beside the weights and the layer forward: the calibration hidden states entering the current layer
 (N tokens x hidden, model dtype), the layer's moments (d_ff^2 + d^2 float64) and, during the greedy of the MLP
