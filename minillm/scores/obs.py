@@ -51,7 +51,7 @@ H and at most `batches` rank-|B| updates, O(d^3). The refit that follows is a se
 (`minillm.reconstruct`). Measured on SmolLM2-135M with 64 x 512 = 32k calibration tokens (fp32, 2 CPU cores, 2
 threads, the machine otherwise idle; results/refit-timing/): 362 s, 203 s of scoring and 159 s of refit. Counted, the
 two passes are about 26 TFLOP (per pass 7.5 for the layers' forward and 5.3 for the float32 Gram products), so at
-the 97 GFLOP/s that fp32 matmuls reach on those cores about 270 s is arithmetic.
+the 97 GFLOP/s that fp32 matmuls reach on those cores about 260 s is arithmetic.
 
 **Memory** beside the weights and the layer forward: the calibration hidden states entering the current layer
 (N tokens x hidden, model dtype), the layer's moments (d_ff^2 + d^2 float64) and, during the greedy of the MLP
