@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from minillm.artifact.profiles import ProfileError, resolved_entry, validate_profile
+from minillm.artifact.profiles import GRID_SECTIONS, ProfileError, resolved_entry, validate_profile
 from minillm.artifact.records import REPO_ROOT, config_diff, load_record, save_record
 from minillm.bench.measure import BENCH_REPEATS, LATENCY_PROTOCOL, peak_memory
 from minillm.data import calibration_windows, describe_calibration, perplexity_windows
@@ -94,11 +94,6 @@ def check_profile(name: str) -> dict:
         if not backend().available():
             raise SystemExit(f"profile {name!r} expects a CUDA GPU; none is available (use PROFILE=cpu)")
     return cfg
-
-
-# the sections that are grids of method entries x sparsities x seeds, run by `run_accuracy`: the accuracy grid, the
-# ablations, and the calibration budget (the same methods calibrated on more tokens; perplexity only)
-GRID_SECTIONS = ("accuracy", "ablations", "calibration_budget")
 
 
 def results_dir(profile: str, experiment: str) -> Path:

@@ -49,6 +49,9 @@ class _Problems(ValueError):
 # An optional key may be absent but not null: pydantic does not validate a default, so `key: int = ABSENT` accepts a
 # missing key and refuses `key: null` (the experiments read `section.get(key, default)`, which a null would defeat).
 ABSENT: Any = None
+# the sections that are grids of method entries x sparsities x seeds, run by `experiments.run_accuracy`: the accuracy
+# grid, the ablations, and the calibration budget (the same methods calibrated on more tokens; perplexity only)
+GRID_SECTIONS = ("accuracy", "ablations", "calibration_budget")
 
 PosInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -567,7 +570,7 @@ def _across_sections(cfg: dict, mistyped: list[tuple]) -> list[tuple[tuple, str]
 def _seqlen_locations(cfg: dict) -> list[tuple]:
     """Where the text experiments of `cfg` may set a sequence length (sections' and method entries' settings)."""
     found = []
-    for exp in ("accuracy", "ablations", "calibration_budget", "recovery", "fms_diagnostics"):
+    for exp in (*GRID_SECTIONS, "recovery", "fms_diagnostics"):
         sec = cfg.get(exp)
         if not isinstance(sec, dict):
             continue
