@@ -178,7 +178,7 @@ def cmd_prune(args) -> int:
     from minillm.data import calibration_windows, describe_calibration
     from minillm.files import check_output_dir
     from minillm.prune import check_sparsity, max_positions, resolve_compensation
-    from minillm.reconstruct import ReconstructConfig
+    from minillm.reconstruct import REFIT_CALIBRATION, ReconstructConfig
     from minillm.scores import check_options, get_method
 
     options = dict(args.option or [])
@@ -194,13 +194,15 @@ def cmd_prune(args) -> int:
     skip_layers = parse_layers(args.skip_layers)
     method = get_method(args.method)
     check_options(method, args.method, options)
-    n_default, len_default = method.spec.default_calibration
-    seqlen_given = args.calib_seqlen is not None
-    args.calib_samples = n_default if args.calib_samples is None else args.calib_samples
-    args.calib_seqlen = len_default if args.calib_seqlen is None else args.calib_seqlen
     rebuild = ReconstructConfig.for_method(
         method.spec.default_reconstruct, args.reconstruct, args.reconstruct_ridge, args.reconstruct_form
     )
+    n_default, len_default = method.spec.default_calibration
+    if rebuild is not None and n_default * len_default < REFIT_CALIBRATION[0] * REFIT_CALIBRATION[1]:
+        n_default, len_default = REFIT_CALIBRATION  # a refit needs many more tokens than its widest projection's inputs
+    seqlen_given = args.calib_seqlen is not None
+    args.calib_samples = n_default if args.calib_samples is None else args.calib_samples
+    args.calib_seqlen = len_default if args.calib_seqlen is None else args.calib_seqlen
     resolve_compensation(args.method, method.spec, args.compensate_bias, rebuild)
     _device(args.device)
     _device(args.stream_device)
@@ -662,7 +664,8 @@ def _add_prune(sub) -> None:
         "--calib-samples",
         type=positive_int,
         default=None,
-        help="calibration windows (default: the method's own, 10 for most; see docs/methods.md)",
+        help="calibration windows (default: the method's own, 10 x 64 tokens for most, 16 x 512 for flap, 32 x 512 "
+        "for obs and for any --reconstruct; see docs/methods.md)",
     )
     pr.add_argument(
         "--calib-seqlen", type=int, default=None, help="tokens per calibration window (default: the method's own)"

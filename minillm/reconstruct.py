@@ -110,6 +110,11 @@ MODES = ("dense", "sequential")
 FORMS = ("centered", "uncentered")
 #: relative ridge: lambda = DEFAULT_RIDGE * mean(diag(Sigma))
 DEFAULT_RIDGE = 1e-2
+#: (windows, tokens per window): the fewest calibration tokens the CLI gives a pruning that refits, unless told. The
+#: refit solves for as many kept columns as the widest output projection has inputs (SmolLM2's down_proj: 1,536), so
+#: it needs many more tokens than that: at 10 x 64 = 640 tokens FLAP + refit at 50% gave perplexity 1,934, at 16 x 512
+#: 69.6 (docs/methods.md)
+REFIT_CALIBRATION = (32, 512)
 
 
 @dataclass(frozen=True)

@@ -381,3 +381,21 @@ def test_prune_cli_reconstruct_options(tmp_path, capsys):
     assert main(["prune", "--model", "tiny-llama", "--method", "bonsai", "--sparsity", "0.3", "--out",
                  str(tmp_path / "b"), "--reconstruct", "dense"]) == 2
     assert "method 'bonsai' removes units in its own rounds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "method, extra, windows, tokens",
+    [
+        ("flap", [], 16, 256),  # FLAP's 16 x 512 (tiny-llama-gqa reads 256 positions)
+        ("flap", ["--reconstruct", "dense"], 32, 256),  # the refit's 32 x 512
+        ("wanda_sp", ["--reconstruct", "dense"], 32, 256),
+        ("wanda_sp", [], 10, 64),  # LLM-Pruner's 10 x 64: more tokens made Wanda-SP worse
+        ("wanda_sp", ["--reconstruct", "dense", "--calib-samples", "4"], 4, 256),  # what is given is kept
+    ],
+)
+def test_prune_cli_calibrates_as_the_method_and_its_refit_need(tmp_path, method, extra, windows, tokens):
+    out = tmp_path / "p"
+    args = ["prune", "--model", "tiny-llama-gqa", "--method", method, "--sparsity", "0.3", "--out", str(out)]
+    assert main(args + extra + ["--quiet"]) == 0
+    calibration = pruning_state(minillm.load_pruned(out)[0]).plan.calibration
+    assert (calibration["n_samples"], calibration["seqlen"]) == (windows, tokens)
