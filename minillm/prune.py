@@ -157,7 +157,19 @@ def score(
     _check_calibration_for(model, calib, method, m.spec.needs_calibration)
     ctx = ScoringContext(model, get_adapter(model), calib, attention_units, seed, progress, resume=resume)
     with _eval_mode(model):
-        return m.score(ctx, **method_options)
+        scores = Scores(m.score(ctx, **method_options))
+    scores.input_stats, scores.calib = dict(ctx._stats), calib
+    return scores
+
+
+class Scores(list):
+    """What `score` returns: the LayerScores of every layer (a list), plus the calibration statistics that the
+    scoring collected on the way (`input_stats`, by member set, and the `calib` they came from). `prune(...,
+    scores=...)` on the same calibration tokens reuses them for FLAP's bias compensation instead of running the
+    calibration forward again (the model is the same unpruned one, as `scores` requires)."""
+
+    input_stats: dict
+    calib: torch.Tensor | None
 
 
 def allocate_units(
@@ -348,6 +360,8 @@ def prune(
             get_method(method).spec.default_reconstruct, reconstruct, reconstruct_ridge, reconstruct_form
         ),
     )
+    if isinstance(scores, Scores) and scores.input_stats and _same_tokens(scores.calib, calib):
+        req.ctx._stats.update(scores.input_stats)  # the statistics of the scoring pass, not computed again
     previous = req.state.plan
     t0 = time.perf_counter()
     if has_offloaded(model) and req.method.needs_resident_weights(method_options):
@@ -371,6 +385,10 @@ def prune(
     log.info("pruned with %s: achieved sparsity %.4f (requested %.4f)", method, plan.achieved_sparsity, req.sparsity)
     _warn_surprises(plan, req.sparsity, round_to)
     return plan
+
+
+def _same_tokens(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is not None and b is not None and (a is b or (a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu()))))
 
 
 def _request(

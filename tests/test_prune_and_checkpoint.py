@@ -149,3 +149,27 @@ def test_same_seed_same_plan(tiny):
     b = minillm.prune(tiny("tiny-bloom"), "random", 0.3, seed=5)
     c = minillm.prune(tiny("tiny-bloom"), "random", 0.3, seed=6)
     assert a.layers == b.layers and a.layers != c.layers
+
+
+def test_prune_with_scores_reuses_the_scoring_statistics_for_flaps_compensation(tiny, monkeypatch):
+    """FLAP's bias compensation reads the same input statistics as its scores: with scores from `minillm.score` on
+    the same calibration tokens, `prune` runs no second calibration pass and writes the same model as a prune that
+    collects them itself; with other tokens it collects them again."""
+    from minillm.scores import common
+
+    calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(3))
+    passes = []
+    collect = common.collect_input_stats
+    monkeypatch.setattr(common, "collect_input_stats", lambda ctx, linears: passes.append(1) or collect(ctx, linears))
+    shared, alone, other = tiny("tiny-llama-gqa"), tiny("tiny-llama-gqa"), tiny("tiny-llama-gqa")
+    scores = minillm.score(shared, "flap", calib, progress=False)
+    assert len(passes) == 1
+    minillm.prune(shared, "flap", 0.3, calib.clone(), scores=scores, progress=False)
+    assert len(passes) == 1
+    minillm.prune(alone, "flap", 0.3, calib, progress=False)
+    assert len(passes) == 2
+    probe = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(shared(probe).logits, alone(probe).logits)
+    minillm.prune(other, "flap", 0.3, calib[:, :8], scores=scores, progress=False)
+    assert len(passes) == 3
