@@ -721,7 +721,7 @@ def _add_prune(sub) -> None:
         default=None,
         help="refit the output projections to the kept units by least squares on the calibration data before "
         "removal: statistics of the dense model, or layer by layer from the pruned prefix (supersedes "
-        "--compensate-bias; not with bonsai or the N:M methods); default: the method's own (dense for obs, none "
+        "--compensate-bias; after bonsai's last round; not with the N:M methods, which remove no column); default: the method's own (dense for obs, none "
         "for the others)",
     )
     pr.add_argument(

@@ -25,7 +25,7 @@ import logging
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ from .adapters import Adapter, get_adapter
 from .allocate import AllocationConfig, LayerScores, allocate
 from .compensate import compensate_selections
 from .offload import execution_device, has_offloaded, materialize
-from .plan import PruningPlan
+from .plan import OriginalKeep, PruningPlan
 from .provenance import provenance
 from .reconstruct import ReconstructConfig, reconstruct
 from .scores import Method, MethodSpec, check_options, get_method
@@ -156,20 +156,23 @@ def score(
     check_options(m, method, method_options)
     _check_calibration_for(model, calib, method, m.spec.needs_calibration)
     ctx = ScoringContext(model, get_adapter(model), calib, attention_units, seed, progress, resume=resume)
+    ctx.keep_moments = m.spec.default_reconstruct == "dense"  # for the refit of a later prune(scores=...)
     with _eval_mode(model):
         scores = Scores(m.score(ctx, **method_options))
-    scores.input_stats, scores.calib = dict(ctx._stats), calib
+    scores.input_stats, scores.moments, scores.calib = dict(ctx._stats), dict(ctx._moments), calib
     return scores
 
 
 class Scores(list):
     """What `score` returns: the LayerScores of every layer (a list), plus the calibration statistics that the
-    scoring collected on the way (`input_stats`, by member set, and the `calib` they came from). `prune(...,
-    scores=...)` on the same calibration tokens reuses them for FLAP's bias compensation instead of running the
+    scoring collected on the way (`input_stats`, by member set; `moments`, the output projections' input moments
+    that `obs` keeps for its dense refit; and the `calib` they came from). `prune(..., scores=...)` on the same
+    calibration tokens reuses them for FLAP's bias compensation and for the dense refit instead of running the
     calibration forward again (the model is the same unpruned one, as `scores` requires)."""
 
-    input_stats: dict
-    calib: torch.Tensor | None
+    input_stats: dict = {}  # noqa: RUF012 (read-only defaults; `score` sets the instance's own)
+    moments: dict = {}  # noqa: RUF012
+    calib: torch.Tensor | None = None
 
 
 def allocate_units(
@@ -332,7 +335,9 @@ def prune(
     model already pruned and refit up to that layer); None (default): the method's declared default (a refit for
     obs, none for the others); 'none' or False: no refit. It supersedes
     `compensate_bias` (the centred refit contains it; an explicit compensate_bias=True is refused) and applies to
-    methods with one removal step after scoring (not Bonsai or the N:M baselines).
+    methods that score and remove and, after their last round, to Bonsai (which then prunes a copy of the model
+    and refits the original to the copy's final units: a second copy of the weights during the rounds); not to the
+    N:M baselines, which remove no input columns.
     reconstruct_ridge: relative ridge of the refit (default minillm.reconstruct.DEFAULT_RIDGE).
     reconstruct_form: 'centered' (default; fits a bias, created where the model has none) or 'uncentered' (no
     bias: the pruned model keeps the stock shape).
@@ -360,8 +365,9 @@ def prune(
             get_method(method).spec.default_reconstruct, reconstruct, reconstruct_ridge, reconstruct_form
         ),
     )
-    if isinstance(scores, Scores) and scores.input_stats and _same_tokens(scores.calib, calib):
+    if isinstance(scores, Scores) and _same_tokens(scores.calib, calib):
         req.ctx._stats.update(scores.input_stats)  # the statistics of the scoring pass, not computed again
+        req.ctx._moments.update(scores.moments)
     previous = req.state.plan
     t0 = time.perf_counter()
     if has_offloaded(model) and req.method.needs_resident_weights(method_options):
@@ -371,7 +377,9 @@ def prune(
         stream_layers(model, stream_device, req.adapter) if stream_device is not None else contextlib.nullcontext()
     )
     with streaming, _eval_mode(model):
-        if req.method.spec.scores_and_removes:
+        if req.method.spec.scores_and_removes and req.reconstruct is not None:
+            history = _rounds_then_refit(req)
+        elif req.method.spec.scores_and_removes:
             history = req.method.run(
                 req.ctx, req.sparsity, req.state.original_params, req.alloc, **req.method_options
             )
@@ -422,6 +430,11 @@ def _request(
     compensate_bias = resolve_compensation(method, m.spec, compensate_bias, rebuild)
     if compensate_bias and (m.spec.scores_and_removes or not m.spec.needs_calibration):
         raise ValueError(f"bias compensation needs calibration activations and one removal step; not with {method!r}")
+    if stream_device is not None and m.spec.scores_and_removes and rebuild is not None:
+        raise ValueError(
+            f"{method!r} with reconstruct prunes a copy of the model in its rounds and refits the original; layer "
+            "streaming does not apply to it: drop stream_device or reconstruct"
+        )
     if precomputed and m.spec.scores_and_removes:
         raise ValueError(f"method {method!r} scores and removes in rounds; precomputed scores do not apply")
     if stream_device is not None and m.spec.needs_backward:
@@ -439,6 +452,7 @@ def _request(
     if stream_device is not None:
         recorded["stream_device"] = str(stream_device)
     ctx = ScoringContext(model, adapter, calib, alloc.attention_units, seed, progress, pruning=state)
+    ctx.keep_moments = rebuild is not None and rebuild.mode == "dense"
     return _Request(m, method_options, sparsity, adapter, state, ctx, alloc, bool(compensate_bias), rebuild, recorded)
 
 
@@ -455,10 +469,10 @@ def resolve_compensation(
     """Whether to apply bias compensation: the method's default unless given, never with `reconstruct` (the
     method's default is dropped, an explicit True refused). Also refuses `reconstruct` for methods that remove
     units themselves."""
-    if rebuild is not None and spec.scores_and_removes:
+    if rebuild is not None and spec.zeroes_in_place:
         raise ValueError(
-            f"reconstruct refits the output projections once, after scoring; method {method!r} removes units in its "
-            "own rounds (Bonsai) or zeroes weights in place (N:M), so it cannot be combined: drop reconstruct"
+            f"reconstruct refits the output projections to the input columns that remain; method {method!r} zeroes "
+            "weights in place (an N:M pattern) and removes no column, so there is nothing to refit: drop reconstruct"
         )
     if rebuild is not None and compensate_bias:
         raise ValueError(_SUPERSEDES)
@@ -479,6 +493,41 @@ def changes_weights(method: str, prune_options: dict) -> bool:
         prune_options.get("reconstruct_form"),
     )
     return rebuild is not None or resolve_compensation(method, spec, prune_options.get("compensate_bias"), rebuild)
+
+
+def _rounds_then_refit(req: _Request) -> list[dict]:
+    """A method with its own removal rounds (Bonsai) and a refit: the rounds prune a copy of the model, then the
+    original, still unpruned by this call, is refit to the copy's final units on the same calibration tokens and
+    pruned to them. The refit needs the statistics and the weights of the model before the rounds (dense mode) or the
+    dense layer outputs (sequential mode), which the rounds' physical removals destroy; the copy costs a second set
+    of weights until the rounds end."""
+    model, state = req.ctx.model, req.state
+    work = copy.deepcopy(model)  # a copy starts without pruning state: give it the original's bookkeeping
+    work_state = pruning_state(work)
+    work_state.kept, work_state.original_params = copy.deepcopy(state.kept), state.original_params
+    work_ctx = replace(req.ctx, model=work, adapter=get_adapter(work), pruning=work_state, _stats={}, _moments={})
+    history = req.method.run(work_ctx, req.sparsity, state.original_params, req.alloc, **req.method_options)
+    final = work_state.kept
+    del work, work_ctx, work_state
+    keeps = [_current_keep(now, then) for now, then in zip(state.kept, final)]
+    timing = _remove(model, req.adapter, state, keeps, req.ctx, False, req.reconstruct)
+    history[-1].update(timing)
+    return history
+
+
+def _current_keep(now: OriginalKeep, target: OriginalKeep) -> CurrentKeep:
+    """The current indices, in a layer whose surviving original units are `now`, of the original units `target`
+    keeps (a subset of `now`)."""
+
+    def positions(current: list[int], kept: list[int]) -> list[int]:
+        where = {u: i for i, u in enumerate(current)}
+        return sorted(where[u] for u in kept)
+
+    return CurrentKeep(
+        positions(now.kept_query_heads, target.kept_query_heads),
+        positions(now.kept_kv_heads, target.kept_kv_heads),
+        positions(now.kept_channels, target.kept_channels),
+    )
 
 
 def _score_allocate_remove(req: _Request, scores: list | None, t0: float) -> list[dict]:

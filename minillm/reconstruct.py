@@ -80,7 +80,8 @@ layer computes (to float round-off); physical removal (`minillm.prune`) then sli
 the forward: the calibration hidden states of all tokens (one copy in dense mode, two in sequential mode, model
 dtype) and the moments of one layer at a time (d_ff^2 + d^2 float64 in dense mode; the attention's 2 d^2 and then
 the MLP's d_ff^2 in sequential mode). Sequential mode costs about four layer forwards per layer and batch, dense
-mode one. Offloaded weights (accelerate) are loaded for good first (`minillm.offload.materialize`): the refit writes
+mode one. After `obs`'s scores, which computed the dense mode's moments already and kept them (within
+`minillm.scores.obs.KEEP_MOMENTS_MAX_BYTES`), dense mode runs no pass at all: the solves alone. Offloaded weights (accelerate) are loaded for good first (`minillm.offload.materialize`): the refit writes
 them. Layer streaming (`stream_layers`) works unchanged: each replayed layer call moves the layer as a model forward
 does.
 
@@ -313,6 +314,12 @@ def reconstruct(ctx: ScoringContext, keeps: Sequence[CurrentKeep], config: Recon
     if not todo:
         return
     _warn_underdetermined(int(ctx.calib.numel()), max(p.keep.numel() for t in targets for p in t if p is not None))
+    kept = [((i, kind), p) for i in todo for kind, p in zip(("attention", "channels"), targets[i]) if p is not None]
+    if config.mode == "dense" and all(key in ctx._moments for key, _ in kept):
+        # the scores computed these very moments (`obs`): the refit needs no pass of its own
+        for key, p in tqdm(kept, desc="reconstruction (dense, kept moments)", disable=not ctx.progress, leave=False):
+            _refit(p, ctx._moments[key], config)
+        return
     hidden, calls = capture_layer_calls(ctx.model, layers, ctx.batches())
     pruned = list(hidden)  # sequential mode's pruned stream; `hidden` is the dense stream
     steps = tqdm(range(todo[-1] + 1), desc=f"reconstruction ({config.mode})", disable=not ctx.progress, leave=False)

@@ -86,6 +86,65 @@ def test_obs_prunes_with_its_refit(tiny):
     assert "reconstruct_time_s" in plan.history[-1]
 
 
+def _count_passes(monkeypatch):
+    """Count the capture passes (one per pass over the calibration tokens) of the scores and of the refit."""
+    import minillm.reconstruct as rec
+    import minillm.scores.obs as obs
+
+    passes = {"scores": 0, "refit": 0}
+
+    def counting(module, key):
+        real = module.capture_layer_calls
+
+        def wrapper(*args, **kwargs):
+            passes[key] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "capture_layer_calls", wrapper)
+
+    counting(obs, "scores")
+    counting(rec, "refit")
+    return passes
+
+
+@pytest.mark.parametrize("name", ["tiny-llama-gqa", "tiny-gemma3", "tiny-opt"])
+def test_dense_refit_reuses_the_moments_of_the_scores(tiny, tokens, monkeypatch, name):
+    """The dense refit after obs's scores uses the moments the scores computed, with no pass of its own, and writes
+    exactly the weights that its own pass gives; over the byte limit it makes that pass. Through `minillm.score`, the
+    Scores carry the moments to `prune(scores=...)`."""
+    import minillm.scores.obs as obs
+
+    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    passes = _count_passes(monkeypatch)
+    kept = tiny(name)
+    minillm.prune(kept, "obs", 0.4, calib, progress=False)
+    assert passes == {"scores": 1, "refit": 0}
+
+    monkeypatch.setattr(obs, "KEEP_MOMENTS_MAX_BYTES", 0)
+    own = tiny(name)
+    minillm.prune(own, "obs", 0.4, calib, progress=False)
+    assert passes == {"scores": 2, "refit": 1}
+    monkeypatch.undo()
+
+    passes = _count_passes(monkeypatch)
+    via = tiny(name)
+    scores = minillm.score(via, "obs", calib, progress=False)
+    assert scores.moments and all(m.xx.dtype == torch.float64 for m in scores.moments.values())
+    minillm.prune(via, "obs", 0.4, calib, scores=scores, progress=False)
+    assert passes == {"scores": 1, "refit": 0}
+    with torch.no_grad():
+        reference = own(tokens).logits
+        assert torch.equal(kept(tokens).logits, reference) and torch.equal(via(tokens).logits, reference)
+
+
+def test_moments_are_kept_only_for_a_dense_refit(tiny, monkeypatch):
+    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    passes = _count_passes(monkeypatch)
+    minillm.prune(tiny("tiny-llama-gqa"), "obs", 0.4, calib, reconstruct="sequential", progress=False)
+    assert passes == {"scores": 1, "refit": 1}
+    assert not minillm.score(tiny("tiny-llama-gqa"), "flap", calib, progress=False).moments
+
+
 def test_obs_without_its_refit_and_uniform(tiny):
     model = tiny("tiny-llama-gqa")
     calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))

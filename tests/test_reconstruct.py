@@ -19,6 +19,7 @@ from minillm.offload import has_offloaded
 from minillm.reconstruct import Moments, ReconstructConfig, refit_columns, write_refit
 from minillm.scores.common import ScoringContext
 from minillm.state import pruning_state
+from minillm.surgery import CurrentKeep
 
 FAMILIES = ["tiny-llama", "tiny-llama-gqa", "tiny-opt", "tiny-bloom", "tiny-gemma3"]
 
@@ -179,6 +180,39 @@ def test_refit_masked_equals_pruned_and_reloads_identically(tiny, tokens, tmp_pa
         assert torch.equal(reloaded(tokens).logits, pruned)
 
 
+@pytest.mark.parametrize("name,mode", [("tiny-llama", "dense"), ("tiny-llama", "sequential"), ("tiny-llama-gqa", "dense")])
+def test_bonsai_refits_after_its_last_round(tiny, tokens, tmp_path, name, mode):
+    """Bonsai's rounds prune a copy; the original is then refit to the copy's final units: the units are Bonsai's
+    own (as without a refit), the weights are the refit `remove_units` writes for those units on the unpruned model,
+    and the saved model reloads to identical logits."""
+    calib, opts = _calib(), dict(masks_per_round=8, prune_frac=0.1, seed=2, progress=False)
+    plain = tiny(name)
+    without = minillm.prune(plain, "bonsai", 0.4, calib, **opts)
+    model = tiny(name)
+    plan = minillm.prune(model, "bonsai", 0.4, calib, reconstruct=mode, **opts)
+    assert [k.to_json() for k in plan.layers] == [k.to_json() for k in without.layers]
+    # the centred refit creates output-projection biases where the model has none: a few parameters more
+    assert 0 < without.achieved_sparsity - plan.achieved_sparsity < 0.01 and plan.achieved_sparsity > 0.3
+    assert plan.options["reconstruct"]["mode"] == mode and plan.history[-1]["reconstruct_time_s"] > 0
+    assert len(plan.history) == len(without.history) > 1  # the rounds, the refit timed in the last one
+    reference = tiny(name)  # unpruned: current indices are the original ones
+    keeps = [CurrentKeep(k.kept_query_heads, k.kept_kv_heads, k.kept_channels) for k in plan.layers]
+    minillm.remove_units(reference, keeps, calib, reconstruct=mode, progress=False)
+    with torch.no_grad():
+        logits = model(tokens).logits
+        assert torch.equal(logits, reference(tokens).logits)
+        assert (logits - plain(tokens).logits).abs().max() > 1e-3  # the refit changed the weights
+    minillm.save_pruned(model, plan, tmp_path / "p")
+    reloaded, _ = minillm.load_pruned(tmp_path / "p")
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, logits)
+
+
+def test_bonsai_with_reconstruct_refuses_layer_streaming(tiny):
+    with pytest.raises(ValueError, match="layer streaming does not apply to it"):
+        minillm.prune(tiny("tiny-llama"), "bonsai", 0.3, _calib(), reconstruct="dense", stream_device="cpu")
+
+
 @pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-llama-gqa", "tiny-opt", "tiny-bloom"])
 def test_replayed_layer_calls_reproduce_the_model_forward(tiny, name):
     """Gemma 3's sliding and global layers get different masks: each layer is replayed with its own arguments. The
@@ -318,8 +352,8 @@ def test_flap_with_reconstruct_drops_its_default_compensation(tiny):
 @pytest.mark.parametrize(
     "method,kwargs,message",
     [
-        ("bonsai", {"reconstruct": "dense"}, "method 'bonsai' removes units in its own rounds"),
-        ("wanda_24", {"reconstruct": "sequential"}, "method 'wanda_24' removes units"),
+        ("wanda_24", {"reconstruct": "sequential"}, "method 'wanda_24' zeroes weights in place"),
+        ("magnitude_24", {"reconstruct": "dense"}, "removes no column, so there is nothing to refit"),
         ("flap", {"reconstruct": "dense", "compensate_bias": True}, "reconstruct supersedes compensate_bias"),
         ("wanda_sp", {"reconstruct": "full"}, "reconstruct must be one of dense, sequential"),
         ("wanda_sp", {"reconstruct": "dense", "reconstruct_ridge": -1.0}, "reconstruct_ridge must be"),
@@ -378,9 +412,9 @@ def test_prune_cli_reconstruct_options(tmp_path, capsys):
     plan = pruning_state(model).plan
     assert plan.options["reconstruct"] == {"mode": "sequential", "ridge": 0.05, "form": "uncentered"}
     assert plan.calibration["n_samples"] == 4
-    assert main(["prune", "--model", "tiny-llama", "--method", "bonsai", "--sparsity", "0.3", "--out",
+    assert main(["prune", "--model", "tiny-llama", "--method", "wanda_24", "--sparsity", "0.5", "--out",
                  str(tmp_path / "b"), "--reconstruct", "dense"]) == 2
-    assert "method 'bonsai' removes units in its own rounds" in capsys.readouterr().err
+    assert "method 'wanda_24' zeroes weights in place" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

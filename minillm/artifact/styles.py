@@ -70,8 +70,9 @@ VARIANTS = {
         "fms-allocation-n16",
         "fms-allocation-n128",
         "fms-ablation-heads",
+        "fms-ablation-heads-reconstruct",
     ],
-    "bonsai": ["bonsai", "bonsai-m16", "bonsai-masks16", "bonsai-1round"],
+    "bonsai": ["bonsai", "bonsai-m16", "bonsai-masks16", "bonsai-1round", "bonsai-reconstruct"],
 }
 
 
@@ -87,6 +88,8 @@ PINNED = {
     "fms-allocation-n128": {"color": "#393b79", "marker": "v"},
     "flap-reconstruct": {"color": "#145a14", "marker": "P"},
     "flap-c32x512": {"color": "#98df8a", "marker": "v"},
+    "fms-ablation-heads-reconstruct": {"color": "#0e6f78", "marker": "P"},
+    "bonsai-reconstruct": {"color": "#4b2a6e", "marker": "P"},
 }
 
 

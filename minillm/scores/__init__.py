@@ -42,6 +42,8 @@ class MethodSpec:
         loaded for good first; a bool, or a function of the method's options when only some variants do.
     scores_and_removes: removes units itself (module defines `run`, not `score`): precomputed scores and bias
         compensation do not apply.
+    zeroes_in_place: zeroes weights inside dense matrices (the N:M patterns) instead of removing whole units, so no
+        input column of an output projection goes and there is nothing for `reconstruct` to refit.
     default_allocation, default_compensate_bias, default_reconstruct: defaults of `prune`'s `allocation`,
         `compensate_bias` and `reconstruct` (None: no refit); default_calibration: the CLI's calibration size.
     """
@@ -50,6 +52,7 @@ class MethodSpec:
     needs_backward: bool = False
     perturbs_weights: bool | Callable[[dict], bool] = False
     scores_and_removes: bool = False
+    zeroes_in_place: bool = False
     default_allocation: str = "uniform"
     default_compensate_bias: bool = False
     default_reconstruct: str | None = None

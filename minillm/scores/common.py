@@ -37,6 +37,11 @@ class ScoringContext:
     # get(name) -> value or None and put(name, value), JSON-serialisable values); None keeps nothing
     resume: object | None = None
     _stats: dict[str, dict[str, InputStats]] = field(default_factory=dict, repr=False)
+    # float64 moments of the output projections' inputs on the unpruned model, by (layer index, 'attention' |
+    # 'channels'), kept by a method that computed them anyway (`obs`) for the dense refit that follows
+    # (`minillm.reconstruct`), which then needs no pass of its own
+    _moments: dict = field(default_factory=dict, repr=False)
+    keep_moments: bool = False  # set by `prune` when a dense refit follows the scores
 
     def input_stats(self, members: str = "all") -> dict[str, InputStats]:
         """fp32 input statistics over the calibration tokens, by `member_key`, of every prunable linear
@@ -60,6 +65,7 @@ class ScoringContext:
             raise RuntimeError("this scoring context cannot remove units (it was not made by minillm.prune)")
         self.pruning.remove(self.adapter, layer_idx, keep)
         self._stats.clear()  # they describe the model before the removal
+        self._moments.clear()
 
     def unit(self, layer: nn.Module) -> str:
         return resolve_attention_unit(self.attention_units, self.adapter.attention_shape(layer))

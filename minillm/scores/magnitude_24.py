@@ -6,7 +6,7 @@ from . import MethodSpec
 from .common import ScoringContext
 from .nm_sparsity import apply_nm, check
 
-SPEC = MethodSpec(needs_calibration=False, scores_and_removes=True)
+SPEC = MethodSpec(needs_calibration=False, scores_and_removes=True, zeroes_in_place=True)
 
 
 def run(ctx: ScoringContext, sparsity: float, original_params: int, alloc, n: int = 2, m: int = 4) -> list[dict]:

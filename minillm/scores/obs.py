@@ -47,15 +47,20 @@ under the same refit (65.3 against 69.6, one seed). Hence the default.
 **Cost.** One capture pass of the calibration batches (the embedding and one layer: the other layers compute
 nothing, `minillm.layerwise.capture_layer_calls`), then one replay of every decoder layer on them with the
 output projections' inputs summed into float64 moments, one layer at a time; per projection one Cholesky inverse of
-H and at most `batches` rank-|B| updates, O(d^3). The refit that follows is a second such pass
-(`minillm.reconstruct`). Measured on SmolLM2-135M with 64 x 512 = 32k calibration tokens (fp32, 2 CPU cores, 2
-threads, the machine otherwise idle; results/refit-timing/): 362 s, 203 s of scoring and 159 s of refit. Counted, the
-two passes are about 26 TFLOP (per pass 7.5 for the layers' forward and 5.3 for the float32 Gram products), so at
-the 97 GFLOP/s that fp32 matmuls reach on those cores about 260 s is arithmetic.
+H and at most `batches` rank-|B| updates, O(d^3). The dense refit that follows (`minillm.reconstruct`) needs the
+same moments: when it follows (`ScoringContext.keep_moments`, set by `prune`; `minillm.score` sets it for this
+method, whose default refit is dense) and all layers' moments take at most KEEP_MOMENTS_MAX_BYTES, each layer's are
+kept in CPU memory and the refit is the solves alone, with no second pass; otherwise the refit makes its own pass.
+Measured on SmolLM2-135M with 64 x 512 = 32k calibration tokens (fp32, 2 CPU cores, 2 threads, the machine otherwise
+idle; `scripts/time_obs.py`, results/refit-timing/): 174 s (172 s of scoring, 2 s of refit), against 298 s in the
+same run when the refit makes its own pass (170 s and 127 s), 0.58x. Counted, one pass is about 13 TFLOP (7.5 for
+the layers' forward and 5.3 for the float32 Gram products), about 114 s at the 114 GFLOP/s that fp32 matmuls reached
+in that run: a two-minute prune at this budget is out of reach on these two cores.
 
 **Memory** beside the weights and the layer forward: the calibration hidden states entering the current layer
 (N tokens x hidden, model dtype), the layer's moments (d_ff^2 + d^2 float64) and, during the greedy of the MLP
-projection, its covariance, inverse and one update product (d_ff^2 float64 each) plus W in float64. Simulated
+projection, its covariance, inverse and one update product (d_ff^2 float64 each) plus W in float64; with the
+moments kept for the refit, every finished layer's moments too (at most KEEP_MOMENTS_MAX_BYTES, in CPU memory). Simulated
 (`python -m minillm bench memory --simulate --model llama3-8b-shape --methods dense obs flap-reconstruct --batch 64
 --seqlen 512 --dtype bfloat16`, fake tensors, no GPU; figures/simulated/llama3-8b_64x512_bf16_refit.json): for
 Llama-3-8B in bf16 with 64 x 512 = 32k calibration tokens the whole step (scores, refit, surgery) peaks at 23.0 GiB
@@ -99,6 +104,11 @@ DEPTH_MIN_RATIO = 0.25
 FORMS = ("centered", "uncentered")
 #: relative ridge of the OBS inverse (the refit's default, minillm.reconstruct.DEFAULT_RIDGE)
 RIDGE = 1e-2
+#: when a dense refit follows (`ScoringContext.keep_moments`) the scores keep every layer's moments in CPU memory for
+#: it, so that it needs no second pass over the calibration tokens, if they take at most this many bytes together
+#: (float64: SmolLM2-135M 0.60 GiB, Gemma 3 270M 0.70 GiB; Llama-3-8B would need 53 GiB and its refit makes its own
+#: pass)
+KEEP_MOMENTS_MAX_BYTES = 2 * 2**30
 
 
 def _inverse(h: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -287,6 +297,7 @@ def score(
     layers = adapter.layers()
     hidden, calls = capture_layer_calls(ctx.model, layers, ctx.batches())
     ratios = depth_schedule(len(layers))
+    keep = ctx.keep_moments and _moments_bytes(ctx) <= KEEP_MOMENTS_MAX_BYTES
     out = []
     for i in tqdm(range(len(layers)), desc="OBS scores", disable=not ctx.progress, leave=False):
         layer = layers[i]
@@ -312,4 +323,19 @@ def score(
             for (kind, lin, blk), m in zip(projs, moments)
         }
         out.append(LayerScores(found.get("attention"), found.get("channels")))
+        if keep:
+            ctx._moments.update({(i, kind): m.to("cpu") for (kind, _, _), m in zip(projs, moments)})
     return out
+
+
+def _moments_bytes(ctx: ScoringContext) -> int:
+    """Bytes of every layer's float64 moments of its output projections' inputs (the Grams and the sums)."""
+    total = 0
+    for layer in ctx.adapter.layers():
+        widths = []
+        if _unit_blocks(ctx, layer) is not None:
+            widths.append(ctx.adapter.attn_out_proj(layer).in_features)
+        if ctx.adapter.n_channels(layer):
+            widths.append(ctx.adapter.mlp_out_proj(layer).in_features)
+        total += sum(8 * (d * d + d) for d in widths)
+    return total
