@@ -71,9 +71,6 @@ class Moments:
             self.sum_t += t.sum(0).to(dev, torch.float64)
         self.n += x.shape[0]
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.sum_x, self.xx, self.sum_t, self.tx) if t is not None)
-
     def to(self, device: torch.device | str) -> Moments:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Moments(move(self.sum_x), move(self.xx), move(self.sum_t), move(self.tx), self.n)
